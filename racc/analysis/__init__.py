@@ -1,0 +1,33 @@
+"""Analyses: facts about a traced model, never edits. See groups.py for zero-invariant channel groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from racc.analysis.groups import Analysis, ChannelGroup, analyze_traced
+from racc.ir.fx import normalize_inputs, record_examples, trace
+
+
+def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
+    """Trace `model` (a copy; the model is not changed) and find its zero-invariant channel groups.
+
+    Args:
+        model: the model to analyse.
+        example_inputs: a tensor or a tuple of tensors shaped like the model's inputs.
+
+    Returns:
+        An `Analysis`; `an.groups` lists the channel groups, `print(an)` shows them.
+
+    Example:
+        >>> an = racc.analyze(torchvision.models.resnet18(), (torch.randn(1, 3, 64, 64),))
+        >>> print(an.groups[1])   # group 1 (64 ch): conv1.out => bn1 => layer1.0.conv1.in => ...
+    """
+    inputs = normalize_inputs(example_inputs)
+    traced = trace(model, share_tensors=True)
+    record_examples(traced.gm, inputs)
+    return analyze_traced(traced)
+
+
+__all__ = ["Analysis", "ChannelGroup", "analyze"]

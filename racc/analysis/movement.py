@@ -1,0 +1,164 @@
+"""Channel rules for ops without parameters: elementwise math, per-channel ops and data movement.
+
+Data movement is handled by running the op itself on the label tensors, so a channel shuffle, a
+flatten into a Linear or a permute to channels-last moves ids exactly as it moves values. What the op
+cannot survive after pruning is tied or marked here: a reshape to a constant size couples the
+channels along that axis, a constant index on the channel axis is a wall, and a split along channels
+is recorded so that pruning can rewrite its sizes.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.fx as fx
+
+from racc.analysis.flow import Flow, expand_channels, ids_along, spec_of, varies_along
+from racc.analysis.rules import NO_ID, _apply, _labels, _module, wall
+
+
+def _maps_zero_to_zero(flow: Flow, node: fx.Node) -> bool:
+    """Evaluate the op at 0 (e.g. relu -> 0, sigmoid -> 0.5); its other arguments as recorded."""
+    zero = torch.zeros(2)
+    args = _labels(flow, node.args[1:])
+    kwargs = {k: v for k, v in _labels(flow, node.kwargs).items() if k != "inplace"}
+    try:
+        if node.op == "call_module":
+            out = _module(flow, node)(zero)
+        elif node.op == "call_method":
+            out = getattr(zero, node.target)(*args, **kwargs)
+        else:
+            out = node.target(zero, *args, **kwargs)
+    except Exception:
+        return False
+    return isinstance(out, torch.Tensor) and bool((out == 0).all())
+
+
+def unary(flow: Flow, node: fx.Node) -> None:
+    """Activations, dropout, identity, casts: the channels stay where they are."""
+    flow.labels[node] = flow.labels[node.args[0]]
+    flow.zero_kind[node] = "all" if _maps_zero_to_zero(flow, node) else "nonzero"
+
+
+def per_channel(flow: Flow, node: fx.Node) -> None:
+    """Pooling, interpolation, padding: each output channel is computed from its input channel."""
+    labels, spec = flow.labels[node.args[0]], spec_of(node)
+    ids = ids_along(labels, 1)
+    if ids is None or not hasattr(spec, "shape"):
+        return wall(flow, node, "mixes channels with other axes")
+    flow.labels[node] = expand_channels(ids, spec.shape, 1)
+    flow.zero_kind[node] = "all" if _pads_with_zero(flow, node, labels.dim()) else "nonzero"
+
+
+def _pads_with_zero(flow: Flow, node: fx.Node, ndim: int) -> bool:
+    if node.op == "call_module":
+        return getattr(_module(flow, node), "value", 0) == 0
+    if getattr(node.target, "__name__", "") != "pad":
+        return True
+    pad = _labels(flow, node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
+    if len(pad) // 2 > ndim - 2:
+        return False  # pads the channel axis itself
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0)
+    return mode != "constant" or not value
+
+
+def elementwise(kind: str):
+    """add/sub ('all'), mul ('any'), div ('first'): ties the channels of both operands together."""
+
+    def rule(flow: Flow, node: fx.Node) -> None:
+        operands = list(node.args[:2]) + [node.kwargs[k] for k in ("other",) if k in node.kwargs]
+        labels = [flow.labels[a] if isinstance(a, fx.Node) else a for a in operands]
+        tensors = [t for t in labels if isinstance(t, torch.Tensor)]
+        constants = [t for t in labels if not isinstance(t, torch.Tensor)]
+        if len(tensors) == 2:
+            flow.union(*tensors)
+            tensors = list(torch.broadcast_tensors(*tensors))
+        tensors.sort(key=lambda t: int(t[(0,) * t.dim()]) == NO_ID)
+        flow.labels[node] = tensors[0].expand(spec_of(node).shape)
+        flow.zero_kind[node] = _elementwise_zero_kind(kind, labels, constants)
+
+    rule.__name__ = f"elementwise_{kind}"
+    return rule
+
+
+def _elementwise_zero_kind(kind: str, labels: list, constants: list) -> str:
+    if kind == "mul":
+        return "any"
+    if kind == "div":
+        return "first" if isinstance(labels[0], torch.Tensor) else "nonzero"
+    nonzero_constant = any(isinstance(c, numbers.Number) and c != 0 for c in constants)
+    constant_tensor = any(isinstance(t, torch.Tensor) and bool((t == NO_ID).all()) for t in labels)
+    return "nonzero" if nonzero_constant or constant_tensor else "all"
+
+
+def reduce(flow: Flow, node: fx.Node) -> None:
+    """mean/sum/amax over axes: fine over space, a wall over channels."""
+    labels = flow.labels[node.args[0]]
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dims = list(range(labels.dim())) if dims is None else dims
+    dims = sorted({d % labels.dim() for d in ([dims] if isinstance(dims, int) else dims)})
+    if any(varies_along(labels, d) for d in dims):
+        return wall(flow, node, "reduces over the channel axis")
+    for d in reversed(dims):
+        labels = labels.narrow(d, 0, 1) if keepdim else labels.select(d, 0)
+    flow.labels[node] = labels
+    flow.zero_kind[node] = "all"
+
+
+def move(flow: Flow, node: fx.Node) -> None:
+    """Pure data movement (permute, transpose, flatten, cat, stack, squeeze...)."""
+    flow.labels[node] = _apply(flow, node)
+    flow.zero_kind[node] = "all"
+
+
+def reshape(flow: Flow, node: fx.Node) -> None:
+    """view/reshape: an axis given a constant size must keep it, so its channels go together."""
+    move(flow, node)
+    sizes = list(node.args[1:])
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = list(sizes[0])
+    out = flow.labels[node]
+    for d, size in enumerate(sizes):
+        if d > 0 and isinstance(size, int) and size not in (-1, 1) and varies_along(out, d):
+            flow.union(out, out.narrow(d, 0, 1))
+
+
+def getitem(flow: Flow, node: fx.Node) -> None:
+    """Indexing a tuple is free; a constant index on a tensor's channel axis is a wall."""
+    source = flow.labels[node.args[0]]
+    if isinstance(source, torch.Tensor) and _indexes_channels(source, node.args[1]):
+        return wall(flow, node, "indexes the channel axis with constants")
+    move(flow, node)
+
+
+def _indexes_channels(labels: torch.Tensor, index) -> bool:
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in index):
+        at = index.index(Ellipsis)
+        fill = labels.dim() - (len(index) - 1 - sum(i is None for i in index))
+        index = index[:at] + (slice(None),) * fill + index[at + 1 :]
+    dim = 0
+    for i in index:
+        if i is None:
+            continue
+        if not (isinstance(i, slice) and i == slice(None)) and varies_along(labels, dim):
+            return True
+        dim += 1
+    return False
+
+
+def split(flow: Flow, node: fx.Node) -> None:
+    """chunk/split/tensor_split: recorded so that pruning can rewrite the sizes of the pieces."""
+    move(flow, node)
+    args = _labels(flow, node.args)
+    dim = node.kwargs.get("dim", args[2] if len(args) > 2 else 0)
+    source = flow.labels[node.args[0]]
+    dim %= source.dim()
+    if varies_along(source, dim):
+        pieces = [ids_along(p, dim) for p in flow.labels[node]]
+        if any(p is None for p in pieces):
+            return wall(flow, node, "splits an axis where channels mix with other axes")
+        flow.splits[node.name] = (dim, [p.numpy().copy() for p in pieces])

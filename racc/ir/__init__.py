@@ -1,0 +1,1 @@
+"""Frontends: turn a user's model into a graph racc can analyse."""

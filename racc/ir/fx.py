@@ -1,0 +1,192 @@
+"""Frontend: nn.Module -> torch.fx GraphModule, with the example values of every node recorded.
+
+`trace` works on a copy of the model in eval mode. When a submodule cannot be symbolically traced it
+becomes a leaf (an opaque call) and tracing is retried; only when the failure is in the model's own
+`forward` does tracing fail, with an `UnsupportedModelError` naming the module and the reason.
+
+`record_examples` runs the traced model once and stores, in `node.meta["racc.example"]`, the value of
+every node: a `TensorSpec` (shape, dtype) for a tensor, the value itself for an int, a size or a tuple
+of those. Analyses read shapes from there, never by running the model again.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from racc.errors import InputError, UnsupportedModelError
+
+_MAX_LEAF_RETRIES = 64
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class TracedModel:
+    """A traced copy of a model: the GraphModule and the submodules kept opaque, with the reason."""
+
+    gm: fx.GraphModule
+    leaves: dict[str, str]  # qualified name -> why it could not be traced
+
+
+class _LeafTracer(fx.Tracer):
+    """A tracer that keeps some submodules opaque and remembers which module a failure came from."""
+
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            # The innermost module sets this first; outer frames leave it alone.
+            if not hasattr(e, "_racc_module"):
+                e._racc_module = qualname
+            raise
+
+
+def check_model(model: Any) -> None:
+    """Raise `UnsupportedModelError` unless `model` is an nn.Module with floating-point parameters."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            f"expected a torch.nn.Module, got {type(model).__name__}; "
+            "pass the model object itself (for an .onnx file use the ONNX frontend)"
+        )
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            raise UnsupportedModelError(
+                f"parameter '{name}' has dtype {p.dtype}; racc transforms floating-point models "
+                "only: compile the float model and quantize it with the int8 pass"
+            )
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Accept a tensor or a tuple/list of tensors; raise `InputError` for anything else."""
+    if example_inputs is None:
+        raise InputError(
+            "example_inputs is required: pass a tuple of tensors shaped like the model's inputs, "
+            "e.g. example_inputs=(torch.randn(1, 3, 224, 224),)"
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not all(
+        isinstance(x, torch.Tensor) for x in example_inputs
+    ):
+        raise InputError(
+            f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+        )
+    return tuple(example_inputs)
+
+
+def _copy(model: nn.Module, share_tensors: bool) -> nn.Module:
+    memo = {}
+    if share_tensors:
+        memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo).eval()
+
+
+def trace(model: nn.Module, share_tensors: bool = False) -> TracedModel:
+    """Symbolically trace an eval-mode copy of `model`; untraceable submodules become leaves.
+
+    With `share_tensors` the copy's modules are new but its parameters are the model's own: for
+    analyses, which read and never write them.
+    """
+    check_model(model)
+    if isinstance(model, fx.GraphModule):
+        leaves = dict(getattr(model, "racc_leaves", {}))
+        return TracedModel(_copy(model, share_tensors), leaves)
+    root = _copy(model, share_tensors)
+    leaves: dict[str, str] = {}
+    for _ in range(_MAX_LEAF_RETRIES):
+        tracer = _LeafTracer(set(leaves))
+        try:
+            graph = tracer.trace(root)
+        except Exception as e:
+            failing = getattr(e, "_racc_module", "")
+            if not failing or failing in leaves:
+                raise UnsupportedModelError(
+                    f"cannot trace {type(model).__name__}.forward with torch.fx: {type(e).__name__}: "
+                    f"{e}. Remove data-dependent Python control flow from forward(), or wrap that "
+                    "code in a submodule so racc can keep it opaque"
+                ) from e
+            leaves[failing] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm.racc_leaves = leaves
+        return TracedModel(gm, leaves)
+    raise UnsupportedModelError(
+        f"gave up tracing {type(model).__name__} after {_MAX_LEAF_RETRIES} opaque submodules"
+    )
+
+
+def _spec(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        return type(value)(_spec(v) for v in value)
+    return value
+
+
+class _ExampleRecorder(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            value = super().run_node(n)
+        except Exception as e:
+            raise InputError(_shape_failure_message(self.module, n, self.args_of(n), e)) from e
+        n.meta["racc.example"] = _spec(value)
+        return value
+
+    def args_of(self, n: fx.Node) -> list:
+        return [a.meta.get("racc.example") for a in n.all_input_nodes]
+
+
+def _first_layer(gm: fx.GraphModule) -> str:
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if hasattr(m, "in_channels"):
+                return f"the first layer '{node.target}' ({m}) expects {m.in_channels} input channels"
+            if hasattr(m, "in_features"):
+                return f"the first layer '{node.target}' ({m}) expects {m.in_features} input features"
+    return "check the shapes the model's forward expects"
+
+
+def _shape_failure_message(gm: fx.GraphModule, n: fx.Node, inputs: list, e: Exception) -> str:
+    shapes = ", ".join(str(list(s.shape)) for s in inputs if isinstance(s, TensorSpec))
+    return (
+        f"the model fails at node '{n.name}' ({n.target}) on inputs of shape {shapes or '?'}: "
+        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. {_first_layer(gm)}; "
+        "pass example_inputs of a shape the model accepts"
+    )
+
+
+def record_examples(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Any:
+    """Run `gm` once on `example_inputs`, storing every node's value spec; return the outputs."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) != len(placeholders):
+        raise InputError(
+            f"the model takes {len(placeholders)} input(s) "
+            f"({', '.join(p.name for p in placeholders)}), example_inputs has {len(example_inputs)}"
+        )
+    for x in example_inputs:
+        if not x.is_floating_point():
+            raise InputError(
+                f"example input of dtype {x.dtype}: racc models take floating-point inputs; "
+                "pass e.g. torch.randn(...)"
+            )
+    with torch.no_grad():
+        return _ExampleRecorder(gm).run(*example_inputs)
