@@ -41,7 +41,7 @@ class TracedModel:
 class _LeafTracer(fx.Tracer):
     """A tracer that keeps some submodules opaque and remembers which module a failure came from."""
 
-    def __init__(self, leaves: set[str]):
+    def __init__(self, leaves: set[str] = frozenset()):
         super().__init__()
         self.leaves = leaves
 

@@ -1,0 +1,16 @@
+"""Rewrites. One module per pass; `REGISTRY` maps pipeline names to pass classes."""
+
+from racc.passes.base import REGISTRY, Pass, PassContext, PassResult, Skip
+from racc.passes.fold_bn import FoldBatchNormIntoConv
+from racc.passes.pipeline import format_pipeline, parse_pipeline
+
+__all__ = [
+    "REGISTRY",
+    "FoldBatchNormIntoConv",
+    "Pass",
+    "PassContext",
+    "PassResult",
+    "Skip",
+    "format_pipeline",
+    "parse_pipeline",
+]

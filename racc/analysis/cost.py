@@ -1,0 +1,31 @@
+"""Model cost: parameters, multiply-accumulates (from torch.utils.flop_counter) and bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    macs: int  # per sample
+    bytes: int  # parameters and buffers as stored
+
+    def to_dict(self) -> dict[str, int]:
+        return {"params": self.params, "macs": self.macs, "bytes": self.bytes}
+
+
+def measure_cost(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Cost:
+    """Count parameters and bytes, and the MACs of one forward pass divided by the batch size."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*example_inputs)
+    batch = example_inputs[0].shape[0] if example_inputs and example_inputs[0].dim() else 1
+    return Cost(params, counter.get_total_flops() // 2 // max(batch, 1), size)

@@ -1,0 +1,119 @@
+"""compile(): trace -> passes, each verified against the outputs before it -> a plain nn.Module."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from racc.analysis.cost import measure_cost
+from racc.errors import EquivalenceError, RaccError
+from racc.ir.fx import normalize_inputs, record_examples, trace
+from racc.passes.base import Pass, PassContext
+from racc.passes.pipeline import as_passes
+from racc.report import OutputError, PassRow, Report
+
+# An `exact` pass may move outputs by float rounding only: relative to the output's largest value.
+EXACT_RTOL, EXACT_ATOL = 1e-4, 1e-5
+
+
+def compile(
+    model: nn.Module,
+    passes: str | Sequence[Pass] | Pass,
+    example_inputs: Any,
+    explain: bool = False,
+) -> fx.GraphModule:
+    """Transform a copy of `model` with `passes`, verifying each pass on `example_inputs`.
+
+    Args:
+        model: the model; it is never changed.
+        passes: a pipeline string such as "fold-bn" or a list of pass objects.
+        example_inputs: a tensor or tuple of tensors the model accepts.
+        explain: list every node each pass skipped, with the reason, in the report.
+
+    Returns:
+        A torch.fx GraphModule (a plain nn.Module) with `.racc_report`.
+
+    Raises:
+        EquivalenceError: a pass declared exact changed the outputs.
+
+    Example:
+        >>> opt = racc.compile(torchvision.models.resnet18(), "fold-bn", (torch.randn(1, 3, 64, 64),))
+        >>> print(opt.racc_report)
+    """
+    pipeline = as_passes(passes)
+    inputs = normalize_inputs(example_inputs)
+    traced = trace(model)
+    gm = traced.gm
+    start = time.perf_counter()
+    outputs = record_examples(gm, inputs)
+    report = Report(type(model).__name__, leaves=traced.leaves, explain=explain)
+    report.rows.append(PassRow("input", "-", [], [], None, measure_cost(gm, inputs),
+                               time.perf_counter() - start))
+    done: list[str] = []
+    for p in pipeline:
+        # Order matters: each pass sees the graph the previous one left, and is checked against it.
+        gm, outputs = _run_verified(p, gm, outputs, PassContext(inputs, explain, list(done)), report)
+        done.append(str(p))
+    gm.racc_report = report
+    gm.racc_example_inputs = tuple(x.detach().clone() for x in inputs)
+    return gm
+
+
+def _run_verified(p: Pass, gm: fx.GraphModule, outputs: Any, ctx: PassContext,
+                  report: Report) -> tuple[fx.GraphModule, Any]:
+    before = copy.deepcopy(gm) if p.exactness == "exact" else None
+    where = f"error in pass '{p}' after passes [{', '.join(ctx.previous)}]"
+    start = time.perf_counter()
+    try:
+        result = p.call(gm, ctx)
+        seconds = time.perf_counter() - start
+        gm = result.gm
+        gm.graph.lint()
+        gm.recompile()
+        new_outputs = record_examples(gm, ctx.example_inputs)
+    except RaccError as e:
+        raise type(e)(f"{where}: {e}") from e
+    except Exception as e:
+        raise RaccError(f"{where}: {type(e).__name__}: {e}") from e
+    error = OutputError.between(outputs, new_outputs)
+    if before is not None and not error.within(EXACT_RTOL, EXACT_ATOL):
+        node = _first_difference(before, gm, ctx.example_inputs)
+        raise EquivalenceError(
+            f"pass '{p}' is declared exact but changed the outputs: max abs error "
+            f"{error.max_abs:.3g} (outputs up to {error.scale:.3g}), relative L2 {error.rel_l2:.3g}; "
+            f"first node whose value differs: '{node}'. Report this with the model, or leave the "
+            "pass out of the pipeline"
+        )
+    report.rows.append(PassRow(str(p), p.exactness, result.matched, result.skipped, error,
+                               measure_cost(gm, ctx.example_inputs), seconds))
+    return gm, new_outputs
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.values[n.name] = super().run_node(n)
+        return self.values[n.name]
+
+
+def _first_difference(before: fx.GraphModule, after: fx.GraphModule, inputs) -> str:
+    """The first node (in the new graph's order) whose value differs from the old node's."""
+    old, new = _Recorder(before), _Recorder(after)
+    with torch.no_grad():
+        old.run(*inputs)
+        new.run(*inputs)
+    for name, value in new.values.items():
+        ref = old.values.get(name)
+        if isinstance(value, torch.Tensor) and isinstance(ref, torch.Tensor):
+            if not OutputError.between(ref, value).within(EXACT_RTOL, EXACT_ATOL):
+                return name
+    return "output"

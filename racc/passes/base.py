@@ -1,0 +1,164 @@
+"""The pass contract: a pass is a small dataclass whose fields are its typed options.
+
+    class FoldBatchNormIntoConv(Pass):
+        name: ClassVar[str] = "fold-bn"
+        exactness: ClassVar[Exactness] = "exact"
+        def call(self, gm, ctx) -> PassResult: ...
+
+Subclasses are registered by `name` for pipeline strings. Options are checked against their type
+annotations when a pass is built, from Python or from a string, so a wrong type or value is a
+`PassConfigError` naming the pass and option instead of a failure deep inside the pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.fx as fx
+
+from racc.errors import PassConfigError
+
+Exactness = Literal["exact", "approximate", "needs_finetune"]
+_UNIONS = (typing.Union, types.UnionType)
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A node a pass looked at and left alone, and why (`compile(..., explain=True)` lists them)."""
+
+    node: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.reason}"
+
+
+@dataclass
+class PassResult:
+    gm: fx.GraphModule
+    modified: bool
+    matched: list[str] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph: the example inputs and the passes run before it."""
+
+    example_inputs: tuple[torch.Tensor, ...]
+    explain: bool = False
+    previous: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: ClassVar[str] = ""
+    exactness: ClassVar[Exactness] = "exact"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            REGISTRY[cls.name] = cls
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(self.name, f.name, getattr(self, f.name), hints[f.name])
+        self.validate()
+
+    def validate(self) -> None:
+        """Check option values (ranges, combinations); raise `PassConfigError` with the fix."""
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        changed = [
+            f"{f.name}={format_value(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        ]
+        return self.name + (f"{{{','.join(changed)}}}" if changed else "")
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "|".join(format_value(v) for v in value)
+    return str(value)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _check_type(pass_name: str, option: str, value: Any, hint: Any) -> None:
+    if _matches(value, hint):
+        return
+    raise PassConfigError(
+        f"pass '{pass_name}': option '{option}' must be {_type_name(hint)}, got {value!r}"
+    )
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in _UNIONS:
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_matches(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def parse_value(pass_name: str, option: str, text: str, hint: Any) -> Any:
+    """Turn the text of `option=text` in a pipeline string into a value of the option's type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    candidates = args if origin in _UNIONS else (hint,)
+    for candidate in candidates:
+        try:
+            value = _parse_as(text, candidate)
+        except ValueError:
+            continue
+        if _matches(value, candidate):
+            return value
+    raise PassConfigError(
+        f"pass '{pass_name}': option '{option}' must be {_type_name(hint)}, got '{text}'"
+    )
+
+
+def _parse_as(text: str, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1")
+    if hint in (int, float):
+        return hint(text)
+    if hint is type(None):
+        if text.lower() != "none":
+            raise ValueError(text)
+        return None
+    if origin is tuple:
+        return tuple(_parse_as(t, args[0]) for t in text.split("|") if t)
+    if origin is Literal:
+        for a in args:
+            if str(a) == text:
+                return a
+        raise ValueError(text)
+    return text

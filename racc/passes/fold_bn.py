@@ -1,0 +1,86 @@
+"""fold-bn: fold an eval-mode BatchNorm into the conv or linear that feeds it.
+
+With the BN's running statistics mu, sigma^2, eps and affine gamma, beta:
+
+    W' = W * gamma / sqrt(sigma^2 + eps)      (per output channel)
+    b' = (b - mu) * gamma / sqrt(sigma^2 + eps) + beta
+
+Exact (up to float rounding) whenever the conv's output feeds only the BN: another user of the
+conv's output would see the folded values, so such a pair is skipped with that reason, as is a BN
+without running statistics or one whose input is not a conv or linear.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class FoldBatchNormIntoConv(Pass):
+    """Fold every BatchNorm that directly follows a conv or linear into it.
+
+    Example:
+        >>> opt = racc.compile(model, passes=[FoldBatchNormIntoConv()], example_inputs=(x,))
+    """
+
+    name: ClassVar[str] = "fold-bn"
+    exactness: ClassVar[Exactness] = "exact"
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult(gm, modified=False)
+        calls = _module_call_counts(gm)
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and type(gm.get_submodule(node.target)) in _NORMS:
+                reason = self.check(gm, node, calls)
+                if reason:
+                    result.skipped.append(Skip(node.name, reason))
+                    continue
+                self.rewrite(gm, node)
+                result.matched.append(node.target)
+        if result.matched:
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+            result.modified = True
+        return result
+
+    def check(self, gm: fx.GraphModule, bn_node: fx.Node, calls: dict[str, int]) -> str:
+        source = bn_node.args[0]
+        bn = gm.get_submodule(bn_node.target)
+        if bn.running_mean is None:
+            return f"BN '{bn_node.target}' tracks no running statistics"
+        if not isinstance(source, fx.Node) or source.op != "call_module":
+            return f"its input '{getattr(source, 'name', source)}' is not a conv or linear"
+        producer = gm.get_submodule(source.target)
+        if type(producer) not in (*_CONVS, nn.Linear):
+            return f"its input '{source.target}' ({type(producer).__name__}) is not a conv or linear"
+        if len(source.users) > 1:
+            others = ", ".join(u.name for u in source.users if u is not bn_node)
+            return f"'{source.target}' output has other users ({others}); folding would change them"
+        if calls[source.target] > 1 or calls[bn_node.target] > 1:
+            return f"'{source.target}' or '{bn_node.target}' is called more than once"
+        return ""
+
+    def rewrite(self, gm: fx.GraphModule, bn_node: fx.Node) -> None:
+        source = bn_node.args[0]
+        producer, bn = gm.get_submodule(source.target), gm.get_submodule(bn_node.target)
+        fold = fuse_linear_bn_eval if isinstance(producer, nn.Linear) else fuse_conv_bn_eval
+        owner, _, attr = source.target.rpartition(".")
+        setattr(gm.get_submodule(owner), attr, fold(producer.eval(), bn.eval()))
+        bn_node.replace_all_uses_with(source)
+        gm.graph.erase_node(bn_node)
+
+
+def _module_call_counts(gm: fx.GraphModule) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return counts

@@ -1,0 +1,110 @@
+"""The compile report: one row per pass, printable as a markdown table and convertible to a dict."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from racc.analysis.cost import Cost
+from racc.passes.base import Skip
+
+_SKIPS_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """How far a model's outputs moved: max |a-b|, ||a-b|| / ||a||, cosine(a, b)."""
+
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    scale: float  # max |a|, to judge max_abs against
+
+    @staticmethod
+    def between(before, after) -> OutputError:
+        a, b = _flat(before), _flat(after)
+        if a.shape != b.shape:
+            return OutputError(math.inf, math.inf, 0.0, float(a.abs().max()) if a.numel() else 0.0)
+        a, b = a.double(), b.double()
+        diff = (a - b).norm()
+        norm = a.norm()
+        cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0)) if a.numel() else 1.0
+        rel = float(diff / norm) if norm > 0 else float(diff)
+        return OutputError(float((a - b).abs().max()) if a.numel() else 0.0, rel, cosine,
+                           float(a.abs().max()) if a.numel() else 0.0)
+
+    def within(self, rtol: float, atol: float) -> bool:
+        return self.max_abs <= atol + rtol * self.scale
+
+
+def _flat(outputs) -> torch.Tensor:
+    leaves = torch.utils._pytree.tree_leaves(outputs)
+    tensors = [t.detach().reshape(-1).float() for t in leaves if isinstance(t, torch.Tensor)]
+    return torch.cat(tensors) if tensors else torch.zeros(0)
+
+
+@dataclass
+class PassRow:
+    name: str
+    exactness: str
+    matched: list[str]
+    skipped: list[Skip]
+    error: OutputError | None
+    cost: Cost
+    seconds: float
+
+    def to_dict(self) -> dict:
+        row = asdict(self)
+        row["skipped"] = [asdict(s) for s in self.skipped]
+        return row
+
+
+@dataclass
+class Report:
+    model: str
+    rows: list[PassRow] = field(default_factory=list)
+    leaves: dict[str, str] = field(default_factory=dict)
+    explain: bool = False
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "leaves": dict(self.leaves),
+                "passes": [r.to_dict() for r in self.rows]}
+
+    def to_markdown(self) -> str:
+        lines = [f"racc report for {self.model}", "",
+                 "| pass | exactness | matched | skipped | max abs err | rel L2 | cosine "
+                 "| params | MACs | size | time |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [_table_row(r) for r in self.rows]
+        for r in self.rows:
+            shown = r.skipped if self.explain else r.skipped[:_SKIPS_SHOWN]
+            if shown:
+                lines += ["", f"{r.name} skipped:"] + [f"- {s}" for s in shown]
+            if len(r.skipped) > len(shown):
+                lines.append(f"- ... {len(r.skipped) - len(shown)} more "
+                             "(compile with explain=True to list all)")
+        if self.leaves:
+            lines += ["", "kept opaque (could not be traced):"]
+            lines += [f"- {name}: {why}" for name, why in self.leaves.items()]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _table_row(r: PassRow) -> str:
+    e = r.error
+    errors = ("-", "-", "-") if e is None else (f"{e.max_abs:.3g}", f"{e.rel_l2:.3g}",
+                                                 f"{e.cosine:.6f}")
+    return (f"| {r.name} | {r.exactness} | {len(r.matched)} | {len(r.skipped)} | "
+            f"{' | '.join(errors)} | {_si(r.cost.params)} | {_si(r.cost.macs)} | "
+            f"{_si(r.cost.bytes)}B | {r.seconds:.2f}s |")
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
