@@ -53,13 +53,21 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any =
 
 
 def _write(model, inputs, path, opset, names, outputs) -> None:
+    """The TorchScript exporter first (fast); the dynamo exporter for what it cannot express
+    (e.g. adaptive pooling to a size that does not divide the input)."""
     axes = {n: {0: "batch"} for n in (*names, *outputs)}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, inputs, os.fspath(path), opset_version=opset,
-                              input_names=names, output_names=outputs, dynamic_axes=axes,
-                              dynamo=False)
+            try:
+                torch.onnx.export(model, inputs, os.fspath(path), opset_version=opset,
+                                  input_names=names, output_names=outputs, dynamic_axes=axes,
+                                  dynamo=False)
+            except torch.onnx.errors.OnnxExporterError:
+                batch = torch.export.Dim("batch")
+                torch.onnx.export(model, inputs, os.fspath(path), opset_version=opset,
+                                  input_names=names, output_names=outputs, verbose=False,
+                                  dynamic_shapes=tuple({0: batch} for _ in inputs), dynamo=True)
     except OSError as e:
         raise ExportError(f"cannot write '{path}': {e.strerror or e}; choose a writable path") from e
     except Exception as e:

@@ -12,6 +12,7 @@ without running statistics or one whose input is not a conv or linear.
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import ClassVar
 
 import torch.fx as fx
@@ -27,12 +28,17 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class FoldBatchNormIntoConv(Pass):
     """Fold every BatchNorm that directly follows a conv or linear into it.
 
+    Options:
+        skip: module-name patterns (fnmatch, e.g. "layer4.*") of BNs to keep, for instance to prune
+            them by their gammas later.
+
     Example:
         >>> opt = racc.compile(model, passes=[FoldBatchNormIntoConv()], example_inputs=(x,))
     """
 
     name: ClassVar[str] = "fold-bn"
     exactness: ClassVar[Exactness] = "exact"
+    skip: tuple[str, ...] = ()
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(gm, modified=False)
@@ -54,6 +60,9 @@ class FoldBatchNormIntoConv(Pass):
     def check(self, gm: fx.GraphModule, bn_node: fx.Node, calls: dict[str, int]) -> str:
         source = bn_node.args[0]
         bn = gm.get_submodule(bn_node.target)
+        pattern = next((p for p in self.skip if fnmatchcase(bn_node.target, p)), None)
+        if pattern:
+            return f"BN '{bn_node.target}' matches skip pattern '{pattern}'"
         if bn.running_mean is None:
             return f"BN '{bn_node.target}' tracks no running statistics"
         if not isinstance(source, fx.Node) or source.op != "call_module":
