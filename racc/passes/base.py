@@ -3,6 +3,7 @@
     class FoldBatchNormIntoConv(Pass):
         name: ClassVar[str] = "fold-bn"
         exactness: ClassVar[Exactness] = "exact"
+        skip: tuple[str, ...] = ()          # an option
         def call(self, gm, ctx) -> PassResult: ...
 
 Subclasses are registered by `name` for pipeline strings. Options are checked against their type
@@ -63,6 +64,7 @@ class Pass:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        dataclass(frozen=True)(cls)  # every pass is a frozen dataclass of its options
         if cls.name:
             REGISTRY[cls.name] = cls
 

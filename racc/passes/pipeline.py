@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from racc.errors import PassConfigError
 from racc.passes.base import REGISTRY, Pass, parse_value
 
+_NAME = re.compile(r"\s*[A-Za-z0-9_\-]+\s*")
 _PASS = re.compile(r"\s*([A-Za-z0-9_\-]+)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
 
 
@@ -28,8 +29,10 @@ def parse_pipeline(text: str) -> list[Pass]:
     while position < len(text):
         match = _PASS.match(text, position)
         if not match or match.end() == position:
+            name = _NAME.match(text, position)
+            column = name.end() if name else position
             raise PassConfigError(
-                f"cannot parse pipeline '{text}' at column {position}: expected "
+                f"cannot parse pipeline '{text}' at column {column}: expected "
                 "name or name{option=value,...}, passes separated by commas"
             )
         passes.append(_build(match.group(1), match.group(2)))
