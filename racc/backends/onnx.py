@@ -12,6 +12,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from racc.backends.files import check_writable
 from racc.errors import ExportError
 from racc.ir.fx import normalize_inputs
 from racc.report import OutputError
@@ -39,6 +40,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any =
     inputs = normalize_inputs(example_inputs)
     if not isinstance(opset, int) or opset < 17:
         raise ExportError(f"opset must be an int >= 17, got {opset!r}")
+    check_writable(path)
     names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     model = model.eval()
     with torch.no_grad():

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from racc.backends.files import check_writable
 from racc.errors import ExportError
 from racc.ir.fx import trace
 
@@ -27,6 +28,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     Example:
         >>> racc.save(opt, "model.racc")
     """
+    check_writable(path)
     gm = model if isinstance(model, fx.GraphModule) else trace(model).gm
     for name, module in gm.named_modules():
         owner = type(module).__module__

@@ -83,12 +83,13 @@ def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
         )
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)) or not all(
-        isinstance(x, torch.Tensor) for x in example_inputs
-    ):
-        raise InputError(
-            f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
-        )
+    if not isinstance(example_inputs, (tuple, list)):
+        raise InputError(f"example_inputs must be a tensor or a tuple of tensors, "
+                         f"got {type(example_inputs).__name__}")
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"example_inputs[{i}] is a {type(x).__name__}, not a tensor; pass "
+                             "a tuple of tensors such as (torch.randn(1, 3, 224, 224),)")
     return tuple(example_inputs)
 
 

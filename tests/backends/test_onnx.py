@@ -1,0 +1,35 @@
+"""The ONNX backend: opset >= 17, a dynamic batch axis, onnx.checker clean, ORT agrees with torch."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+import torch
+
+import racc
+from racc.errors import ExportError, InputError
+from tests.conftest import assert_close, zoo_model
+
+
+def test_export_has_dynamic_batch_and_matches_torch(tmp_path):
+    model, x = zoo_model("mobilenet_v3_large")
+    opt = racc.compile(model, "fold-bn", (x,))
+    proto = racc.export_onnx(opt, tmp_path / "m.onnx")  # uses the compile's example inputs
+    assert proto.opset_import[0].version >= 17
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    batch = torch.randn(5, *x.shape[1:], generator=torch.Generator().manual_seed(3))
+    (got,) = session.run(None, {"input": batch.numpy()})
+    with torch.no_grad():
+        assert_close(torch.from_numpy(got), opt(batch), 1e-4, 1e-4, what="ORT batch of 5")
+
+
+def test_export_errors_name_the_problem(tmp_path):
+    model, x = zoo_model("resnet18")
+    with pytest.raises(ExportError, match="opset must be an int >= 17, got 13"):
+        racc.export_onnx(model, tmp_path / "m.onnx", example_inputs=(x,), opset=13)
+    with pytest.raises(InputError, match="example_inputs is required"):
+        racc.export_onnx(model, tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match="cannot write"):
+        racc.export_onnx(model, tmp_path / "missing" / "m.onnx", example_inputs=(x,))
