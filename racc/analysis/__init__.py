@@ -7,7 +7,8 @@ from typing import Any
 from torch import nn
 
 from racc.analysis.groups import Analysis, ChannelGroup, analyze_traced
-from racc.ir.fx import normalize_inputs, record_examples, trace
+from racc.ir.fx import check_model, eval_mode, normalize_inputs, trace
+from racc.ir.shapes import record_shapes
 
 
 def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
@@ -24,10 +25,12 @@ def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
         >>> an = racc.analyze(torchvision.models.resnet18(), (torch.randn(1, 3, 64, 64),))
         >>> print(an.groups[1])   # group 1 (64 ch): conv1.out => bn1 => layer1.0.conv1.in => ...
     """
+    check_model(model)
     inputs = normalize_inputs(example_inputs)
-    traced = trace(model, share_tensors=True)
-    record_examples(traced.gm, inputs)
-    return analyze_traced(traced)
+    with eval_mode(model):  # read-only: the analysis shares the model's modules, no copy
+        traced = trace(model, copy_model=False)
+        record_shapes(traced.gm, inputs)
+        return analyze_traced(traced)
 
 
 __all__ = ["Analysis", "ChannelGroup", "analyze"]

@@ -114,6 +114,19 @@ def move(flow: Flow, node: fx.Node) -> None:
     flow.zero_kind[node] = "all"
 
 
+def concat(flow: Flow, node: fx.Node) -> None:
+    """torch.cat without materialising labels along axes every input broadcasts (space, batch)."""
+    tensors = list(_labels(flow, node.args[0]))
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    shape = spec_of(node).shape
+    dim %= len(shape)
+    for d in range(len(shape)):
+        if d != dim and all(t.stride(d) == 0 or t.shape[d] == 1 for t in tensors):
+            tensors = [t.narrow(d, 0, 1) for t in tensors]
+    flow.labels[node] = torch.cat(tensors, dim).expand(shape)
+    flow.zero_kind[node] = "all"
+
+
 def reshape(flow: Flow, node: fx.Node) -> None:
     """view/reshape: an axis given a constant size must keep it, so its channels go together."""
     move(flow, node)

@@ -11,6 +11,7 @@ of those. Analyses read shapes from there, never by running the model again.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any
@@ -93,24 +94,31 @@ def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(example_inputs)
 
 
-def _copy(model: nn.Module, share_tensors: bool) -> nn.Module:
-    memo = {}
-    if share_tensors:
-        memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo).eval()
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every submodule in eval mode for the duration, then restore each one's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
-def trace(model: nn.Module, share_tensors: bool = False) -> TracedModel:
-    """Symbolically trace an eval-mode copy of `model`; untraceable submodules become leaves.
+def trace(model: nn.Module, copy_model: bool = True) -> TracedModel:
+    """Symbolically trace `model` in eval mode; untraceable submodules become leaves.
 
-    With `share_tensors` the copy's modules are new but its parameters are the model's own: for
-    analyses, which read and never write them.
+    With `copy_model` (the default) the result owns a deep copy of the model. Without it the result
+    shares the model's submodules: for analyses, which only read them, run inside `eval_mode`.
     """
     check_model(model)
     if isinstance(model, fx.GraphModule):
         leaves = dict(getattr(model, "racc_leaves", {}))
-        return TracedModel(_copy(model, share_tensors), leaves)
-    root = _copy(model, share_tensors)
+        if copy_model:
+            return TracedModel(copy.deepcopy(model).eval(), leaves)
+        return TracedModel(fx.GraphModule(model, copy.deepcopy(model.graph)), leaves)
+    root = copy.deepcopy(model).eval() if copy_model else model
     leaves: dict[str, str] = {}
     for _ in range(_MAX_LEAF_RETRIES):
         tracer = _LeafTracer(set(leaves))
@@ -175,8 +183,8 @@ def _shape_failure_message(gm: fx.GraphModule, n: fx.Node, inputs: list, e: Exce
     )
 
 
-def record_examples(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Any:
-    """Run `gm` once on `example_inputs`, storing every node's value spec; return the outputs."""
+def check_inputs(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:
+    """Raise `InputError` unless there is one floating-point tensor per input of `gm`."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(example_inputs) != len(placeholders):
         raise InputError(
@@ -189,5 +197,10 @@ def record_examples(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]
                 f"example input of dtype {x.dtype}: racc models take floating-point inputs; "
                 "pass e.g. torch.randn(...)"
             )
+
+
+def record_examples(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Any:
+    """Run `gm` once on `example_inputs`, storing every node's value spec; return the outputs."""
+    check_inputs(gm, example_inputs)
     with torch.no_grad():
         return _ExampleRecorder(gm).run(*example_inputs)

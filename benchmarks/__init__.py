@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks` runs each table in its own process and rewrites BENCHMARKS.md."""

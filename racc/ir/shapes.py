@@ -1,0 +1,110 @@
+"""Recording node shapes without computing: the model runs once on meta tensors.
+
+Analyses need every node's shape, not its values, so `record_shapes` runs the graph on the "meta"
+device, where an op costs microseconds whatever the input size. Modules with parameters are called
+through their functional form with meta copies of the parameters. Anything the meta run cannot do
+(an op without a meta kernel, a value read with .item()) falls back to one real run.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from racc.ir.fx import _spec, check_inputs, record_examples
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Shape-preserving elementwise modules and functions: their output is shaped like their
+# (broadcast) inputs, so the meta run skips their kernels, which are slow Python decompositions.
+_ELEMENTWISE_MODULES = {nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
+                        nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Dropout2d}
+_ELEMENTWISE_FUNCTIONS = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub,
+                          torch.add, torch.mul, F.relu, F.relu6, F.silu, F.gelu, F.hardswish,
+                          F.hardsigmoid, torch.sigmoid, torch.relu, F.dropout}
+
+
+def _concat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    first = tensors[0]
+    dim %= first.dim()
+    for t in tensors:
+        if t.dim() != first.dim() or any(
+            a != b for d, (a, b) in enumerate(zip(t.shape, first.shape)) if d != dim
+        ):
+            raise ValueError("torch.cat: shapes differ off the concatenated axis")
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=first.dtype, device="meta")
+
+
+def _like(*values: Any) -> torch.Tensor:
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    return torch.empty(shape, dtype=torch.result_type(*values[:2]) if len(values) > 1 and
+                       isinstance(values[1], (torch.Tensor, int, float)) else tensors[0].dtype,
+                       device="meta")
+
+
+class _MetaRecorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self._meta: dict[int, torch.Tensor] = {}
+
+    def meta(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if id(t) not in self._meta:
+            self._meta[id(t)] = t.detach().to("meta")
+        return self._meta[id(t)]
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        n.meta["racc.example"] = _spec(value)
+        return value
+
+    def placeholder(self, target, args, kwargs):
+        value = super().placeholder(target, args, kwargs)
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return self.meta(value) if isinstance(value, torch.Tensor) else value
+
+    def call_function(self, target, args, kwargs):
+        if target in _ELEMENTWISE_FUNCTIONS and isinstance(args[0], torch.Tensor):
+            return _like(*args)
+        if target is torch.cat and not kwargs and len(args) == 2:
+            return _concat(*args)
+        return super().call_function(target, args, kwargs)
+
+    def call_module(self, target, args, kwargs):
+        m = self.fetch_attr(target)
+        kind = type(m)
+        if kind in _CONVS:
+            return m._conv_forward(args[0], self.meta(m.weight), self.meta(m.bias))
+        if kind in _BATCH_NORMS or kind in _ELEMENTWISE_MODULES:
+            if kind in _BATCH_NORMS and args[0].shape[1] != m.num_features:
+                raise ValueError(f"'{target}' expects {m.num_features} channels")
+            return _like(args[0])
+        if kind is nn.Linear:
+            return F.linear(args[0], self.meta(m.weight), self.meta(m.bias))
+        if next(m.parameters(), None) is None and next(m.buffers(), None) is None:
+            return m(*args, **kwargs)
+        state = {k: self.meta(v) for k, v in (*m.named_parameters(), *m.named_buffers())}
+        return functional_call(m, state, args, kwargs)
+
+
+def record_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:
+    """Store every node's value spec in `node.meta["racc.example"]`, computing no values."""
+    check_inputs(gm, example_inputs)
+    try:
+        with torch.no_grad():
+            _MetaRecorder(gm).run(*example_inputs)
+    except Exception:
+        record_examples(gm, example_inputs)  # real values; raises InputError with the node
