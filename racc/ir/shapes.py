@@ -43,6 +43,12 @@ def _concat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     return torch.empty(shape, dtype=first.dtype, device="meta")
 
 
+def _normalized(x: torch.Tensor, normalized_shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(x.shape[x.dim() - len(normalized_shape):]) != normalized_shape:
+        raise ValueError(f"layer_norm over {normalized_shape} of a {tuple(x.shape)} tensor")
+    return _like(x)
+
+
 def _like(*values: Any) -> torch.Tensor:
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     shape = torch.broadcast_shapes(*(t.shape for t in tensors))
@@ -81,6 +87,8 @@ class _MetaRecorder(fx.Interpreter):
             return _like(*args)
         if target is torch.cat and not kwargs and len(args) == 2:
             return _concat(*args)
+        if target is F.layer_norm:
+            return _normalized(args[0], tuple(args[1] if len(args) > 1 else kwargs["normalized_shape"]))
         return super().call_function(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
@@ -92,6 +100,8 @@ class _MetaRecorder(fx.Interpreter):
             if kind in _BATCH_NORMS and args[0].shape[1] != m.num_features:
                 raise ValueError(f"'{target}' expects {m.num_features} channels")
             return _like(args[0])
+        if kind is nn.LayerNorm:
+            return _normalized(args[0], tuple(m.normalized_shape))
         if kind is nn.Linear:
             return F.linear(args[0], self.meta(m.weight), self.meta(m.bias))
         if next(m.parameters(), None) is None and next(m.buffers(), None) is None:
