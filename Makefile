@@ -22,13 +22,14 @@ demo: $(STAMP)
 	$(PY) -m racc.demo
 
 test: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n 2 --dist loadgroup tests
+	$(PY) -m ruff check racc tests benchmarks
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n 2 tests
 
 bench: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m benchmarks
 
 lint: $(STAMP)
-	$(PY) -m ruff check racc tests benchmarks examples
+	$(PY) -m ruff check racc tests benchmarks
 
 clean:
 	rm -rf $(VENV) out

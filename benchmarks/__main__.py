@@ -1,6 +1,6 @@
 """Run every benchmark table, each in its own process, and rewrite BENCHMARKS.md.
 
-    python -m benchmarks [--quick]
+python -m benchmarks [--quick]
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ def main() -> None:
         sections.append(done.stdout.strip())
         print(done.stdout)
     command = "make bench" + (" (python -m benchmarks --quick)" if args.quick else "")
-    text = "\n\n".join([
-        "# racc benchmarks",
-        "Written by `python -m benchmarks` (`make bench`); do not edit by hand.",
-        f"- Command: `{command}`\n- Machine: {machine()}",
-        *sections,
-    ])
+    text = "\n\n".join(
+        [
+            "# racc benchmarks",
+            "Written by `python -m benchmarks` (`make bench`); do not edit by hand.",
+            f"- Command: `{command}`\n- Machine: {machine()}",
+            *sections,
+        ]
+    )
     (ROOT / "BENCHMARKS.md").write_text(text + "\n")
 
 

@@ -16,9 +16,23 @@ import racc
 from benchmarks.common import interleaved, warmed
 
 TIMED = ("resnet101", "densenet121", "convnext_tiny")
-ZOO = ("resnet18", "resnet50", "vgg19_bn", "densenet121", "wide_resnet50_2", "efficientnet_b0",
-       "mobilenet_v2", "mobilenet_v3_large", "convnext_tiny", "regnet_y_400mf",
-       "shufflenet_v2_x1_0", "googlenet", "inception_v3", "squeezenet1_1", "mnasnet1_0")
+ZOO = (
+    "resnet18",
+    "resnet50",
+    "vgg19_bn",
+    "densenet121",
+    "wide_resnet50_2",
+    "efficientnet_b0",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "convnext_tiny",
+    "regnet_y_400mf",
+    "shufflenet_v2_x1_0",
+    "googlenet",
+    "inception_v3",
+    "squeezenet1_1",
+    "mnasnet1_0",
+)
 
 
 def _tp_build(model, x):
@@ -30,13 +44,18 @@ def _tp_build(model, x):
 
 
 def timing_table(rounds: int) -> list[str]:
-    rows = ["| model | racc.analyze | Torch-Pruning build_dependency | ratio (racc / TP) |",
-            "|---|---|---|---|"]
+    rows = [
+        "| model | racc.analyze | Torch-Pruning build_dependency | ratio (racc / TP) |",
+        "|---|---|---|---|",
+    ]
     for name in TIMED:
         model, x = warmed(name), torch.randn(1, 3, 224, 224)
-        result = interleaved(lambda: racc.analyze(model, (x,)), lambda: _tp_build(model, x), rounds)
-        rows.append(f"| {name} | {result['a']:.3f} s | {result['b']:.3f} s | "
-                    f"**{result['ratio']:.2f}x** |")
+        result = interleaved(
+            lambda m=model, x=x: racc.analyze(m, (x,)), lambda m=model, x=x: _tp_build(m, x), rounds
+        )
+        rows.append(
+            f"| {name} | {result['a']:.3f} s | {result['b']:.3f} s | **{result['ratio']:.2f}x** |"
+        )
     return rows
 
 

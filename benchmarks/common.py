@@ -27,8 +27,11 @@ def interleaved(a: Callable[[], object], b: Callable[[], object], rounds: int) -
         times_a.append(mid - start)
         times_b.append(end - mid)
         ratios.append((mid - start) / (end - mid))
-    return {"a": statistics.median(times_a), "b": statistics.median(times_b),
-            "ratio": statistics.median(ratios)}
+    return {
+        "a": statistics.median(times_a),
+        "b": statistics.median(times_b),
+        "ratio": statistics.median(ratios),
+    }
 
 
 def machine() -> str:
@@ -40,9 +43,11 @@ def machine() -> str:
         pass
     import onnxruntime
 
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
-            f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    )
 
 
 def warmed(name: str, side: int = 224) -> torch.nn.Module:

@@ -1,8 +1,8 @@
 """racc: a graph-level model transformation compiler for convolutional networks.
 
-    opt = racc.compile(model, passes="fold-bn", example_inputs=(x,))
-    print(opt.racc_report)
-    racc.export_onnx(opt, "model.onnx")
+opt = racc.compile(model, passes="fold-bn", example_inputs=(x,))
+print(opt.racc_report)
+racc.export_onnx(opt, "model.onnx")
 """
 
 from racc import passes

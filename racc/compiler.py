@@ -53,20 +53,24 @@ def compile(
     start = time.perf_counter()
     outputs = record_examples(gm, inputs)
     report = Report(type(model).__name__, leaves=traced.leaves, explain=explain)
-    report.rows.append(PassRow("input", "-", [], [], None, measure_cost(gm, inputs),
-                               time.perf_counter() - start))
+    report.rows.append(
+        PassRow("input", "-", [], [], None, measure_cost(gm, inputs), time.perf_counter() - start)
+    )
     done: list[str] = []
     for p in pipeline:
         # Order matters: each pass sees the graph the previous one left, and is checked against it.
-        gm, outputs = _run_verified(p, gm, outputs, PassContext(inputs, explain, list(done)), report)
+        gm, outputs = _run_verified(
+            p, gm, outputs, PassContext(inputs, explain, list(done)), report
+        )
         done.append(str(p))
     gm.racc_report = report
     gm.racc_example_inputs = tuple(x.detach().clone() for x in inputs)
     return gm
 
 
-def _run_verified(p: Pass, gm: fx.GraphModule, outputs: Any, ctx: PassContext,
-                  report: Report) -> tuple[fx.GraphModule, Any]:
+def _run_verified(
+    p: Pass, gm: fx.GraphModule, outputs: Any, ctx: PassContext, report: Report
+) -> tuple[fx.GraphModule, Any]:
     before = copy.deepcopy(gm) if p.exactness == "exact" else None
     where = f"error in pass '{p}' after passes [{', '.join(ctx.previous)}]"
     start = time.perf_counter()
@@ -90,8 +94,17 @@ def _run_verified(p: Pass, gm: fx.GraphModule, outputs: Any, ctx: PassContext,
             f"first node whose value differs: '{node}'. Report this with the model, or leave the "
             "pass out of the pipeline"
         )
-    report.rows.append(PassRow(str(p), p.exactness, result.matched, result.skipped, error,
-                               measure_cost(gm, ctx.example_inputs), seconds))
+    report.rows.append(
+        PassRow(
+            str(p),
+            p.exactness,
+            result.matched,
+            result.skipped,
+            error,
+            measure_cost(gm, ctx.example_inputs),
+            seconds,
+        )
+    )
     return gm, new_outputs
 
 

@@ -25,7 +25,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)()
-    with torch.no_grad():  # warm BN statistics up so that the random model behaves like a trained one
+    with (
+        torch.no_grad()
+    ):  # warm BN statistics up so that the random model behaves like a trained one
         model.train()
         for _ in range(3):
             model(torch.randn(8, 3, 224, 224))
@@ -35,7 +37,9 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     racc.export_onnx(opt, args.out)
     print(opt.racc_report)
-    print(f"\nwrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB); ONNX Runtime agrees with torch")
+    print(
+        f"\nwrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB); ONNX Runtime agrees with torch"
+    )
 
 
 if __name__ == "__main__":

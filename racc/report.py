@@ -32,8 +32,12 @@ class OutputError:
         norm = a.norm()
         cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0)) if a.numel() else 1.0
         rel = float(diff / norm) if norm > 0 else float(diff)
-        return OutputError(float((a - b).abs().max()) if a.numel() else 0.0, rel, cosine,
-                           float(a.abs().max()) if a.numel() else 0.0)
+        return OutputError(
+            float((a - b).abs().max()) if a.numel() else 0.0,
+            rel,
+            cosine,
+            float(a.abs().max()) if a.numel() else 0.0,
+        )
 
     def within(self, rtol: float, atol: float) -> bool:
         return self.max_abs <= atol + rtol * self.scale
@@ -69,22 +73,30 @@ class Report:
     explain: bool = False
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "leaves": dict(self.leaves),
-                "passes": [r.to_dict() for r in self.rows]}
+        return {
+            "model": self.model,
+            "leaves": dict(self.leaves),
+            "passes": [r.to_dict() for r in self.rows],
+        }
 
     def to_markdown(self) -> str:
-        lines = [f"racc report for {self.model}", "",
-                 "| pass | exactness | matched | skipped | max abs err | rel L2 | cosine "
-                 "| params | MACs | size | time |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines = [
+            f"racc report for {self.model}",
+            "",
+            "| pass | exactness | matched | skipped | max abs err | rel L2 | cosine "
+            "| params | MACs | size | time |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         lines += [_table_row(r) for r in self.rows]
         for r in self.rows:
             shown = r.skipped if self.explain else r.skipped[:_SKIPS_SHOWN]
             if shown:
                 lines += ["", f"{r.name} skipped:"] + [f"- {s}" for s in shown]
             if len(r.skipped) > len(shown):
-                lines.append(f"- ... {len(r.skipped) - len(shown)} more "
-                             "(compile with explain=True to list all)")
+                lines.append(
+                    f"- ... {len(r.skipped) - len(shown)} more "
+                    "(compile with explain=True to list all)"
+                )
         if self.leaves:
             lines += ["", "kept opaque (could not be traced):"]
             lines += [f"- {name}: {why}" for name, why in self.leaves.items()]
@@ -96,11 +108,14 @@ class Report:
 
 def _table_row(r: PassRow) -> str:
     e = r.error
-    errors = ("-", "-", "-") if e is None else (f"{e.max_abs:.3g}", f"{e.rel_l2:.3g}",
-                                                 f"{e.cosine:.6f}")
-    return (f"| {r.name} | {r.exactness} | {len(r.matched)} | {len(r.skipped)} | "
-            f"{' | '.join(errors)} | {_si(r.cost.params)} | {_si(r.cost.macs)} | "
-            f"{_si(r.cost.bytes)}B | {r.seconds:.2f}s |")
+    errors = (
+        ("-", "-", "-") if e is None else (f"{e.max_abs:.3g}", f"{e.rel_l2:.3g}", f"{e.cosine:.6f}")
+    )
+    return (
+        f"| {r.name} | {r.exactness} | {len(r.matched)} | {len(r.skipped)} | "
+        f"{' | '.join(errors)} | {_si(r.cost.params)} | {_si(r.cost.macs)} | "
+        f"{_si(r.cost.bytes)}B | {r.seconds:.2f}s |"
+    )
 
 
 def _si(n: float) -> str:

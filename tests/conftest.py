@@ -11,13 +11,26 @@ torch.set_num_threads(1)
 
 # name -> input side; inception_v3 needs at least 75 pixels.
 ZOO = {
-    "resnet18": 64, "resnet50": 64, "vgg19_bn": 64, "densenet121": 64, "wide_resnet50_2": 64,
-    "efficientnet_b0": 64, "mobilenet_v2": 64, "mobilenet_v3_large": 64, "convnext_tiny": 64,
-    "regnet_y_400mf": 64, "shufflenet_v2_x1_0": 64, "googlenet": 64, "inception_v3": 96,
-    "squeezenet1_1": 64, "mnasnet1_0": 64,
+    "resnet18": 64,
+    "resnet50": 64,
+    "vgg19_bn": 64,
+    "densenet121": 64,
+    "wide_resnet50_2": 64,
+    "efficientnet_b0": 64,
+    "mobilenet_v2": 64,
+    "mobilenet_v3_large": 64,
+    "convnext_tiny": 64,
+    "regnet_y_400mf": 64,
+    "shufflenet_v2_x1_0": 64,
+    "googlenet": 64,
+    "inception_v3": 96,
+    "squeezenet1_1": 64,
+    "mnasnet1_0": 64,
 }
-_KWARGS = {"inception_v3": {"aux_logits": False, "init_weights": True},
-           "googlenet": {"init_weights": True}}
+_KWARGS = {
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+    "googlenet": {"init_weights": True},
+}
 
 
 @functools.lru_cache(maxsize=2)
@@ -44,7 +57,9 @@ def assert_close(actual, expected, rtol: float, atol: float, what: str = "output
     """Compare shape, then dtype, then values: |a - e| <= atol + rtol * max|e|, saying which failed."""
     actual = actual if isinstance(actual, torch.Tensor) else torch.as_tensor(actual)
     expected = expected if isinstance(expected, torch.Tensor) else torch.as_tensor(expected)
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     error = float((actual.double() - expected.double()).abs().max()) if expected.numel() else 0.0

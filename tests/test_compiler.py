@@ -53,15 +53,21 @@ def test_compile_never_changes_the_model():
 
 def test_exact_pass_that_changes_outputs_is_named():
     model, x = zoo_model("resnet18")
-    with pytest.raises(EquivalenceError, match="pass 'test-scale-conv' is declared exact but changed "
-                                               "the outputs.*first node whose value differs: 'conv1'"):
+    with pytest.raises(
+        EquivalenceError,
+        match="pass 'test-scale-conv' is declared exact but changed "
+        "the outputs.*first node whose value differs: 'conv1'",
+    ):
         racc.compile(model, "fold-bn,test-scale-conv", (x,))
 
 
 def test_a_crashing_pass_is_reported_with_its_context():
     model, x = zoo_model("resnet18")
-    with pytest.raises(RaccError, match=r"error in pass 'test-crash' after passes \[fold-bn\]: "
-                                        "ValueError: boom"):
+    with pytest.raises(
+        RaccError,
+        match=r"error in pass 'test-crash' after passes \[fold-bn\]: "
+        "ValueError: boom",
+    ):
         racc.compile(model, "fold-bn,test-crash", (x,))
 
 
@@ -86,8 +92,12 @@ def test_report_has_a_row_per_pass_with_cost_and_error():
 
 def test_demo_runs(tmp_path):
     out = tmp_path / "demo.onnx"
-    done = subprocess.run([sys.executable, "-m", "racc.demo", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "racc.demo", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert "| fold-bn | exact | 20 | 0 |" in done.stdout
     assert out.stat().st_size > 40e6

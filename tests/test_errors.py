@@ -45,8 +45,11 @@ def test_missing_or_malformed_example_inputs():
 
 def test_wrong_input_shape_says_what_the_first_layer_expects():
     model, _ = zoo_model("resnet18")
-    with pytest.raises(InputError, match=r"fails at node 'conv1' .* shape \[1, 4, 32, 32\].*"
-                                         r"first layer 'conv1' .* expects 3 input channels"):
+    with pytest.raises(
+        InputError,
+        match=r"fails at node 'conv1' .* shape \[1, 4, 32, 32\].*"
+        r"first layer 'conv1' .* expects 3 input channels",
+    ):
         racc.analyze(model, (torch.randn(1, 4, 32, 32),))
 
 
@@ -61,8 +64,9 @@ def test_untraceable_model():
 
 def test_non_float_model():
     model = nn.Linear(3, 3)
-    model.register_parameter("steps", nn.Parameter(torch.zeros(3, dtype=torch.long),
-                                                   requires_grad=False))
+    model.register_parameter(
+        "steps", nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False)
+    )
     with pytest.raises(UnsupportedModelError, match="parameter 'steps' has dtype torch.int64"):
         racc.compile(model, "fold-bn", (torch.randn(1, 3),))
 
@@ -71,7 +75,9 @@ def test_unknown_pass_and_option_in_pipeline():
     model, x = zoo_model("resnet18")
     with pytest.raises(PassConfigError, match="unknown pass 'fuse-bn'; valid passes: .*fold-bn"):
         racc.compile(model, "fuse-bn", (x,))
-    with pytest.raises(PassConfigError, match="'fold-bn' has no option 'ratio'; valid options: skip"):
+    with pytest.raises(
+        PassConfigError, match="'fold-bn' has no option 'ratio'; valid options: skip"
+    ):
         racc.compile(model, "fold-bn{ratio=0.5}", (x,))
     with pytest.raises(PassConfigError, match="is not a pass"):
         racc.compile(model, ["fold-bn", 3], (x,))

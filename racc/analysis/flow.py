@@ -89,8 +89,15 @@ class Flow:
         ids = ids if isinstance(ids, np.ndarray) else unique_ids(ids)
         self.marks.append(Mark(ids, kind, reason))
 
-    def add_axis(self, param: str, axis: int, ids: torch.Tensor, role: Role, owner: str,
-                 feeds: fx.Node | None = None) -> None:
+    def add_axis(
+        self,
+        param: str,
+        axis: int,
+        ids: torch.Tensor,
+        role: Role,
+        owner: str,
+        feeds: fx.Node | None = None,
+    ) -> None:
         if self._parameter_names is None:
             self._parameter_names = {name for name, _ in self.gm.named_parameters()}
         is_parameter = param in self._parameter_names

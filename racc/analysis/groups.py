@@ -83,8 +83,10 @@ class Analysis:
 
     def __str__(self) -> str:
         prunable = [g for g in self.groups if g.prunable]
-        lines = [f"{len(self.groups)} channel groups, {len(prunable)} prunable "
-                 f"({sum(g.size for g in prunable)} channels)"]
+        lines = [
+            f"{len(self.groups)} channel groups, {len(prunable)} prunable "
+            f"({sum(g.size for g in prunable)} channels)"
+        ]
         lines += [f"  {g}" for g in self.groups]
         lines += [f"  wall: {w}" for w in self.walls]
         lines += [f"  opaque submodule '{k}': {v}" for k, v in self.leaves.items()]
@@ -184,8 +186,8 @@ def _sites_by_component(reps: np.ndarray, site_comps: list[np.ndarray]) -> dict[
     order = np.lexsort((sites, comps))
     comps, sites = comps[order], sites[order]
     bounds = np.flatnonzero(np.diff(comps)) + 1
-    return {int(c[0]): s.tolist() for c, s in zip(np.split(comps, bounds), np.split(sites, bounds))
-            if len(c)}
+    pieces = zip(np.split(comps, bounds), np.split(sites, bounds), strict=True)
+    return {int(c[0]): s.tolist() for c, s in pieces if len(c)}
 
 
 def _blocked_reasons(an: Analysis) -> dict[int, str]:
@@ -227,7 +229,9 @@ def _zero_check(an: Analysis, rep: int, group_nodes: list[fx.Node], members) -> 
     for member in members:
         if member.role == "in" and member.feeds in zero and not zero[member.feeds]:
             source = culprit[member.feeds]
-            return (f"its channels reach '{member.owner}' without being zero: "
-                    f"'{source.name}' ({an.flow.rule_name.get(source, source.op)}) "
-                    "does not map 0 to 0")
+            return (
+                f"its channels reach '{member.owner}' without being zero: "
+                f"'{source.name}' ({an.flow.rule_name.get(source, source.op)}) "
+                "does not map 0 to 0"
+            )
     return ""

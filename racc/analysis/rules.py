@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -76,7 +75,9 @@ def wall(flow: Flow, node: fx.Node, why: str = "has no channel rule") -> None:
     reason = f"{_describe(flow, node)} {why}"
     for a in _tensor_inputs(flow, node):
         flow.mark(flow.labels[a], "broken", reason)
-    out = tree_map(lambda s: _fresh_like(flow, s) if isinstance(s, TensorSpec) else s, spec_of(node))
+    out = tree_map(
+        lambda s: _fresh_like(flow, s) if isinstance(s, TensorSpec) else s, spec_of(node)
+    )
     for lab in tree_leaves(out):
         if isinstance(lab, torch.Tensor):
             flow.mark(lab, "broken", reason)
@@ -120,9 +121,12 @@ def attribute(flow: Flow, node: fx.Node) -> None:
             flow.zero_kind[node] = "zero"
     else:
         flow.labels[node] = flow.fresh(value.numel()).view(shape)
-        flow.mark(flow.labels[node], "broken",
-                  f"parameter '{node.target}' of shape {shape} is used elementwise; "
-                  "racc slices vector-shaped parameters only")
+        flow.mark(
+            flow.labels[node],
+            "broken",
+            f"parameter '{node.target}' of shape {shape} is used elementwise; "
+            "racc slices vector-shaped parameters only",
+        )
 
 
 def constant(flow: Flow, node: fx.Node) -> None:
@@ -188,9 +192,12 @@ def _normalize_over(flow: Flow, node: fx.Node, ndim: int, what: str) -> None:
     span = labels[(0,) * lead] if lead else labels
     ids = unique_ids(span)
     if len(ids[ids != NO_ID]) > 1:
-        flow.mark(ids, "broken",
-                  f"{_describe(flow, node)} {what} over {len(ids)} channels, so removing one "
-                  "changes the others")
+        flow.mark(
+            ids,
+            "broken",
+            f"{_describe(flow, node)} {what} over {len(ids)} channels, so removing one "
+            "changes the others",
+        )
     flow.labels[node] = labels
     flow.zero_kind[node] = "nonzero"
 

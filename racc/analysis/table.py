@@ -20,23 +20,69 @@ from racc.analysis.flow import Flow, spec_of
 from racc.ir.fx import TensorSpec
 
 _ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Tanhshrink,
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Tanhshrink,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
 )
 _PER_CHANNEL = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
-    nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Upsample,
+    nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d,
+    nn.ZeroPad2d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
 )
 
 MODULE_RULES: dict[type, r.Rule] = {
     **{t: r.conv for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d)},
     nn.Linear: r.linear,
-    **{t: r.batch_norm for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-                                 nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},
+    **{
+        t: r.batch_norm
+        for t in (
+            nn.BatchNorm1d,
+            nn.BatchNorm2d,
+            nn.BatchNorm3d,
+            nn.InstanceNorm1d,
+            nn.InstanceNorm2d,
+            nn.InstanceNorm3d,
+        )
+    },
     nn.LayerNorm: r.layer_norm_module,
     nn.GroupNorm: r.group_norm,
     nn.Softmax: r.softmax,
@@ -49,24 +95,73 @@ MODULE_RULES: dict[type, r.Rule] = {
 
 _add, _mul, _div = mv.elementwise("add"), mv.elementwise("mul"), mv.elementwise("div")
 FUNCTION_RULES: dict[object, r.Rule] = {
-    **{f: _add for f in (operator.add, operator.iadd, operator.sub, operator.isub, torch.add,
-                         torch.sub)},
+    **{
+        f: _add
+        for f in (operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub)
+    },
     **{f: _mul for f in (operator.mul, operator.imul, torch.mul)},
     **{f: _div for f in (operator.truediv, operator.itruediv, torch.div)},
     **{f: mv.concat for f in (torch.cat, torch.concat)},
-    **{f: mv.move for f in (torch.stack, torch.flatten, torch.permute,
-                            torch.transpose, torch.squeeze, torch.unsqueeze, torch.movedim)},
+    **{
+        f: mv.move
+        for f in (
+            torch.stack,
+            torch.flatten,
+            torch.permute,
+            torch.transpose,
+            torch.squeeze,
+            torch.unsqueeze,
+            torch.movedim,
+        )
+    },
     torch.reshape: mv.reshape,
     operator.getitem: mv.getitem,
     **{f: mv.split for f in (torch.chunk, torch.split, torch.tensor_split)},
-    **{f: mv.unary for f in (F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish,
-                             F.hardsigmoid, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
-                             F.leaky_relu, F.elu, F.mish, F.hardtanh, F.dropout, F.dropout1d,
-                             F.dropout2d, F.dropout3d, torch.clone)},
-    **{f: mv.per_channel for f in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                                   F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.avg_pool1d,
-                                   F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d,
-                                   F.max_pool3d, F.interpolate, F.pad)},
+    **{
+        f: mv.unary
+        for f in (
+            F.relu,
+            torch.relu,
+            F.relu6,
+            F.silu,
+            F.gelu,
+            F.hardswish,
+            F.hardsigmoid,
+            torch.sigmoid,
+            F.sigmoid,
+            torch.tanh,
+            F.tanh,
+            F.leaky_relu,
+            F.elu,
+            F.mish,
+            F.hardtanh,
+            F.dropout,
+            F.dropout1d,
+            F.dropout2d,
+            F.dropout3d,
+            torch.clone,
+            operator.neg,
+            torch.neg,
+            torch.abs,
+        )
+    },
+    **{
+        f: mv.per_channel
+        for f in (
+            F.adaptive_avg_pool1d,
+            F.adaptive_avg_pool2d,
+            F.adaptive_avg_pool3d,
+            F.adaptive_max_pool2d,
+            F.avg_pool1d,
+            F.avg_pool2d,
+            F.avg_pool3d,
+            F.max_pool1d,
+            F.max_pool2d,
+            F.max_pool3d,
+            F.interpolate,
+            F.pad,
+        )
+    },
     **{f: mv.reduce for f in (torch.mean, torch.sum, torch.amax, torch.amin)},
     F.layer_norm: r.layer_norm_function,
     F.group_norm: r.group_norm,
@@ -85,8 +180,23 @@ METHOD_RULES: dict[str, r.Rule] = {
     **{m: mv.reshape for m in ("view", "reshape")},
     **{m: mv.move for m in ("flatten", "permute", "transpose", "squeeze", "unsqueeze", "movedim")},
     **{m: mv.split for m in ("chunk", "split", "tensor_split")},
-    **{m: mv.unary for m in ("relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float",
-                             "to", "type_as", "detach")},
+    **{
+        m: mv.unary
+        for m in (
+            "relu",
+            "relu_",
+            "sigmoid",
+            "tanh",
+            "contiguous",
+            "clone",
+            "float",
+            "to",
+            "type_as",
+            "detach",
+            "neg",
+            "abs",
+        )
+    },
     **{m: mv.reduce for m in ("mean", "sum", "amax", "amin")},
     "softmax": r.softmax,
 }

@@ -21,8 +21,13 @@ from racc.report import OutputError
 ONNX_RTOL, ONNX_ATOL = 1e-4, 1e-4
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None,
-                opset: int = 17, check: bool = True) -> onnx.ModelProto:
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: Any = None,
+    opset: int = 17,
+    check: bool = True,
+) -> onnx.ModelProto:
     """Export `model` to ONNX at `path` and check ONNX Runtime agrees with torch on the inputs.
 
     Args:
@@ -62,23 +67,40 @@ def _write(model, inputs, path, opset, names, outputs) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                torch.onnx.export(model, inputs, os.fspath(path), opset_version=opset,
-                                  input_names=names, output_names=outputs, dynamic_axes=axes,
-                                  dynamo=False)
+                torch.onnx.export(
+                    model,
+                    inputs,
+                    os.fspath(path),
+                    opset_version=opset,
+                    input_names=names,
+                    output_names=outputs,
+                    dynamic_axes=axes,
+                    dynamo=False,
+                )
             except torch.onnx.errors.OnnxExporterError:
                 batch = torch.export.Dim("batch")
-                torch.onnx.export(model, inputs, os.fspath(path), opset_version=opset,
-                                  input_names=names, output_names=outputs, verbose=False,
-                                  dynamic_shapes=tuple({0: batch} for _ in inputs), dynamo=True)
+                torch.onnx.export(
+                    model,
+                    inputs,
+                    os.fspath(path),
+                    opset_version=opset,
+                    input_names=names,
+                    output_names=outputs,
+                    verbose=False,
+                    dynamic_shapes=tuple({0: batch} for _ in inputs),
+                    dynamo=True,
+                )
     except OSError as e:
-        raise ExportError(f"cannot write '{path}': {e.strerror or e}; choose a writable path") from e
+        raise ExportError(
+            f"cannot write '{path}': {e.strerror or e}; choose a writable path"
+        ) from e
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
 
 
 def _compare_with_ort(path, names, inputs, expected) -> None:
     session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-    feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, inputs)}
+    feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, inputs, strict=True)}
     got = [torch.from_numpy(np.asarray(y)) for y in session.run(None, feeds)]
     error = OutputError.between(expected, got)
     if not error.within(ONNX_RTOL, ONNX_ATOL):

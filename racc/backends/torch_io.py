@@ -42,7 +42,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     try:
         torch.save(payload, path)
     except OSError as e:
-        raise ExportError(f"cannot write '{path}': {e.strerror or e}; choose a writable path") from e
+        raise ExportError(
+            f"cannot write '{path}': {e.strerror or e}; choose a writable path"
+        ) from e
 
 
 def load(path: str | os.PathLike) -> fx.GraphModule:
@@ -59,6 +61,8 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ExportError(f"'{path}' is a torch file but not one written by racc.save")
     if payload.get("version", 0) > VERSION:
-        raise ExportError(f"'{path}' was written by a newer racc (format {payload['version']}); "
-                          "upgrade racc to load it")
+        raise ExportError(
+            f"'{path}' was written by a newer racc (format {payload['version']}); "
+            "upgrade racc to load it"
+        )
     return payload["module"]

@@ -85,12 +85,16 @@ def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
-        raise InputError(f"example_inputs must be a tensor or a tuple of tensors, "
-                         f"got {type(example_inputs).__name__}")
+        raise InputError(
+            f"example_inputs must be a tensor or a tuple of tensors, "
+            f"got {type(example_inputs).__name__}"
+        )
     for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
-            raise InputError(f"example_inputs[{i}] is a {type(x).__name__}, not a tensor; pass "
-                             "a tuple of tensors such as (torch.randn(1, 3, 224, 224),)")
+            raise InputError(
+                f"example_inputs[{i}] is a {type(x).__name__}, not a tensor; pass "
+                "a tuple of tensors such as (torch.randn(1, 3, 224, 224),)"
+            )
     return tuple(example_inputs)
 
 
@@ -168,9 +172,13 @@ def _first_layer(gm: fx.GraphModule) -> str:
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
             if hasattr(m, "in_channels"):
-                return f"the first layer '{node.target}' ({m}) expects {m.in_channels} input channels"
+                return (
+                    f"the first layer '{node.target}' ({m}) expects {m.in_channels} input channels"
+                )
             if hasattr(m, "in_features"):
-                return f"the first layer '{node.target}' ({m}) expects {m.in_features} input features"
+                return (
+                    f"the first layer '{node.target}' ({m}) expects {m.in_features} input features"
+                )
     return "check the shapes the model's forward expects"
 
 

@@ -23,11 +23,37 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Shape-preserving elementwise modules and functions: their output is shaped like their
 # (broadcast) inputs, so the meta run skips their kernels, which are slow Python decompositions.
-_ELEMENTWISE_MODULES = {nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
-                        nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Dropout2d}
-_ELEMENTWISE_FUNCTIONS = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub,
-                          torch.add, torch.mul, F.relu, F.relu6, F.silu, F.gelu, F.hardswish,
-                          F.hardsigmoid, torch.sigmoid, torch.relu, F.dropout}
+_ELEMENTWISE_MODULES = {
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+}
+_ELEMENTWISE_FUNCTIONS = {
+    operator.add,
+    operator.iadd,
+    operator.mul,
+    operator.imul,
+    operator.sub,
+    torch.add,
+    torch.mul,
+    F.relu,
+    F.relu6,
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    F.hardsigmoid,
+    torch.sigmoid,
+    torch.relu,
+    F.dropout,
+}
 
 
 def _concat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -35,7 +61,7 @@ def _concat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     dim %= first.dim()
     for t in tensors:
         if t.dim() != first.dim() or any(
-            a != b for d, (a, b) in enumerate(zip(t.shape, first.shape)) if d != dim
+            a != b for d, (a, b) in enumerate(zip(t.shape, first.shape, strict=True)) if d != dim
         ):
             raise ValueError("torch.cat: shapes differ off the concatenated axis")
     shape = list(first.shape)
@@ -44,7 +70,7 @@ def _concat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 
 def _normalized(x: torch.Tensor, normalized_shape: tuple[int, ...]) -> torch.Tensor:
-    if tuple(x.shape[x.dim() - len(normalized_shape):]) != normalized_shape:
+    if tuple(x.shape[x.dim() - len(normalized_shape) :]) != normalized_shape:
         raise ValueError(f"layer_norm over {normalized_shape} of a {tuple(x.shape)} tensor")
     return _like(x)
 
@@ -52,9 +78,13 @@ def _normalized(x: torch.Tensor, normalized_shape: tuple[int, ...]) -> torch.Ten
 def _like(*values: Any) -> torch.Tensor:
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-    return torch.empty(shape, dtype=torch.result_type(*values[:2]) if len(values) > 1 and
-                       isinstance(values[1], (torch.Tensor, int, float)) else tensors[0].dtype,
-                       device="meta")
+    return torch.empty(
+        shape,
+        dtype=torch.result_type(*values[:2])
+        if len(values) > 1 and isinstance(values[1], (torch.Tensor, int, float))
+        else tensors[0].dtype,
+        device="meta",
+    )
 
 
 class _MetaRecorder(fx.Interpreter):
@@ -88,7 +118,9 @@ class _MetaRecorder(fx.Interpreter):
         if target is torch.cat and not kwargs and len(args) == 2:
             return _concat(*args)
         if target is F.layer_norm:
-            return _normalized(args[0], tuple(args[1] if len(args) > 1 else kwargs["normalized_shape"]))
+            return _normalized(
+                args[0], tuple(args[1] if len(args) > 1 else kwargs["normalized_shape"])
+            )
         return super().call_function(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):

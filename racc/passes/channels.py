@@ -36,14 +36,19 @@ def _removed_units(request: Request, pruning: bool) -> tuple[Analysis, np.ndarra
         idx = np.asarray(list(idxs), dtype=np.int64)
         bad = idx[(idx < 0) | (idx >= group.size)]
         if len(bad):
-            raise PruneError(f"index {bad[0]} is out of range for group {group.index} "
-                             f"({group.size} channels): use indices 0..{group.size - 1}")
+            raise PruneError(
+                f"index {bad[0]} is out of range for group {group.index} "
+                f"({group.size} channels): use indices 0..{group.size - 1}"
+            )
         if pruning and len(idx) and not group.prunable:
-            raise PruneError(f"group {group.index} ({group.names()[0]}...) is not prunable: "
-                             f"{group.reason}")
+            raise PruneError(
+                f"group {group.index} ({group.names()[0]}...) is not prunable: {group.reason}"
+            )
         if pruning and len(np.unique(idx)) == group.size:
-            raise PruneError(f"removing all {group.size} channels of group {group.index} would "
-                             f"leave '{group.names()[0]}' with none; keep at least one")
+            raise PruneError(
+                f"removing all {group.size} channels of group {group.index} would "
+                f"leave '{group.names()[0]}' with none; keep at least one"
+            )
         removed.append(group.units[idx])
     return next(iter(analyses.values())), np.unique(np.concatenate(removed))
 
@@ -99,14 +104,18 @@ def _kept_indices(gm: fx.GraphModule, analysis: Analysis, removed: np.ndarray) -
             continue
         tensor = _get(gm, axis.param)
         if tensor.shape[axis.axis] != len(axis.ids):
-            raise PruneError(f"'{axis.param}' has {tensor.shape[axis.axis]} channels on axis "
-                             f"{axis.axis}, the analysis saw {len(axis.ids)}: analyse this model "
-                             "again and use its groups")
+            raise PruneError(
+                f"'{axis.param}' has {tensor.shape[axis.axis]} channels on axis "
+                f"{axis.axis}, the analysis saw {len(axis.ids)}: analyse this model "
+                "again and use its groups"
+            )
         key = (axis.param, axis.axis)
         keep[key] = keep.get(key, np.ones(len(drop), dtype=bool)) & ~drop
         if not keep[key].any():
-            raise PruneError(f"removing these channels would leave '{axis.param}' empty on axis "
-                             f"{axis.axis}; keep at least one channel")
+            raise PruneError(
+                f"removing these channels would leave '{axis.param}' empty on axis "
+                f"{axis.axis}; keep at least one channel"
+            )
     return keep
 
 
@@ -148,8 +157,10 @@ def _rewrite_splits(gm: fx.GraphModule, analysis: Analysis, removed: np.ndarray)
         if sizes == [len(p) for p in pieces]:
             continue
         if 0 in sizes:
-            raise PruneError(f"removing these channels empties piece {sizes.index(0)} of the split "
-                             f"'{name}'; keep at least one channel in each piece")
+            raise PruneError(
+                f"removing these channels empties piece {sizes.index(0)} of the split "
+                f"'{name}'; keep at least one channel in each piece"
+            )
         node = nodes[name]
         node.op, node.target = "call_function", torch.split
         node.args, node.kwargs = (node.args[0], sizes), {"dim": dim}

@@ -69,7 +69,9 @@ class FoldBatchNormIntoConv(Pass):
             return f"its input '{getattr(source, 'name', source)}' is not a conv or linear"
         producer = gm.get_submodule(source.target)
         if type(producer) not in (*_CONVS, nn.Linear):
-            return f"its input '{source.target}' ({type(producer).__name__}) is not a conv or linear"
+            return (
+                f"its input '{source.target}' ({type(producer).__name__}) is not a conv or linear"
+            )
         if len(source.users) > 1:
             others = ", ".join(u.name for u in source.users if u is not bn_node)
             return f"'{source.target}' output has other users ({others}); folding would change them"

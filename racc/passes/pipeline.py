@@ -23,7 +23,9 @@ _PASS = re.compile(r"\s*([A-Za-z0-9_\-]+)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
 def parse_pipeline(text: str) -> list[Pass]:
     """Parse a pipeline string into pass objects; unknown names or options list the valid ones."""
     if not isinstance(text, str):
-        raise PassConfigError(f"a pipeline is a string or a list of passes, got {type(text).__name__}")
+        raise PassConfigError(
+            f"a pipeline is a string or a list of passes, got {type(text).__name__}"
+        )
     passes, position = [], 0
     text = text.strip()
     while position < len(text):
@@ -42,9 +44,7 @@ def parse_pipeline(text: str) -> list[Pass]:
 
 def _build(name: str, body: str | None) -> Pass:
     if name not in REGISTRY:
-        raise PassConfigError(
-            f"unknown pass '{name}'; valid passes: {', '.join(sorted(REGISTRY))}"
-        )
+        raise PassConfigError(f"unknown pass '{name}'; valid passes: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[name]
     hints = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]

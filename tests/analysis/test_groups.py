@@ -18,8 +18,13 @@ def test_resnet18_residual_group_spans_the_stage():
     an = racc.analyze(model, (x,))
     trunk = _group_with(an, "conv1.out")
     assert trunk.size == 64 and trunk.prunable
-    for label in ("bn1", "layer1.0.conv1.in", "layer1.0.conv2.out", "layer1.1.bn2",
-                  "layer2.0.downsample.0.in"):
+    for label in (
+        "bn1",
+        "layer1.0.conv1.in",
+        "layer1.0.conv2.out",
+        "layer1.1.bn2",
+        "layer2.0.downsample.0.in",
+    ):
         assert label in trunk.names()
     assert str(trunk).startswith("group 1 (64 ch): conv1.out => bn1 => layer1.0.conv1.in")
     inner = _group_with(an, "layer1.0.conv1.out")
@@ -53,8 +58,12 @@ def test_squeeze_excitation_gate_joins_the_channels_it_scales():
     an = racc.analyze(model, (x,))
     group = _group_with(an, "features.2.0.block.0.0.out")
     assert group.prunable
-    assert {"features.2.0.block.1.0.out", "features.2.0.block.2.fc1.in",
-            "features.2.0.block.2.fc2.out", "features.2.0.block.3.0.in"} <= set(group.names())
+    assert {
+        "features.2.0.block.1.0.out",
+        "features.2.0.block.2.fc1.in",
+        "features.2.0.block.2.fc2.out",
+        "features.2.0.block.3.0.in",
+    } <= set(group.names())
 
 
 def test_grouped_conv_ties_whole_conv_groups():

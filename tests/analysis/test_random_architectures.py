@@ -68,7 +68,7 @@ class RandomNet(nn.Module):
     def __init__(self, kinds: list[str], widths: list[int], pooled_head: bool):
         super().__init__()
         blocks, c = [conv_bn(3, widths[0])], widths[0]
-        for kind, w in zip(kinds, widths[1:]):
+        for kind, w in zip(kinds, widths[1 : len(kinds) + 1], strict=True):
             blocks.append(_block(kind, c, w))
             c = w if kind in ("conv", "concat", "depthwise", "grouped") else c
         self.blocks = nn.Sequential(*blocks)
@@ -100,11 +100,15 @@ def _block(kind: str, c: int, w: int) -> nn.Module:
     return Shuffle()
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(kinds=st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=6),
-       widths=st.lists(st.sampled_from([4, 6, 8]), min_size=7, max_size=7),
-       pooled_head=st.booleans(), seed=st.integers(0, 2**16))
+@settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    kinds=st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=6),
+    widths=st.lists(st.sampled_from([4, 6, 8]), min_size=7, max_size=7),
+    pooled_head=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_random_architecture_zero_then_prune(kinds, widths, pooled_head, seed):
     torch.manual_seed(seed)
     model = RandomNet(kinds, widths, pooled_head)

@@ -35,7 +35,8 @@ def test_zero_then_prune_each_group(name):
         with torch.no_grad():
             assert_close(pruned(x), zeroed(x), RTOL, ATOL, what=f"{name} {group.details(idxs)}")
         removed = sum(p.numel() for p in model.parameters()) - sum(
-            p.numel() for p in pruned.parameters())
+            p.numel() for p in pruned.parameters()
+        )
         assert removed > 0, f"{name}: pruning {group} removed no parameter"
 
 

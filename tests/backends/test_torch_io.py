@@ -32,8 +32,9 @@ def test_save_then_load_in_a_fresh_process_gives_identical_outputs(tmp_path):
         "y = m(x).detach(); e = torch.load(d + '/expected.pt'); "
         "print('EQUAL' if torch.equal(y, e) else f'DIFF {(y - e).abs().max()}')"
     )
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "EQUAL"
 
@@ -52,8 +53,9 @@ def test_compiled_model_trains(tmp_path):
 
 def test_compiled_model_runs_under_torch_compile():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 6 * 6, 4)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)
+    ).eval()
     x = torch.randn(2, 3, 8, 8)
     opt = racc.compile(model, "fold-bn", (x,))
     compiled = torch.compile(opt, backend="aot_eager")

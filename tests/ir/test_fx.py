@@ -28,8 +28,9 @@ class Net(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
         self.odd = DataDependent()
-        self.head = nn.Sequential(nn.Conv2d(8, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
-                                  nn.Conv2d(6, 4, 1))
+        self.head = nn.Sequential(
+            nn.Conv2d(8, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1)
+        )
 
     def forward(self, x):
         return self.head(self.odd(self.stem(x)))
@@ -64,6 +65,8 @@ def test_untraceable_root_names_the_model_and_the_reason():
         def forward(self, x):
             return x if x.sum() > 0 else -x
 
-    with pytest.raises(UnsupportedModelError, match="cannot trace Root.forward with torch.fx: "
-                                                    "TraceError.*Remove data-dependent"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match="cannot trace Root.forward with torch.fx: TraceError.*Remove data-dependent",
+    ):
         trace(Root())

@@ -25,12 +25,15 @@ class _Knobs(Pass):
             raise PassConfigError(f"pass '{self.name}': ratio must be in (0, 1), got {self.ratio}")
 
 
-@pytest.mark.parametrize("text", [
-    "fold-bn",
-    "fold-bn{skip=layer4.*|fc}",
-    "test-knobs{ratio=0.25,steps=3,mode=slow,on=false,where=a.*|b}",
-    "fold-bn,test-knobs{ratio=0.75},fold-bn",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "fold-bn",
+        "fold-bn{skip=layer4.*|fc}",
+        "test-knobs{ratio=0.25,steps=3,mode=slow,on=false,where=a.*|b}",
+        "fold-bn,test-knobs{ratio=0.75},fold-bn",
+    ],
+)
 def test_canonical_pipelines_print_back_to_the_same_string(text):
     passes = parse_pipeline(text)
     assert format_pipeline(passes) == text
@@ -55,12 +58,15 @@ def test_unknown_option_lists_the_valid_ones():
         parse_pipeline("test-knobs{skip}")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("test-knobs{steps=2.5}", "option 'steps' must be int, got '2.5'"),
-    ("test-knobs{mode=medium}", "option 'mode' must be 'fast' | 'slow', got 'medium'"),
-    ("test-knobs{on=maybe}", "option 'on' must be bool"),
-    ("test-knobs{ratio=1.5}", r"ratio must be in \(0, 1\), got 1.5"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("test-knobs{steps=2.5}", "option 'steps' must be int, got '2.5'"),
+        ("test-knobs{mode=medium}", "option 'mode' must be 'fast' | 'slow', got 'medium'"),
+        ("test-knobs{on=maybe}", "option 'on' must be bool"),
+        ("test-knobs{ratio=1.5}", r"ratio must be in \(0, 1\), got 1.5"),
+    ],
+)
 def test_bad_option_values_from_strings(text, message):
     with pytest.raises(PassConfigError, match=message):
         parse_pipeline(text)
