@@ -75,13 +75,14 @@ class Flow:
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Tie ids elementwise (after broadcasting), keeping each distinct pair once."""
         a, b = squeeze_broadcast(*torch.broadcast_tensors(a, b))
-        pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
-        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1).numpy()
+        pairs = pairs[(pairs[:, 0] != pairs[:, 1]) & (pairs >= 0).all(1)]
         if len(pairs):
-            self.edges.append(torch.unique(pairs, dim=0).numpy())
+            self.edges.append(pairs)
 
     def union_all(self, ids: torch.Tensor) -> None:
         ids = torch.unique(ids.reshape(-1))
+        ids = ids[ids >= 0]
         if len(ids) > 1:
             self.edges.append(torch.stack([ids[:-1], ids[1:]], 1).numpy())
 

@@ -127,64 +127,65 @@ def _components(flow: Flow) -> np.ndarray:
     return component
 
 
-def _node_sites(an: Analysis) -> tuple[list[fx.Node], list[np.ndarray]]:
-    """For every tensor node, the components present in its output."""
-    nodes, comps = [], []
+def _site_ids(an: Analysis) -> tuple[list[fx.Node], list[np.ndarray]]:
+    """The sites where units appear: every tensor node (its output's ids), then every param axis."""
+    nodes, ids = [], []
     for node, labels in an.flow.labels.items():
         tensors = [t for t in tree_leaves(labels) if isinstance(t, torch.Tensor) and t.numel()]
         if tensors:
-            ids = [squeeze_broadcast(t)[0].reshape(-1).numpy() for t in tensors]
-            present = np.unique(an.components_of(np.concatenate(ids)))
             nodes.append(node)
-            comps.append(present[present != NO_ID])
-    return nodes, comps
+            ids.append(
+                np.concatenate([squeeze_broadcast(t)[0].reshape(-1).numpy() for t in tensors])
+            )
+    return nodes, ids + [a.ids for a in an.flow.param_axes]
 
 
 def _form_groups(an: Analysis) -> list[ChannelGroup]:
-    nodes, node_comps = _node_sites(an)
-    axes = an.flow.param_axes
-    axis_comps = [np.unique(an.components_of(a.ids)) for a in axes]
+    nodes, site_ids = _site_ids(an)
+    axes, n_sites = an.flow.param_axes, len(site_ids)
+    # Every distinct (unit, site) pair, sorted by unit then site, in one vectorised pass.
+    comps = an.components_of(np.concatenate(site_ids))
+    sites = np.repeat(np.arange(n_sites), [len(i) for i in site_ids])
+    pairs = _sorted_unique(comps[comps != NO_ID] * n_sites + sites[comps != NO_ID])
+    comps, sites = pairs // n_sites, pairs % n_sites
+    # A unit's signature: the sum of a random 64-bit key per site it is in.
     n_comp = int(an.component.max()) + 1 if len(an.component) else 0
-    # A unit's signature: the sum of a random 64-bit key per site (tensor or param axis) it is in.
-    rng = np.random.default_rng(0)
-    keys = rng.integers(1, 2**63, size=len(nodes) + len(axes), dtype=np.uint64)
+    keys = np.random.default_rng(0).integers(1, 2**63, size=n_sites, dtype=np.uint64)
     signature = np.zeros(n_comp, dtype=np.uint64)
+    np.add.at(signature, comps, keys[sites])
     on_axis = np.zeros(n_comp, dtype=bool)
-    for site, comps in enumerate(node_comps + axis_comps):
-        comps = comps[comps != NO_ID]
-        np.add.at(signature, comps, keys[site])
-        on_axis[comps] |= site >= len(nodes)
+    on_axis[comps[sites >= len(nodes)]] = True
     first_id = np.full(n_comp, np.iinfo(np.int64).max)
     np.minimum.at(first_id, an.component, np.arange(len(an.component)))
     candidates = np.nonzero(on_axis)[0]
     candidates = candidates[np.argsort(first_id[candidates], kind="stable")]
     _, first, inverse = np.unique(signature[candidates], return_index=True, return_inverse=True)
-    blocked = _blocked_reasons(an)
     reps = candidates[first]
-    sites_of_node = _sites_by_component(reps, node_comps)
-    sites_of_axis = _sites_by_component(reps, axis_comps)
+    sites_of = _sites_by_component(reps, comps, sites)
+    blocked = _blocked_reasons(an)
     groups = []
     for order, g in enumerate(np.argsort(first)):
         units, rep = candidates[inverse == g], int(reps[g])
-        members = tuple(axes[i] for i in sites_of_axis.get(rep, ()))
-        group_nodes = [nodes[i] for i in sites_of_node.get(rep, ())]
-        reason = _first_blocked(units, blocked) or _zero_check(an, rep, group_nodes, members)
+        where = sites_of[rep]
+        members = tuple(axes[i - len(nodes)] for i in where if i >= len(nodes))
+        group_nodes = [nodes[i] for i in where if i < len(nodes)]
+        reason = _first_blocked(units, blocked) or _zero_check(an, group_nodes, members)
         widest = next((m for m in members if m.role != "in"), members[0])
         width = int(np.sum(an.components_of(widest.ids) == rep))
         groups.append(ChannelGroup(order, units, width, not reason, reason, members, an))
     return groups
 
 
-def _sites_by_component(reps: np.ndarray, site_comps: list[np.ndarray]) -> dict[int, list[int]]:
-    """For each representative component, the indices of the sites it appears in, in order."""
-    if not site_comps:
-        return {}
-    comps = np.concatenate(site_comps)
-    sites = np.repeat(np.arange(len(site_comps)), [len(c) for c in site_comps])
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    # np.unique's hash table is pathologically slow on these arithmetic-progression keys.
+    values = np.sort(values)
+    return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) else values
+
+
+def _sites_by_component(reps: np.ndarray, comps: np.ndarray, sites: np.ndarray) -> dict:
+    """For each representative unit, the sites it appears in (pairs come sorted by unit, site)."""
     keep = np.isin(comps, reps)
     comps, sites = comps[keep], sites[keep]
-    order = np.lexsort((sites, comps))
-    comps, sites = comps[order], sites[order]
     bounds = np.flatnonzero(np.diff(comps)) + 1
     pieces = zip(np.split(comps, bounds), np.split(sites, bounds), strict=True)
     return {int(c[0]): s.tolist() for c, s in pieces if len(c)}
@@ -204,7 +205,7 @@ def _first_blocked(units: np.ndarray, blocked: dict[int, str]) -> str:
     return next((blocked[int(u)] for u in units if int(u) in blocked), "")
 
 
-def _zero_check(an: Analysis, rep: int, group_nodes: list[fx.Node], members) -> str:
+def _zero_check(an: Analysis, group_nodes: list[fx.Node], members) -> str:
     """Follow zeros through the group's tensors: every op that mixes channels (a conv or linear
     reading them) must see exact zeros, or removing them changes its output."""
     zero: dict[fx.Node, bool] = {}

@@ -14,18 +14,25 @@ import numbers
 import torch
 import torch.fx as fx
 
-from racc.analysis.flow import Flow, expand_channels, ids_along, spec_of, varies_along
-from racc.analysis.rules import NO_ID, _apply, _labels, _module, wall
+from racc.analysis.flow import (
+    Flow,
+    expand_channels,
+    ids_along,
+    spec_of,
+    squeeze_broadcast,
+    varies_along,
+)
+from racc.analysis.rules import NO_ID, apply_to_labels, labels_of, module_of, wall
 
 
 def _maps_zero_to_zero(flow: Flow, node: fx.Node) -> bool:
     """Evaluate the op at 0 (e.g. relu -> 0, sigmoid -> 0.5); its other arguments as recorded."""
     zero = torch.zeros(2)
-    args = _labels(flow, node.args[1:])
-    kwargs = {k: v for k, v in _labels(flow, node.kwargs).items() if k != "inplace"}
+    args = labels_of(flow, node.args[1:])
+    kwargs = {k: v for k, v in labels_of(flow, node.kwargs).items() if k != "inplace"}
     try:
         if node.op == "call_module":
-            out = _module(flow, node)(zero)
+            out = module_of(flow, node)(zero)
         elif node.op == "call_method":
             out = getattr(zero, node.target)(*args, **kwargs)
         else:
@@ -53,10 +60,10 @@ def per_channel(flow: Flow, node: fx.Node) -> None:
 
 def _pads_with_zero(flow: Flow, node: fx.Node, ndim: int) -> bool:
     if node.op == "call_module":
-        return getattr(_module(flow, node), "value", 0) == 0
+        return getattr(module_of(flow, node), "value", 0) == 0
     if getattr(node.target, "__name__", "") != "pad":
         return True
-    pad = _labels(flow, node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
+    pad = labels_of(flow, node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
     if len(pad) // 2 > ndim - 2:
         return False  # pads the channel axis itself
     mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
@@ -89,7 +96,10 @@ def _elementwise_zero_kind(kind: str, labels: list, constants: list) -> str:
     if kind == "div":
         return "first" if isinstance(labels[0], torch.Tensor) else "nonzero"
     nonzero_constant = any(isinstance(c, numbers.Number) and c != 0 for c in constants)
-    constant_tensor = any(isinstance(t, torch.Tensor) and bool((t == NO_ID).all()) for t in labels)
+    constant_tensor = any(
+        isinstance(t, torch.Tensor) and bool((squeeze_broadcast(t)[0] == NO_ID).all())
+        for t in labels
+    )
     return "nonzero" if nonzero_constant or constant_tensor else "all"
 
 
@@ -110,13 +120,13 @@ def reduce(flow: Flow, node: fx.Node) -> None:
 
 def move(flow: Flow, node: fx.Node) -> None:
     """Pure data movement (permute, transpose, flatten, cat, stack, squeeze...)."""
-    flow.labels[node] = _apply(flow, node)
+    flow.labels[node] = apply_to_labels(flow, node)
     flow.zero_kind[node] = "all"
 
 
 def concat(flow: Flow, node: fx.Node) -> None:
     """torch.cat without materialising labels along axes every input broadcasts (space, batch)."""
-    tensors = list(_labels(flow, node.args[0]))
+    tensors = list(labels_of(flow, node.args[0]))
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     shape = spec_of(node).shape
     dim %= len(shape)
@@ -166,7 +176,7 @@ def _indexes_channels(labels: torch.Tensor, index) -> bool:
 def split(flow: Flow, node: fx.Node) -> None:
     """chunk/split/tensor_split: recorded so that pruning can rewrite the sizes of the pieces."""
     move(flow, node)
-    args = _labels(flow, node.args)
+    args = labels_of(flow, node.args)
     dim = node.kwargs.get("dim", args[2] if len(args) > 2 else 0)
     source = flow.labels[node.args[0]]
     dim %= source.dim()

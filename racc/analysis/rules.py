@@ -31,7 +31,7 @@ NO_ID = -1  # label of an element that belongs to no channel (a constant)
 Rule = Callable[[Flow, fx.Node], None]
 
 
-def _labels(flow: Flow, arg: Any) -> Any:
+def labels_of(flow: Flow, arg: Any) -> Any:
     return fx.node.map_arg(arg, lambda a: flow.labels[a])
 
 
@@ -39,13 +39,13 @@ def _tensor_inputs(flow: Flow, node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if isinstance(flow.labels.get(a), torch.Tensor)]
 
 
-def _module(flow: Flow, node: fx.Node) -> nn.Module:
+def module_of(flow: Flow, node: fx.Node) -> nn.Module:
     return flow.gm.get_submodule(node.target)
 
 
 def _describe(flow: Flow, node: fx.Node) -> str:
     if node.op == "call_module":
-        return f"'{node.target}' ({type(_module(flow, node)).__name__})"
+        return f"'{node.target}' ({type(module_of(flow, node)).__name__})"
     name = getattr(node.target, "__name__", str(node.target))
     return f"'{node.name}' ({name})"
 
@@ -57,14 +57,14 @@ def _fresh_like(flow: Flow, spec: TensorSpec) -> torch.Tensor:
     return expand_channels(flow.fresh(spec.shape[axis]), spec.shape, axis)
 
 
-def _apply(flow: Flow, node: fx.Node) -> Any:
+def apply_to_labels(flow: Flow, node: fx.Node) -> Any:
     """Run the node's own op on label tensors instead of values (for pure data movement)."""
-    args, kwargs = _labels(flow, node.args), _labels(flow, node.kwargs)
+    args, kwargs = labels_of(flow, node.args), labels_of(flow, node.kwargs)
     if node.op == "call_method":
         method = "reshape" if node.target == "view" else node.target
         return getattr(args[0], method)(*args[1:], **kwargs)
     if node.op == "call_module":
-        return _module(flow, node)(*args, **kwargs)
+        return module_of(flow, node)(*args, **kwargs)
     return node.target(*args, **kwargs)
 
 
@@ -97,7 +97,7 @@ def model_input(flow: Flow, node: fx.Node) -> None:
 
 
 def model_output(flow: Flow, node: fx.Node) -> None:
-    for lab in tree_leaves(_labels(flow, node.args[0])):
+    for lab in tree_leaves(labels_of(flow, node.args[0])):
         if isinstance(lab, torch.Tensor):
             flow.mark(lab, "output", "it reaches the model output")
 
@@ -139,7 +139,7 @@ def constant(flow: Flow, node: fx.Node) -> None:
 
 
 def conv(flow: Flow, node: fx.Node) -> None:
-    m, x = _module(flow, node), node.args[0]
+    m, x = module_of(flow, node), node.args[0]
     in_ids = ids_along(flow.labels[x], 1)
     if in_ids is None:
         return wall(flow, node, "reads an input whose channels are mixed with other axes")
@@ -160,7 +160,7 @@ def conv(flow: Flow, node: fx.Node) -> None:
 
 
 def linear(flow: Flow, node: fx.Node) -> None:
-    m, x = _module(flow, node), node.args[0]
+    m, x = module_of(flow, node), node.args[0]
     in_ids = ids_along(flow.labels[x], -1)
     if in_ids is None:
         return wall(flow, node, "reads features that are mixed with other axes")
@@ -175,7 +175,7 @@ def linear(flow: Flow, node: fx.Node) -> None:
 
 def batch_norm(flow: Flow, node: fx.Node) -> None:
     """BatchNorm / InstanceNorm: per channel; zero out of zero in only when affine (gamma=beta=0)."""
-    m, x = _module(flow, node), node.args[0]
+    m, x = module_of(flow, node), node.args[0]
     ids = ids_along(flow.labels[x], 1)
     if ids is None:
         return wall(flow, node, "reads an input whose channels are mixed with other axes")
@@ -203,13 +203,13 @@ def _normalize_over(flow: Flow, node: fx.Node, ndim: int, what: str) -> None:
 
 
 def layer_norm_module(flow: Flow, node: fx.Node) -> None:
-    _normalize_over(flow, node, len(_module(flow, node).normalized_shape), "normalises")
+    _normalize_over(flow, node, len(module_of(flow, node).normalized_shape), "normalises")
 
 
 def layer_norm_function(flow: Flow, node: fx.Node) -> None:
     """F.layer_norm: its weight and bias (read with get_attr) belong to the normalised channels."""
     shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
-    ndim = len(_labels(flow, shape))
+    ndim = len(labels_of(flow, shape))
     span = flow.labels[node.args[0]]
     span = span[(0,) * (span.dim() - ndim)]
     for i, key in ((2, "weight"), (3, "bias")):
@@ -229,7 +229,7 @@ def group_norm(flow: Flow, node: fx.Node) -> None:
 def softmax(flow: Flow, node: fx.Node) -> None:
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if node.op == "call_module":
-        dim = _module(flow, node).dim
+        dim = module_of(flow, node).dim
     labels = flow.labels[node.args[0]]
     if dim is None or varies_along(labels, dim):
         flow.mark(labels, "broken", f"{_describe(flow, node)} normalises over the channel axis")

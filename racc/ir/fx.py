@@ -146,11 +146,11 @@ def trace(model: nn.Module, copy_model: bool = True) -> TracedModel:
     )
 
 
-def _spec(value: Any) -> Any:
+def spec_of_value(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return TensorSpec(tuple(value.shape), value.dtype)
     if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
-        return type(value)(_spec(v) for v in value)
+        return type(value)(spec_of_value(v) for v in value)
     return value
 
 
@@ -160,7 +160,7 @@ class _ExampleRecorder(fx.Interpreter):
             value = super().run_node(n)
         except Exception as e:
             raise InputError(_shape_failure_message(self.module, n, self.args_of(n), e)) from e
-        n.meta["racc.example"] = _spec(value)
+        n.meta["racc.example"] = spec_of_value(value)
         return value
 
     def args_of(self, n: fx.Node) -> list:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from racc.ir.fx import _spec, check_inputs, record_examples
+from racc.ir.fx import check_inputs, record_examples, spec_of_value
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -101,7 +101,7 @@ class _MetaRecorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
-        n.meta["racc.example"] = _spec(value)
+        n.meta["racc.example"] = spec_of_value(value)
         return value
 
     def placeholder(self, target, args, kwargs):
