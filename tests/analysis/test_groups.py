@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import networkx as nx
 import torch
 from torch import nn
 
@@ -115,3 +116,13 @@ def test_analyze_does_not_change_the_model():
     assert model.training and model[1].training
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_op_graph_is_a_networkx_dag_of_the_traced_nodes():
+    model, x = zoo_model("resnet18")
+    an = racc.analyze(model, (x,))
+    nodes = list(an.traced.gm.graph.nodes)
+    assert an.graph.number_of_nodes() == len(nodes)
+    assert nx.is_directed_acyclic_graph(an.graph)
+    assert an.graph.has_edge("layer1_0_conv1", "layer1_0_bn1")
+    assert an.graph.nodes["layer1_0_conv1"]["op"] == "call_module"
