@@ -18,31 +18,8 @@ from racc.analysis import movement as mv
 from racc.analysis import rules as r
 from racc.analysis.flow import Flow, spec_of
 from racc.ir.fx import TensorSpec
+from racc.ir.ops import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
 
-_ACTIVATIONS = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.SiLU,
-    nn.GELU,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.Mish,
-    nn.Softplus,
-    nn.Hardtanh,
-    nn.Tanhshrink,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-)
 _PER_CHANNEL = (
     nn.MaxPool1d,
     nn.MaxPool2d,
@@ -89,7 +66,7 @@ MODULE_RULES: dict[type, r.Rule] = {
     nn.LogSoftmax: r.softmax,
     nn.Flatten: mv.move,
     nn.Unflatten: mv.move,
-    **{t: mv.unary for t in _ACTIVATIONS},
+    **{t: mv.unary for t in ELEMENTWISE_MODULES},
     **{t: mv.per_channel for t in _PER_CHANNEL},
 }
 
@@ -117,34 +94,7 @@ FUNCTION_RULES: dict[object, r.Rule] = {
     torch.reshape: mv.reshape,
     operator.getitem: mv.getitem,
     **{f: mv.split for f in (torch.chunk, torch.split, torch.tensor_split)},
-    **{
-        f: mv.unary
-        for f in (
-            F.relu,
-            torch.relu,
-            F.relu6,
-            F.silu,
-            F.gelu,
-            F.hardswish,
-            F.hardsigmoid,
-            torch.sigmoid,
-            F.sigmoid,
-            torch.tanh,
-            F.tanh,
-            F.leaky_relu,
-            F.elu,
-            F.mish,
-            F.hardtanh,
-            F.dropout,
-            F.dropout1d,
-            F.dropout2d,
-            F.dropout3d,
-            torch.clone,
-            operator.neg,
-            torch.neg,
-            torch.abs,
-        )
-    },
+    **{f: mv.unary for f in ELEMENTWISE_FUNCTIONS},
     **{
         f: mv.per_channel
         for f in (

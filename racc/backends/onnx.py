@@ -66,30 +66,15 @@ def _write(model, inputs, path, opset, names, outputs) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            common = dict(opset_version=opset, input_names=names, output_names=outputs)
             try:
-                torch.onnx.export(
-                    model,
-                    inputs,
-                    os.fspath(path),
-                    opset_version=opset,
-                    input_names=names,
-                    output_names=outputs,
-                    dynamic_axes=axes,
-                    dynamo=False,
-                )
+                torch.onnx.export(model, inputs, os.fspath(path), dynamic_axes=axes, dynamo=False,
+                                  **common)  # fmt: skip
             except torch.onnx.errors.OnnxExporterError:
                 batch = torch.export.Dim("batch")
-                torch.onnx.export(
-                    model,
-                    inputs,
-                    os.fspath(path),
-                    opset_version=opset,
-                    input_names=names,
-                    output_names=outputs,
-                    verbose=False,
-                    dynamic_shapes=tuple({0: batch} for _ in inputs),
-                    dynamo=True,
-                )
+                shapes = tuple({0: batch} for _ in inputs)
+                torch.onnx.export(model, inputs, os.fspath(path), dynamic_shapes=shapes,
+                                  dynamo=True, verbose=False, **common)  # fmt: skip
     except OSError as e:
         raise ExportError(
             f"cannot write '{path}': {e.strerror or e}; choose a writable path"

@@ -18,41 +18,17 @@ from torch import nn
 from torch.func import functional_call
 
 from racc.ir.fx import check_inputs, record_examples, spec_of_value
+from racc.ir.ops import BINARY_FUNCTIONS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Shape-preserving elementwise modules and functions: their output is shaped like their
 # (broadcast) inputs, so the meta run skips their kernels, which are slow Python decompositions.
-_ELEMENTWISE_MODULES = {
-    nn.ReLU,
-    nn.ReLU6,
-    nn.SiLU,
-    nn.GELU,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout2d,
-}
-_ELEMENTWISE_FUNCTIONS = {
-    operator.add,
-    operator.iadd,
-    operator.mul,
-    operator.imul,
-    operator.sub,
-    torch.add,
-    torch.mul,
-    F.relu,
-    F.relu6,
-    F.silu,
-    F.gelu,
-    F.hardswish,
-    F.hardsigmoid,
-    torch.sigmoid,
-    torch.relu,
-    F.dropout,
+_ELEMENTWISE_MODULES = frozenset(ELEMENTWISE_MODULES)
+_ELEMENTWISE_FUNCTIONS = frozenset(ELEMENTWISE_FUNCTIONS + BINARY_FUNCTIONS) - {
+    torch.div,
+    operator.truediv,
+    operator.itruediv,
 }
 
 
