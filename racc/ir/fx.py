@@ -22,6 +22,11 @@ from torch import nn
 
 from racc.errors import InputError, UnsupportedModelError
 
+try:  # private since torch 2.2; the public class is the same minus lazy code generation
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+except ImportError:  # pragma: no cover
+    _LazyGraphModule = fx.GraphModule
+
 _MAX_LEAF_RETRIES = 64
 
 
@@ -138,7 +143,9 @@ def trace(model: nn.Module, copy_model: bool = True) -> TracedModel:
                 ) from e
             leaves[failing] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             continue
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        # Analyses never call forward(): a lazy module skips generating its code (about 20 ms).
+        module_class = fx.GraphModule if copy_model else _LazyGraphModule
+        gm = module_class(tracer.root, graph, type(model).__name__)
         gm.racc_leaves = leaves
         return TracedModel(gm, leaves)
     raise UnsupportedModelError(

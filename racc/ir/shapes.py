@@ -110,8 +110,11 @@ class _MetaRecorder(fx.Interpreter):
             return _like(args[0])
         if kind is nn.LayerNorm:
             return _normalized(args[0], tuple(m.normalized_shape))
-        if kind is nn.Linear:
-            return F.linear(args[0], self.meta(m.weight), self.meta(m.bias))
+        if kind is nn.Linear:  # meta addmm is a slow decomposition; the shape is plain
+            if args[0].shape[-1] != m.in_features:
+                raise ValueError(f"'{target}' expects {m.in_features} features")
+            shape = (*args[0].shape[:-1], m.out_features)
+            return torch.empty(shape, dtype=args[0].dtype, device="meta")
         if next(m.parameters(), None) is None and next(m.buffers(), None) is None:
             return m(*args, **kwargs)
         state = {k: self.meta(v) for k, v in (*m.named_parameters(), *m.named_buffers())}
