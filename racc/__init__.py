@@ -5,7 +5,7 @@ print(opt.racc_report)
 racc.export_onnx(opt, "model.onnx")
 """
 
-from racc import passes
+from racc import passes, sparsity
 from racc.analysis import analyze
 from racc.backends.onnx import export_onnx
 from racc.backends.torch_io import load, save
@@ -24,5 +24,6 @@ __all__ = [
     "passes",
     "prune_channels",
     "save",
+    "sparsity",
     "zero_channels",
 ]

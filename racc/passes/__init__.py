@@ -3,10 +3,12 @@
 from racc.passes.base import REGISTRY, Pass, PassContext, PassResult, Skip
 from racc.passes.fold_bn import FoldBatchNormIntoConv
 from racc.passes.pipeline import format_pipeline, parse_pipeline
+from racc.passes.prune_bn import PruneChannelsByBnGamma
 
 __all__ = [
     "REGISTRY",
     "FoldBatchNormIntoConv",
+    "PruneChannelsByBnGamma",
     "Pass",
     "PassContext",
     "PassResult",

@@ -46,6 +46,7 @@ class PassResult:
     modified: bool
     matched: list[str] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+    exactness: Exactness | None = None  # what this run achieved, when sharper than the class's
 
 
 @dataclass

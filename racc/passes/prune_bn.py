@@ -1,0 +1,230 @@
+"""prune-bn: remove the channels whose BatchNorm scales are smallest (network slimming).
+
+Importance of a removable unit (one channel, or one conv group) of a zero-invariant channel group:
+an aggregate (sum, mean or max) of |gamma| over the group's BatchNorms; with `importance="l1"|"l2"`,
+or for a group without BatchNorm, the norm of the producing layers' output weights. Units are ranked
+over all groups together (`scope="global"`, as network slimming does) or within each group
+(`"local"`), and removed with `racc.prune_channels`.
+
+Exactness: a BN channel with gamma = 0 still outputs its beta. Removing units is exact when zeroing
+every slice of them changes nothing, which racc checks on the example inputs for units of importance
+0; such a run reports `exact` (and compile verifies it). Otherwise the pass `needs_finetune`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from fnmatch import fnmatchcase
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from racc.analysis import analyze
+from racc.analysis.groups import ChannelGroup
+from racc.errors import PassConfigError, PruneError
+from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
+from racc.passes.channels import prune_channels, zero_channels
+from racc.report import OutputError
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class PruneChannelsByBnGamma(Pass):
+    """Prune the least important channels, ranked by BatchNorm gamma.
+
+    Options:
+        ratio: fraction of prunable channels to remove, in [0, 1).
+        threshold: remove units whose importance is at most this (instead of a ratio).
+        scope: "global" ranks all groups together; "local" removes `ratio` of each group.
+        min_channels: never leave a group with fewer channels.
+        min_fraction: never leave a group with less than this fraction of its channels.
+        round_to: keep channel counts multiples of this (8 suits most runtimes).
+        importance: "bn_gamma", or "l1" / "l2" norms of the output weights.
+        aggregate: how the BNs of one group combine: "sum", "mean" or "max".
+        protect: module-name patterns (fnmatch) whose groups are never pruned.
+
+    Example:
+        >>> opt = racc.compile(model, "prune-bn{ratio=0.5,round_to=8}", (x,))
+    """
+
+    name: ClassVar[str] = "prune-bn"
+    exactness: ClassVar[Exactness] = "needs_finetune"
+    ratio: float | None = None
+    threshold: float | None = None
+    scope: Literal["global", "local"] = "global"
+    min_channels: int = 1
+    min_fraction: float = 0.05
+    round_to: int = 1
+    importance: Literal["bn_gamma", "l1", "l2"] = "bn_gamma"
+    aggregate: Literal["sum", "mean", "max"] = "mean"
+    protect: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if (self.ratio is None) == (self.threshold is None):
+            raise PassConfigError(
+                f"pass '{self.name}': give exactly one of ratio or threshold, e.g. "
+                f"{self.name}{{ratio=0.5}} or {self.name}{{threshold=0.01}}"
+            )
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise PassConfigError(f"pass '{self.name}': ratio must be in [0, 1), got {self.ratio}")
+        if self.threshold is not None and self.threshold < 0:
+            raise PassConfigError(f"pass '{self.name}': threshold must be >= 0")
+        if self.min_channels < 1 or self.round_to < 1 or not 0 <= self.min_fraction < 1:
+            raise PassConfigError(
+                f"pass '{self.name}': min_channels and round_to must be >= 1 and min_fraction "
+                f"in [0, 1), got {self.min_channels}, {self.round_to}, {self.min_fraction}"
+            )
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        self._check_protect(gm)
+        an = analyze(gm, ctx.example_inputs)
+        result = PassResult(gm, modified=False)
+        ranked: list[tuple[ChannelGroup, np.ndarray, bool]] = []
+        passed_over = []
+        for group in an.groups:
+            reason = self._skip_reason(group)
+            if reason:
+                passed_over.append(Skip(_label(group), reason))
+                if group.prunable or ctx.explain:  # the others are listed by racc.analyze
+                    result.skipped.append(passed_over[-1])
+                continue
+            scores, has_bn = unit_importance(gm, group, self.importance, self.aggregate)
+            ranked.append((group, scores, has_bn))
+        if not ranked:
+            raise PruneError(
+                f"no prunable channel group in {type(gm).__name__}: "
+                + "; ".join(str(s) for s in passed_over[:3])
+            )
+        request = self._select(ranked)
+        request = {g: idx for g, idx in request.items() if len(idx)}
+        if not request:
+            return result
+        result.gm = prune_channels(gm, request, ctx.example_inputs)
+        result.modified = True
+        for group, _, has_bn in ranked:
+            if group in request:
+                kept = (group.size - len(request[group])) * group.channels_per_index
+                how = "" if has_bn or self.importance != "bn_gamma" else ", no BN: by weight norm"
+                total = group.size * group.channels_per_index
+                result.matched.append(f"{_label(group)}: {total} -> {kept} ch{how}")
+        scores_of = {id(g): s for g, s, _ in ranked}
+        if all(not scores_of[id(g)][idx].any() for g, idx in request.items()):
+            result.exactness = _zero_exactness(gm, request, ctx.example_inputs)
+        return result
+
+    def _check_protect(self, gm: fx.GraphModule) -> None:
+        names = [n for n, _ in gm.named_modules() if n]
+        for pattern in self.protect:
+            if not any(fnmatchcase(n, pattern) for n in names):
+                close = difflib.get_close_matches(pattern, names, n=3) or names[:3]
+                raise PassConfigError(
+                    f"pass '{self.name}': protect pattern '{pattern}' matches no module; "
+                    f"close names: {', '.join(close)}"
+                )
+
+    def _skip_reason(self, group: ChannelGroup) -> str:
+        if not group.prunable:
+            return group.reason
+        if group.size < 2:
+            return "a single removable unit"
+        for member in group.members:
+            hit = next((p for p in self.protect if fnmatchcase(member.owner, p)), None)
+            if hit:
+                return f"'{member.owner}' matches protect pattern '{hit}'"
+        return ""
+
+    def _select(self, ranked) -> dict[ChannelGroup, np.ndarray]:
+        if self.threshold is not None:
+            return {
+                g: self._bounded(g, s, np.flatnonzero(s <= self.threshold)) for g, s, _ in ranked
+            }
+        if self.scope == "local":
+            return {g: self._bounded(g, s, _lowest(s, self.ratio * len(s))) for g, s, _ in ranked}
+        request = {}
+        pooled = [(g, s) for g, s, has_bn in ranked if has_bn or self.importance != "bn_gamma"]
+        for g, s, has_bn in ranked:  # BN-free groups: their weight norms do not compare with gammas
+            if not has_bn and self.importance == "bn_gamma":
+                request[g] = self._bounded(g, s, _lowest(s, self.ratio * len(s)))
+        if pooled:
+            scores = np.concatenate([s for _, s in pooled])
+            width = np.concatenate([np.full(len(s), g.channels_per_index) for g, s in pooled])
+            owner = np.concatenate([np.full(len(s), i) for i, (_, s) in enumerate(pooled)])
+            order = np.argsort(scores, kind="stable")
+            count = np.searchsorted(np.cumsum(width[order]), self.ratio * width.sum(), "right")
+            chosen = order[:count]
+            starts = np.cumsum([0] + [len(s) for _, s in pooled])
+            for i, (g, s) in enumerate(pooled):
+                request[g] = self._bounded(g, s, chosen[owner[chosen] == i] - starts[i])
+        return request
+
+    def _bounded(self, group: ChannelGroup, scores: np.ndarray, remove: np.ndarray) -> np.ndarray:
+        """Give back the most important of `remove` until min_channels/min_fraction/round_to hold."""
+        width, size = group.channels_per_index, group.size
+        floor = max(math.ceil(self.min_channels / width), math.ceil(self.min_fraction * size), 1)
+        keep = max(size - len(remove), min(floor, size))
+        while keep < size and (keep * width) % self.round_to:
+            keep += 1
+        remove = remove[np.argsort(scores[remove], kind="stable")]
+        return np.sort(remove[: size - keep])
+
+
+def _lowest(scores: np.ndarray, count: float) -> np.ndarray:
+    return np.argsort(scores, kind="stable")[: int(count)]
+
+
+def _label(group: ChannelGroup) -> str:
+    return f"group {group.index} ({group.names()[0]})"
+
+
+def unit_importance(
+    gm: fx.GraphModule, group: ChannelGroup, importance: str, aggregate: str
+) -> tuple[np.ndarray, bool]:
+    """One score per unit of `group`, and whether it came from BatchNorm gammas."""
+    norms = {m.owner for m in group.members if isinstance(gm.get_submodule(m.owner), _BATCH_NORMS)}
+    use_bn = importance == "bn_gamma" and bool(norms)
+    values: list[np.ndarray] = []
+    for member in group.members:
+        is_bn_weight = member.owner in norms and member.param.endswith(".weight")
+        if (use_bn and is_bn_weight) or (not use_bn and member.role == "out"):
+            if not use_bn and not member.param.endswith(".weight"):
+                continue
+            tensor = gm.get_parameter(member.param).detach().float()
+            per_slice = tensor.abs() if tensor.dim() == 1 else tensor.transpose(0, member.axis)
+            if tensor.dim() > 1:
+                p = 1 if importance == "l1" else 2
+                per_slice = per_slice.flatten(1).norm(p=p, dim=1)
+            values.append(_per_unit(group, member.ids, per_slice.numpy(), aggregate))
+    if not values:
+        return np.zeros(group.size), use_bn
+    stacked = np.stack(values)
+    combine = {"sum": np.sum, "mean": np.mean, "max": np.max}[aggregate]
+    return combine(stacked, axis=0), use_bn
+
+
+def _per_unit(group: ChannelGroup, ids: np.ndarray, values: np.ndarray, aggregate: str):
+    comps = group.analysis.components_of(ids)
+    order = np.argsort(group.units)
+    position = np.searchsorted(group.units[order], comps)
+    valid = (position < len(order)) & (
+        group.units[order][np.minimum(position, len(order) - 1)] == comps
+    )
+    unit = order[position[valid]]
+    out = np.zeros(group.size)
+    if aggregate == "max":
+        np.maximum.at(out, unit, values[valid])
+        return out
+    np.add.at(out, unit, values[valid])
+    if aggregate == "mean":
+        out /= np.maximum(np.bincount(unit, minlength=group.size), 1)
+    return out
+
+
+def _zero_exactness(gm, request, inputs) -> Exactness:
+    """Removing zero-importance units is exact if zeroing them (= pruning them) changes nothing."""
+    with torch.no_grad():
+        before, after = gm(*inputs), zero_channels(gm, request)(*inputs)
+    return "exact" if OutputError.between(before, after).within(1e-5, 1e-6) else "needs_finetune"

@@ -1,0 +1,56 @@
+"""Sparsity training for BN-gamma pruning: an L1 (network slimming) or L2 (the fusion-pruning
+paper) penalty on the scales of every BatchNorm, usable in a plain PyTorch training loop.
+
+    sparsity = racc.sparsity.BnSparsity(model, lam=1e-4, norm="l2")
+    loss = criterion(model(x), y) + sparsity.penalty()    # either add the term to the loss...
+    loss.backward(); sparsity.apply_(); optimizer.step()  # ...or add its subgradient after backward
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from racc.errors import PassConfigError
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class BnSparsity:
+    """lam * sum |gamma| ("l1") or lam * sum gamma^2 ("l2") over the model's affine BatchNorms.
+
+    Works on any nn.Module, including models returned by `racc.compile`.
+    """
+
+    def __init__(self, model: nn.Module, lam: float = 1e-4, norm: Literal["l1", "l2"] = "l1"):
+        if norm not in ("l1", "l2"):
+            raise PassConfigError(f"BnSparsity: norm must be 'l1' or 'l2', got {norm!r}")
+        if not isinstance(lam, (int, float)) or lam < 0:
+            raise PassConfigError(f"BnSparsity: lam must be a number >= 0, got {lam!r}")
+        self.lam, self.norm = float(lam), norm
+        self.gammas = [
+            m.weight
+            for m in model.modules()
+            if isinstance(m, _BATCH_NORMS) and m.weight is not None
+        ]
+        if not self.gammas:
+            raise PassConfigError(
+                f"BnSparsity: {type(model).__name__} has no affine BatchNorm to regularise"
+            )
+
+    def penalty(self) -> torch.Tensor:
+        """The loss term; differentiable, so `loss + penalty()` trains with it."""
+        if self.norm == "l1":
+            return self.lam * sum(g.abs().sum() for g in self.gammas)
+        return self.lam * sum(g.pow(2).sum() for g in self.gammas)
+
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Add the penalty's (sub)gradient to every gamma's .grad; call after backward()."""
+        for g in self.gammas:
+            step = torch.sign(g) if self.norm == "l1" else 2 * g
+            if g.grad is None:
+                g.grad = torch.zeros_like(g)
+            g.grad.add_(self.lam * step)

@@ -1,0 +1,179 @@
+"""prune-bn: BN-gamma pruning on the zoo, its exact case, its options, and its bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import racc
+from racc.errors import PassConfigError, PruneError
+from racc.passes import PruneChannelsByBnGamma
+from racc.sparsity import BnSparsity
+from tests.conftest import ZOO, assert_close, zoo_model
+
+
+def _bn_channels(model: nn.Module) -> dict[str, int]:
+    return {n: m.num_features for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", ["global", "local"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_half_of_the_channels_on_the_zoo(name, scope, tmp_path):
+    model, x = zoo_model(name)
+    opt = racc.compile(model, f"prune-bn{{ratio=0.5,scope={scope}}}", (x,))
+    first, row = opt.racc_report.rows
+    assert row.cost.params < first.cost.params and row.cost.macs < first.cost.macs
+    assert row.exactness == "needs_finetune" and row.matched
+    racc.export_onnx(opt, tmp_path / "pruned.onnx")  # raises if ONNX Runtime disagrees
+
+
+def _zero_bn_units(model: nn.Module, group, units: list[int]) -> None:
+    """Set gamma and beta of the given units to zero in every BN of the group."""
+    with torch.no_grad():
+        for member in group.members:
+            owner = model.get_submodule(member.owner)
+            if isinstance(owner, nn.BatchNorm2d) and member.param.endswith(".weight"):
+                comps = group.analysis.components_of(member.ids)
+                for unit in units:
+                    hit = torch.from_numpy(comps == group.units[unit])
+                    owner.weight[hit] = 0
+                    owner.bias[hit] = 0
+
+
+def test_zero_gammas_and_betas_prune_exactly_with_threshold_zero():
+    model, x = zoo_model("resnet18")
+    model = racc.compile(model, [], (x,))  # a copy we may edit
+    an = racc.analyze(model, (x,))
+    trunk = next(g for g in an.groups if "conv1.out" in g.names())
+    inner = next(g for g in an.groups if "layer2.0.conv1.out" in g.names())
+    _zero_bn_units(model, trunk, [1, 7, 30])
+    _zero_bn_units(model, inner, [0, 5])
+    opt = racc.compile(model, "prune-bn{threshold=0}", (x,))
+    row = opt.racc_report.rows[-1]
+    assert row.exactness == "exact"
+    assert opt.bn1.num_features == 61 and opt.get_submodule("layer2.0.bn1").num_features == 126
+    with torch.no_grad():
+        assert_close(opt(x), model(x), 1e-5, 1e-5)
+
+
+def test_nonzero_beta_makes_threshold_zero_inexact():
+    model, x = zoo_model("resnet18")
+    model = racc.compile(model, [], (x,))
+    with torch.no_grad():
+        model.get_submodule("layer2.0.bn1").weight[3] = (
+            0  # gamma 0 but beta left: the channel outputs relu(beta)
+        )
+        model.get_submodule("layer2.0.bn1").bias[3] = 1.0
+    opt = racc.compile(model, "prune-bn{threshold=0}", (x,))
+    assert opt.get_submodule("layer2.0.bn1").num_features == 127
+    assert opt.racc_report.rows[-1].exactness == "needs_finetune"
+
+
+def _with_small_gammas(prefix: str):
+    model, x = zoo_model("resnet18")
+    model = racc.compile(model, [], (x,))
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(0.01 if name.startswith(prefix) else 1.0)
+    return model, x
+
+
+def test_global_ranks_across_groups_local_within_each():
+    model, x = _with_small_gammas("layer1.0.bn1")
+    before = _bn_channels(model)
+    small = racc.compile(model, "prune-bn{ratio=0.02,scope=global}", (x,))
+    changed = {n for n, c in _bn_channels(small).items() if c != before[n]}
+    assert changed == {"layer1.0.bn1"}  # only the group with small gammas lost channels
+    local = racc.compile(model, "prune-bn{ratio=0.25,scope=local}", (x,))
+    assert all(c < before[n] for n, c in _bn_channels(local).items())
+
+
+def test_round_to_and_min_channels():
+    model, x = zoo_model("resnet18")
+    opt = racc.compile(model, "prune-bn{ratio=0.37,scope=local,round_to=8}", (x,))
+    assert all(c % 8 == 0 for c in _bn_channels(opt).values())
+    thin = racc.compile(model, "prune-bn{ratio=0.95,scope=local,min_channels=16}", (x,))
+    assert min(_bn_channels(thin).values()) == 16
+
+
+def test_protect_keeps_matching_groups():
+    model, x = zoo_model("resnet18")
+    opt = racc.compile(model, "prune-bn{ratio=0.5,scope=local,protect=layer3.*}", (x,))
+    channels = _bn_channels(opt)
+    assert channels["layer3.0.bn1"] == 256 and channels["layer3.1.bn1"] == 256
+    assert channels["layer2.0.bn1"] < 128
+    skipped = [s.reason for s in opt.racc_report.rows[-1].skipped]
+    assert any("matches protect pattern 'layer3.*'" in r for r in skipped)
+
+
+def test_groups_without_bn_fall_back_to_weight_norm():
+    model, x = zoo_model("squeezenet1_1")  # no BatchNorm at all
+    opt = racc.compile(model, "prune-bn{ratio=0.5}", (x,))
+    row = opt.racc_report.rows[-1]
+    assert row.matched and all("no BN: by weight norm" in m for m in row.matched)
+    assert opt.get_submodule("features.3.squeeze").out_channels < 16
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("ratio=1.0", r"ratio must be in \[0, 1\), got 1.0"),
+        ("ratio=-0.1", r"ratio must be in \[0, 1\)"),
+        ("ratio=0.5,threshold=0.1", "give exactly one of ratio or threshold"),
+        ("scope=local", "give exactly one of ratio or threshold"),
+        ("ratio=0.5,round_to=0", "round_to must be >= 1"),
+    ],
+)
+def test_bad_options(options, message):
+    with pytest.raises(PassConfigError, match=message):
+        racc.passes.parse_pipeline(f"prune-bn{{{options}}}")
+
+
+def test_protect_pattern_that_matches_nothing_lists_close_names():
+    model, x = zoo_model("resnet18")
+    with pytest.raises(PassConfigError, match="'layer9.*' matches no module; close names: layer"):
+        racc.compile(model, [PruneChannelsByBnGamma(ratio=0.5, protect=("layer9.*",))], (x,))
+
+
+def test_model_without_prunable_group():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(PruneError, match="no prunable channel group in .*model output"):
+        racc.compile(model, "prune-bn{ratio=0.5}", (torch.randn(1, 3, 8, 8),))
+
+
+def test_bn_sparsity_penalty_and_subgradient():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    l1, l2 = BnSparsity(model, lam=0.1, norm="l1"), BnSparsity(model, lam=0.1, norm="l2")
+    assert float(l1.penalty()) == pytest.approx(0.35)
+    assert float(l2.penalty()) == pytest.approx(0.525)
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    grad = model[1].weight.grad.clone()
+    l1.apply_()
+    assert torch.allclose(model[1].weight.grad - grad, torch.tensor([0.1, -0.1, 0.1, 0.0]))
+    l2.apply_()
+    expected = torch.tensor([0.1, -0.1, 0.1, 0.0]) + 0.2 * model[1].weight.detach()
+    assert torch.allclose(model[1].weight.grad - grad, expected)
+
+
+def test_bn_sparsity_shrinks_gammas_of_a_compiled_model():
+    torch.manual_seed(0)
+    model, x = zoo_model("resnet18")
+    opt = racc.compile(model, [], (x,))
+    opt.train()
+    sparsity = BnSparsity(opt, lam=1e-2, norm="l1")
+    start = sum(float(g.abs().sum()) for g in sparsity.gammas)
+    optimizer = torch.optim.SGD(opt.parameters(), lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = opt(x).pow(2).mean() * 0  # the penalty alone drives the gammas
+        loss.backward()
+        sparsity.apply_()
+        optimizer.step()
+    assert sum(float(g.abs().sum()) for g in sparsity.gammas) < start - 3 * 0.05 * 1e-2 * 100
+    with pytest.raises(PassConfigError, match="norm must be 'l1' or 'l2'"):
+        BnSparsity(opt, norm="l3")
