@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from racc.analysis.cost import measure_cost
+from racc.analysis.cost import layer_widths, measure_cost
 from racc.errors import EquivalenceError, RaccError
 from racc.ir.fx import normalize_inputs, record_examples, trace
 from racc.passes.base import Pass, PassContext
@@ -104,9 +104,15 @@ def _run_verified(
             error,
             measure_cost(gm, ctx.example_inputs),
             seconds,
+            _widths(before, gm),
         )
     )
     return gm, new_outputs
+
+
+def _widths(before: fx.GraphModule, after: fx.GraphModule) -> dict[str, tuple[int, int]]:
+    old, new = layer_widths(before), layer_widths(after)
+    return {name: (old[name], new[name]) for name in new if name in old}
 
 
 class _Recorder(fx.Interpreter):

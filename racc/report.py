@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from racc.analysis.cost import Cost
+from racc.errors import RaccError
 from racc.passes.base import Skip
 
 _SKIPS_SHOWN = 5
@@ -58,6 +60,11 @@ class PassRow:
     error: OutputError | None
     cost: Cost
     seconds: float
+    widths: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer: (before, after)
+
+    @property
+    def widths_changed(self) -> bool:
+        return any(before != after for before, after in self.widths.values())
 
     def to_dict(self) -> dict:
         row = asdict(self)
@@ -97,6 +104,9 @@ class Report:
                     f"- ... {len(r.skipped) - len(shown)} more "
                     "(compile with explain=True to list all)"
                 )
+        for r in (r for r in self.rows if r.widths_changed):
+            lines += ["", f"{r.name}: output channels per layer", "", "| layer | before | after |"]
+            lines += ["|---|---|---|"] + [f"| {n} | {b} | {a} |" for n, (b, a) in r.widths.items()]
         if self.leaves:
             lines += ["", "kept opaque (could not be traced):"]
             lines += [f"- {name}: {why}" for name, why in self.leaves.items()]
@@ -104,6 +114,34 @@ class Report:
 
     def __str__(self) -> str:
         return self.to_markdown()
+
+    def plot_channels(self, path: str | os.PathLike) -> None:
+        """Write a PNG of output channels per layer before and after each pass that changed them."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in self.rows if r.widths_changed]
+        if not rows:
+            raise RaccError("no pass changed any layer's width; there is nothing to plot")
+        fig, axes = plt.subplots(len(rows), 1, figsize=(12, 3.5 * len(rows)), squeeze=False)
+        for ax, row in zip(axes[:, 0], rows, strict=True):
+            names = list(row.widths)
+            before = [row.widths[n][0] for n in names]
+            after = [row.widths[n][1] for n in names]
+            ax.bar(range(len(names)), before, color="#c6dbef", label="before")
+            ax.bar(range(len(names)), after, color="#2171b5", label="after")
+            ax.set_title(f"{self.model}: {row.name}")
+            ax.set_ylabel("output channels")
+            ax.set_xlabel("layer (conv / linear, in graph order)")
+            step = max(1, len(names) // 30)
+            ax.set_xticks(range(0, len(names), step))
+            ax.set_xticklabels(names[::step], rotation=60, ha="right", fontsize=7)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
 
 
 def _table_row(r: PassRow) -> str:

@@ -19,6 +19,15 @@ class Cost:
         return {"params": self.params, "macs": self.macs, "bytes": self.bytes}
 
 
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels (features) of every conv and linear layer, by module name."""
+    return {
+        name: m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+    }
+
+
 def measure_cost(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Cost:
     """Count parameters and bytes, and the MACs of one forward pass divided by the batch size."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}

@@ -153,7 +153,10 @@ class PruneChannelsByBnGamma(Pass):
             scores = np.concatenate([s for _, s in pooled])
             width = np.concatenate([np.full(len(s), g.channels_per_index) for g, s in pooled])
             owner = np.concatenate([np.full(len(s), i) for i, (_, s) in enumerate(pooled)])
-            order = np.argsort(scores, kind="stable")
+            # Ties (e.g. untrained gammas, all 1) are broken by relative position in the group,
+            # so equal scores prune every group alike instead of the first groups to the floor.
+            spread = np.concatenate([np.arange(len(s)) / len(s) for _, s in pooled])
+            order = np.lexsort((spread, scores))
             count = np.searchsorted(np.cumsum(width[order]), self.ratio * width.sum(), "right")
             chosen = order[:count]
             starts = np.cumsum([0] + [len(s) for _, s in pooled])
