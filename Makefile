@@ -22,14 +22,14 @@ demo: $(STAMP)
 	$(PY) -m racc.demo
 
 test: $(STAMP)
-	$(PY) -m ruff check racc tests benchmarks
+	$(PY) -m ruff check racc tests benchmarks examples
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n 2 tests
 
 bench: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m benchmarks
 
 lint: $(STAMP)
-	$(PY) -m ruff check racc tests benchmarks
+	$(PY) -m ruff check racc tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) out
