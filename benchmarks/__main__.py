@@ -13,7 +13,7 @@ from pathlib import Path
 
 from benchmarks.common import machine
 
-TABLES = ["benchmarks.analysis"]
+TABLES = ["benchmarks.analysis", "benchmarks.prune_bn"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

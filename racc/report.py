@@ -96,14 +96,8 @@ class Report:
         ]
         lines += [_table_row(r) for r in self.rows]
         for r in self.rows:
-            shown = r.skipped if self.explain else r.skipped[:_SKIPS_SHOWN]
-            if shown:
-                lines += ["", f"{r.name} skipped:"] + [f"- {s}" for s in shown]
-            if len(r.skipped) > len(shown):
-                lines.append(
-                    f"- ... {len(r.skipped) - len(shown)} more "
-                    "(compile with explain=True to list all)"
-                )
+            lines += self._listing(f"{r.name} matched", r.matched)
+            lines += self._listing(f"{r.name} skipped", r.skipped)
         for r in (r for r in self.rows if r.widths_changed):
             lines += ["", f"{r.name}: output channels per layer", "", "| layer | before | after |"]
             lines += ["|---|---|---|"] + [f"| {n} | {b} | {a} |" for n, (b, a) in r.widths.items()]
@@ -114,6 +108,14 @@ class Report:
 
     def __str__(self) -> str:
         return self.to_markdown()
+
+    def _listing(self, title: str, items: list) -> list[str]:
+        shown = items if self.explain else items[:_SKIPS_SHOWN]
+        lines = ["", f"{title}:"] + [f"- {s}" for s in shown] if shown else []
+        if len(items) > len(shown):
+            more = len(items) - len(shown)
+            lines.append(f"- ... {more} more (compile with explain=True to list all)")
+        return lines
 
     def plot_channels(self, path: str | os.PathLike) -> None:
         """Write a PNG of output channels per layer before and after each pass that changed them."""
