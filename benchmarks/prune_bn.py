@@ -99,10 +99,10 @@ def main() -> None:
           "Torch-Pruning at equal MACs.\n")  # fmt: skip
     print("\n".join(table(rounds)))
     print(
-        "\nBoth pruners keep the same channel counts on resnet50 and mobilenet_v2 (random weights: "
-        "all gammas tie), so their latencies should match; differences within a row pair are "
-        "run-to-run noise of this shared machine, which moved single ratios by up to 0.2 between "
-        "runs. Torch-Pruning leaves VGG's hidden Linear layers whole, hence its 0.54x params."
+        "\nOn resnet50 both pruners reach the same params and MACs (random weights: all gammas "
+        "tie), so the latency gap within that pair is run-to-run noise of this shared machine, "
+        "which moved single ratios by up to 0.2 between runs. Torch-Pruning leaves VGG's hidden "
+        "Linear layers whole, hence its 0.54x params."
     )
 
 
