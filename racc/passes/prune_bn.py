@@ -6,7 +6,8 @@ or for a group without BatchNorm, the norm of the producing layers' output weigh
 over all groups together (`scope="global"`, as network slimming does) or within each group
 (`"local"`), and removed with `racc.prune_channels`.
 
-Exactness: a BN channel with gamma = 0 still outputs its beta. Removing units is exact when zeroing
+Exactness: a BN channel with gamma = 0 still outputs its beta; that constant is folded into the biases
+of the layers reading it where no zero padding stands between. Removing units is exact when zeroing
 every slice of them changes nothing, which racc checks on the example inputs for units of importance
 0; such a run reports `exact` (and compile verifies it). Otherwise the pass `needs_finetune`.
 """
@@ -103,6 +104,15 @@ class PruneChannelsByBnGamma(Pass):
         request = {g: idx for g, idx in request.items() if len(idx)}
         if not request:
             return result
+        scores_of = {id(g): s for g, s, _ in ranked}
+        constant = {g: idx[scores_of[id(g)][idx] == 0] for g, idx in request.items()}
+        if any(len(idx) for idx in constant.values()):
+            with torch.no_grad():
+                reference = gm(*ctx.example_inputs)
+            folded = fold_constant_channels(gm, constant, ctx.example_inputs)
+            result.matched += [f"constant channels folded into the bias of '{n}'" for n in folded]
+            if all(len(constant[g]) == len(idx) for g, idx in request.items()):
+                result.exactness = _zero_exactness(reference, gm, request, ctx.example_inputs)
         result.gm = prune_channels(gm, request, ctx.example_inputs)
         result.modified = True
         for group, _, has_bn in ranked:
@@ -111,9 +121,6 @@ class PruneChannelsByBnGamma(Pass):
                 how = "" if has_bn or self.importance != "bn_gamma" else ", no BN: by weight norm"
                 total = group.size * group.channels_per_index
                 result.matched.append(f"{_label(group)}: {total} -> {kept} ch{how}")
-        scores_of = {id(g): s for g, s, _ in ranked}
-        if all(not scores_of[id(g)][idx].any() for g, idx in request.items()):
-            result.exactness = _zero_exactness(gm, request, ctx.example_inputs)
         return result
 
     def _check_protect(self, gm: fx.GraphModule) -> None:
@@ -226,8 +233,61 @@ def _per_unit(group: ChannelGroup, ids: np.ndarray, values: np.ndarray, aggregat
     return out
 
 
-def _zero_exactness(gm, request, inputs) -> Exactness:
-    """Removing zero-importance units is exact if zeroing them (= pruning them) changes nothing."""
+def _zero_exactness(reference, gm, request, inputs) -> Exactness:
+    """Removing units is exact if zeroing them (which equals pruning them) changes nothing."""
     with torch.no_grad():
-        before, after = gm(*inputs), zero_channels(gm, request)(*inputs)
-    return "exact" if OutputError.between(before, after).within(1e-5, 1e-6) else "needs_finetune"
+        after = zero_channels(gm, request)(*inputs)
+    return "exact" if OutputError.between(reference, after).within(1e-5, 1e-6) else "needs_finetune"
+
+
+class _Capture(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names, self.values = names, {}
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        if n.name in self.names:
+            self.values[n.name] = value
+        return value
+
+
+@torch.no_grad()
+def fold_constant_channels(gm: fx.GraphModule, request, inputs) -> list[str]:
+    """Fold channels that are constant where a conv or linear reads them into its bias.
+
+    A channel whose BN gamma is 0 carries f(beta), a constant. A layer reading constant channels c
+    with weight W adds sum_k W[:, i, k] * c_i to every output, so adding that to the bias makes
+    removing them exact, unless the conv zero-pads its input (the border would see 0, not c).
+    Constancy is read off the example inputs, and the caller verifies the result.
+    """
+    analysis = next(iter(request)).analysis
+    removed = np.unique(np.concatenate([g.units[idx] for g, idx in request.items()]))
+    readers = [a for a in analysis.flow.param_axes if a.role == "in"]
+    readers = [a for a in readers if np.isin(analysis.components_of(a.ids), removed).any()]
+    capture = _Capture(gm, {a.feeds.name for a in readers})
+    capture.run(*inputs)
+    folded = []
+    for reader in readers:
+        layer = gm.get_submodule(reader.owner)
+        if isinstance(layer, nn.modules.conv._ConvNd) and _pads(layer):
+            continue
+        positions = np.flatnonzero(np.isin(analysis.components_of(reader.ids), removed))
+        channel_axis = 1 if isinstance(layer, nn.modules.conv._ConvNd) else -1
+        seen = capture.values[reader.feeds.name].movedim(channel_axis, 0)[positions].flatten(1)
+        constant = seen[:, 0]
+        if not torch.allclose(seen, constant[:, None].expand_as(seen), rtol=1e-5, atol=1e-6):
+            continue
+        weight = layer.weight[:, torch.from_numpy(positions)]
+        delta = weight.flatten(2).sum(2) @ constant if weight.dim() > 2 else weight @ constant
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype))
+        layer.bias.add_(delta)
+        folded.append(reader.owner)
+    return folded
+
+
+def _pads(conv: nn.modules.conv._ConvNd) -> bool:
+    if isinstance(conv.padding, str):
+        return conv.padding == "same" and any(k > 1 for k in conv.kernel_size)
+    return any(p != 0 for p in conv.padding)

@@ -197,3 +197,19 @@ def test_report_lists_channels_per_layer_and_plots_them(tmp_path):
     assert "output channels per layer" not in str(unchanged.racc_report)
     with pytest.raises(racc.RaccError, match="nothing to plot"):
         unchanged.racc_report.plot_channels(tmp_path / "none.png")
+
+
+def test_constant_channels_are_folded_into_a_1x1_consumer_exactly():
+    model, x = zoo_model("resnet50")
+    model = racc.compile(model, [], (x,))
+    with torch.no_grad():  # gamma 0, beta 0.7: the channels carry relu(0.7) into the 1x1 conv3
+        bn = model.get_submodule("layer1.0.bn2")
+        bn.weight[[2, 9, 40]] = 0
+        bn.bias[[2, 9, 40]] = 0.7
+    opt = racc.compile(model, "prune-bn{threshold=0}", (x,))
+    row = opt.racc_report.rows[-1]
+    assert "constant channels folded into the bias of 'layer1.0.conv3'" in row.matched
+    assert row.exactness == "exact" and opt.get_submodule("layer1.0.bn2").num_features == 61
+    assert opt.get_submodule("layer1.0.conv3").bias is not None
+    with torch.no_grad():
+        assert_close(opt(x), model(x), 1e-5, 1e-5)
