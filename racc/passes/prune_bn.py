@@ -82,37 +82,12 @@ class PruneChannelsByBnGamma(Pass):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         self._check_protect(gm)
-        an = analyze(gm, ctx.example_inputs)
         result = PassResult(gm, modified=False)
-        ranked: list[tuple[ChannelGroup, np.ndarray, bool]] = []
-        passed_over = []
-        for group in an.groups:
-            reason = self._skip_reason(group)
-            if reason:
-                passed_over.append(Skip(_label(group), reason))
-                if group.prunable or ctx.explain:  # the others are listed by racc.analyze
-                    result.skipped.append(passed_over[-1])
-                continue
-            scores, has_bn = unit_importance(gm, group, self.importance, self.aggregate)
-            ranked.append((group, scores, has_bn))
-        if not ranked:
-            raise PruneError(
-                f"no prunable channel group in {type(gm).__name__}: "
-                + "; ".join(str(s) for s in passed_over[:3])
-            )
-        request = self._select(ranked)
-        request = {g: idx for g, idx in request.items() if len(idx)}
+        ranked = self._rank(gm, analyze(gm, ctx.example_inputs), ctx.explain, result)
+        request = {g: idx for g, idx in self._select(ranked).items() if len(idx)}
         if not request:
             return result
-        scores_of = {id(g): s for g, s, _ in ranked}
-        constant = {g: idx[scores_of[id(g)][idx] == 0] for g, idx in request.items()}
-        if any(len(idx) for idx in constant.values()):
-            with torch.no_grad():
-                reference = gm(*ctx.example_inputs)
-            folded = fold_constant_channels(gm, constant, ctx.example_inputs)
-            result.matched += [f"constant channels folded into the bias of '{n}'" for n in folded]
-            if all(len(constant[g]) == len(idx) for g, idx in request.items()):
-                result.exactness = _zero_exactness(reference, gm, request, ctx.example_inputs)
+        self._fold_constants(gm, ranked, request, ctx, result)
         result.gm = prune_channels(gm, request, ctx.example_inputs)
         result.modified = True
         for group, _, has_bn in ranked:
@@ -122,6 +97,38 @@ class PruneChannelsByBnGamma(Pass):
                 total = group.size * group.channels_per_index
                 result.matched.append(f"{_label(group)}: {total} -> {kept} ch{how}")
         return result
+
+    def _rank(self, gm, an, explain: bool, result: PassResult) -> list:
+        """(group, importance per unit, ranked by BN?) for every group the pass may prune."""
+        ranked, passed_over = [], []
+        for group in an.groups:
+            reason = self._skip_reason(group)
+            if reason:
+                passed_over.append(Skip(_label(group), reason))
+                if group.prunable or explain:  # the others are listed by racc.analyze
+                    result.skipped.append(passed_over[-1])
+                continue
+            scores, has_bn = unit_importance(gm, group, self.importance, self.aggregate)
+            ranked.append((group, scores, has_bn))
+        if not ranked:
+            raise PruneError(
+                f"no prunable channel group in {type(gm).__name__}: "
+                + "; ".join(str(s) for s in passed_over[:3])
+            )
+        return ranked
+
+    def _fold_constants(self, gm, ranked, request, ctx: PassContext, result: PassResult) -> None:
+        """Fold the units of importance 0 into their readers; claim `exact` if all units were."""
+        scores_of = {id(g): s for g, s, _ in ranked}
+        constant = {g: idx[scores_of[id(g)][idx] == 0] for g, idx in request.items()}
+        if not any(len(idx) for idx in constant.values()):
+            return
+        with torch.no_grad():
+            reference = gm(*ctx.example_inputs)
+        folded = fold_constant_channels(gm, constant, ctx.example_inputs)
+        result.matched += [f"constant channels folded into the bias of '{n}'" for n in folded]
+        if all(len(constant[g]) == len(idx) for g, idx in request.items()):
+            result.exactness = _zero_exactness(reference, gm, request, ctx.example_inputs)
 
     def _check_protect(self, gm: fx.GraphModule) -> None:
         names = [n for n, _ in gm.named_modules() if n]
