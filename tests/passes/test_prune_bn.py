@@ -213,3 +213,17 @@ def test_constant_channels_are_folded_into_a_1x1_consumer_exactly():
     assert opt.get_submodule("layer1.0.conv3").bias is not None
     with torch.no_grad():
         assert_close(opt(x), model(x), 1e-5, 1e-5)
+
+
+def test_composes_with_fold_bn_and_with_itself(tmp_path):
+    model, x = zoo_model("mobilenet_v3_large")
+    opt = racc.compile(model, "prune-bn{ratio=0.5,round_to=8},fold-bn", (x,))
+    names = [r.name for r in opt.racc_report.rows]
+    assert names == ["input", "prune-bn{ratio=0.5,round_to=8}", "fold-bn"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in opt.modules())
+    again = racc.compile(opt, "prune-bn{ratio=0.2,scope=local}", (x,))  # BN-free: weight norms
+    params = [r.cost.params for r in (*opt.racc_report.rows, again.racc_report.rows[-1])]
+    assert params == sorted(params, reverse=True) and len(set(params)) == 4
+    racc.save(again, tmp_path / "m.racc")
+    with torch.no_grad():
+        assert torch.equal(racc.load(tmp_path / "m.racc")(x), again(x))
