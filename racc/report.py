@@ -12,7 +12,7 @@ from racc.analysis.cost import Cost
 from racc.errors import RaccError
 from racc.passes.base import Skip
 
-_SKIPS_SHOWN = 5
+_ITEMS_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Report:
         return self.to_markdown()
 
     def _listing(self, title: str, items: list) -> list[str]:
-        shown = items if self.explain else items[:_SKIPS_SHOWN]
+        shown = items if self.explain else items[:_ITEMS_SHOWN]
         lines = ["", f"{title}:"] + [f"- {s}" for s in shown] if shown else []
         if len(items) > len(shown):
             more = len(items) - len(shown)

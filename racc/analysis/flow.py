@@ -80,12 +80,6 @@ class Flow:
         if len(pairs):
             self.edges.append(pairs)
 
-    def union_all(self, ids: torch.Tensor) -> None:
-        ids = torch.unique(ids.reshape(-1))
-        ids = ids[ids >= 0]
-        if len(ids) > 1:
-            self.edges.append(torch.stack([ids[:-1], ids[1:]], 1).numpy())
-
     def mark(self, ids: torch.Tensor | np.ndarray, kind: str, reason: str) -> None:
         ids = ids if isinstance(ids, np.ndarray) else unique_ids(ids)
         self.marks.append(Mark(ids, kind, reason))
