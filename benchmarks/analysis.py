@@ -7,13 +7,12 @@ Then every zoo model is tried with both, to show which ones Torch-Pruning cannot
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import torch
 
 import racc
-from benchmarks.common import interleaved, warmed
+from benchmarks.common import interleaved, rounds_from_args, warmed
 from racc.ir.fx import eval_mode, trace
 
 TIMED = ("resnet101", "densenet121", "convnext_tiny")
@@ -57,13 +56,14 @@ def timing_table(rounds: int) -> list[str]:
     ]
     for name in TIMED:
         model, x = warmed(name), torch.randn(1, 3, 224, 224)
-        tracing = interleaved(lambda m=model: _fx_trace(m), lambda: None, rounds)["a"]
+        tracing = interleaved([lambda m=model: _fx_trace(m)], rounds).medians[0]
         result = interleaved(
-            lambda m=model, x=x: racc.analyze(m, (x,)), lambda m=model, x=x: _tp_build(m, x), rounds
+            [lambda m=model, x=x: _tp_build(m, x), lambda m=model, x=x: racc.analyze(m, (x,))],
+            rounds,
         )
+        (theirs, ours), ratio = result.medians, result.ratios[1]
         rows.append(
-            f"| {name} | {result['a']:.3f} s | {tracing:.3f} s | {result['b']:.3f} s "
-            f"| **{result['ratio']:.2f}x** |"
+            f"| {name} | {ours:.3f} s | {tracing:.3f} s | {theirs:.3f} s | **{ratio:.2f}x** |"
         )
     return rows
 
@@ -85,10 +85,7 @@ def coverage_table(side: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
-    args = parser.parse_args()
-    rounds = 7 if args.quick else 21
+    rounds = rounds_from_args(quick=7, full=21)
     print("### Analysis time: racc.analyze vs Torch-Pruning (input 1x3x224x224)\n")
     print(f"Median of {rounds} interleaved rounds. Goal: ratio <= 0.5.\n")
     print("\n".join(timing_table(rounds)))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -14,24 +16,31 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(2)
 
 
-def interleaved(a: Callable[[], object], b: Callable[[], object], rounds: int) -> dict[str, float]:
-    """Run a, b, a, b, ...; return the median time of each and the median per-round ratio a / b."""
-    a(), b()  # warm up caches and lazy initialisation
-    times_a, times_b, ratios = [], [], []
+@dataclass(frozen=True)
+class Timing:
+    medians: list[float]  # median seconds of each contender
+    ratios: list[float]  # median per-round ratio of each contender to the first (1.0 for the first)
+
+
+def interleaved(contenders: list[Callable[[], object]], rounds: int) -> Timing:
+    """Run the contenders in turn, `rounds` times (A B C A B C ...), after one warm-up each."""
+    for run in contenders:
+        run()
+    times: list[list[float]] = [[] for _ in contenders]
     for _ in range(rounds):
-        start = time.perf_counter()
-        a()
-        mid = time.perf_counter()
-        b()
-        end = time.perf_counter()
-        times_a.append(mid - start)
-        times_b.append(end - mid)
-        ratios.append((mid - start) / (end - mid))
-    return {
-        "a": statistics.median(times_a),
-        "b": statistics.median(times_b),
-        "ratio": statistics.median(ratios),
-    }
+        for run, record in zip(contenders, times, strict=True):
+            start = time.perf_counter()
+            run()
+            record.append(time.perf_counter() - start)
+    ratios = [statistics.median(t / r for t, r in zip(ts, times[0], strict=True)) for ts in times]
+    return Timing([statistics.median(ts) for ts in times], ratios)
+
+
+def rounds_from_args(quick: int, full: int) -> int:
+    """The table's rounds: `full`, or `quick` with --quick."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    return quick if parser.parse_args().quick else full
 
 
 def machine() -> str:

@@ -8,11 +8,8 @@ interleaved and each ratio is the median of per-round ratios.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import onnxruntime as ort
 import torch
 
 import racc
-from benchmarks.common import warmed
+from benchmarks.common import interleaved, rounds_from_args, warmed
 from racc.analysis.cost import measure_cost
 
 MODELS = {"resnet50": 224, "mobilenet_v2": 224, "vgg19_bn": 224}
@@ -48,19 +45,10 @@ def _session(model, x, folder: Path, name: str) -> ort.InferenceSession:
 
 
 def _latency_ratios(sessions, batch: int, side: int, rounds: int) -> list[float]:
+    """Latency of each pruned model's session relative to the original's (the first)."""
     feed = {"input": torch.randn(batch, 3, side, side).numpy()}
-    for s in sessions:
-        s.run(None, feed)
-    ratios = [[] for _ in sessions[1:]]
-    for _ in range(rounds):
-        times = []
-        for s in sessions:
-            start = time.perf_counter()
-            s.run(None, feed)
-            times.append(time.perf_counter() - start)
-        for i, t in enumerate(times[1:]):
-            ratios[i].append(t / times[0])
-    return [statistics.median(r) for r in ratios]
+    runs = [lambda s=s: s.run(None, feed) for s in sessions]
+    return interleaved(runs, rounds).ratios[1:]
 
 
 def table(rounds: int) -> list[str]:
@@ -89,10 +77,7 @@ def table(rounds: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
-    args = parser.parse_args()
-    rounds = 5 if args.quick else 15
+    rounds = rounds_from_args(quick=5, full=15)
     print("### prune-bn at 50% of channels vs Torch-Pruning (ratios to the original model)\n")
     print(f"Input 224x224; medians of interleaved rounds ({rounds} at batch 1). Goal: on resnet50 "
           "the latency ratio is at most 1.25x the MACs ratio, and racc is at least as fast as "

@@ -18,9 +18,6 @@ from racc.passes.base import Pass, PassContext
 from racc.passes.pipeline import as_passes
 from racc.report import OutputError, PassRow, Report
 
-# An `exact` pass may move outputs by float rounding only: relative to the output's largest value.
-EXACT_RTOL, EXACT_ATOL = 1e-4, 1e-5
-
 
 def compile(
     model: nn.Module,
@@ -87,7 +84,7 @@ def _run_verified(
         raise RaccError(f"{where}: {type(e).__name__}: {e}") from e
     error = OutputError.between(outputs, new_outputs)
     exactness = result.exactness or p.exactness
-    if exactness == "exact" and not error.within(EXACT_RTOL, EXACT_ATOL):
+    if exactness == "exact" and not error.exact:
         node = _first_difference(before, gm, ctx.example_inputs)
         raise EquivalenceError(
             f"pass '{p}' is {'declared' if p.exactness == 'exact' else 'reported'} exact but changed the outputs: max abs error "
@@ -134,6 +131,6 @@ def _first_difference(before: fx.GraphModule, after: fx.GraphModule, inputs) -> 
     for name, value in new.values.items():
         ref = old.values.get(name)
         if isinstance(value, torch.Tensor) and isinstance(ref, torch.Tensor):
-            if not OutputError.between(ref, value).within(EXACT_RTOL, EXACT_ATOL):
+            if not OutputError.between(ref, value).exact:
                 return name
     return "output"

@@ -13,6 +13,8 @@ from racc.errors import RaccError
 from racc.passes.base import Skip
 
 _ITEMS_SHOWN = 5
+# An `exact` rewrite may move outputs by float rounding only, relative to their largest value.
+EXACT_RTOL, EXACT_ATOL = 1e-4, 1e-5
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,11 @@ class OutputError:
 
     def within(self, rtol: float, atol: float) -> bool:
         return self.max_abs <= atol + rtol * self.scale
+
+    @property
+    def exact(self) -> bool:
+        """Within float rounding of the outputs' scale: the bar every `exact` claim must meet."""
+        return self.within(EXACT_RTOL, EXACT_ATOL)
 
 
 def _flat(outputs) -> torch.Tensor:

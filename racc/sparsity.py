@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from racc.errors import PassConfigError
-
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from racc.ir.ops import BATCH_NORMS
 
 
 class BnSparsity:
@@ -31,9 +30,7 @@ class BnSparsity:
             raise PassConfigError(f"BnSparsity: lam must be a number >= 0, got {lam!r}")
         self.lam, self.norm = float(lam), norm
         self.gammas = [
-            m.weight
-            for m in model.modules()
-            if isinstance(m, _BATCH_NORMS) and m.weight is not None
+            m.weight for m in model.modules() if isinstance(m, BATCH_NORMS) and m.weight is not None
         ]
         if not self.gammas:
             raise PassConfigError(

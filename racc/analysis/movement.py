@@ -13,6 +13,7 @@ import numbers
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from racc.analysis.flow import (
     Flow,
@@ -61,7 +62,7 @@ def per_channel(flow: Flow, node: fx.Node) -> None:
 def _pads_with_zero(flow: Flow, node: fx.Node, ndim: int) -> bool:
     if node.op == "call_module":
         return getattr(module_of(flow, node), "value", 0) == 0
-    if getattr(node.target, "__name__", "") != "pad":
+    if node.target is not F.pad:
         return True
     pad = labels_of(flow, node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
     if len(pad) // 2 > ndim - 2:

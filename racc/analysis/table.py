@@ -18,7 +18,7 @@ from racc.analysis import movement as mv
 from racc.analysis import rules as r
 from racc.analysis.flow import Flow, spec_of
 from racc.ir.fx import TensorSpec
-from racc.ir.ops import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
+from racc.ir.ops import CONVS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
 
 _PER_CHANNEL = (
     nn.MaxPool1d,
@@ -47,7 +47,7 @@ _PER_CHANNEL = (
 )
 
 MODULE_RULES: dict[type, r.Rule] = {
-    **{t: r.conv for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d)},
+    **{t: r.conv for t in CONVS},
     nn.Linear: r.linear,
     **{
         t: r.batch_norm

@@ -27,3 +27,6 @@ BINARY_FUNCTIONS: tuple = (
     operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
     operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div,
 )  # fmt: skip
+
+CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -18,10 +18,14 @@ from torch import nn
 from torch.func import functional_call
 
 from racc.ir.fx import check_inputs, record_examples, spec_of_value
-from racc.ir.ops import BINARY_FUNCTIONS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
+from racc.ir.ops import (
+    BATCH_NORMS,
+    BINARY_FUNCTIONS,
+    CONVS,
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_MODULES,
+)
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Shape-preserving elementwise modules and functions: their output is shaped like their
 # (broadcast) inputs, so the meta run skips their kernels, which are slow Python decompositions.
 _ELEMENTWISE_MODULES = frozenset(ELEMENTWISE_MODULES)
@@ -102,10 +106,10 @@ class _MetaRecorder(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         m = self.fetch_attr(target)
         kind = type(m)
-        if kind in _CONVS:
+        if kind in CONVS:
             return m._conv_forward(args[0], self.meta(m.weight), self.meta(m.bias))
-        if kind in _BATCH_NORMS or kind in _ELEMENTWISE_MODULES:
-            if kind in _BATCH_NORMS and args[0].shape[1] != m.num_features:
+        if kind in BATCH_NORMS or kind in _ELEMENTWISE_MODULES:
+            if kind in BATCH_NORMS and args[0].shape[1] != m.num_features:
                 raise ValueError(f"'{target}' expects {m.num_features} channels")
             return _like(args[0])
         if kind is nn.LayerNorm:

@@ -19,10 +19,8 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from racc.ir.ops import BATCH_NORMS, CONVS
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class FoldBatchNormIntoConv(Pass):
@@ -44,7 +42,7 @@ class FoldBatchNormIntoConv(Pass):
         result = PassResult(gm, modified=False)
         calls = _module_call_counts(gm)
         for node in list(gm.graph.nodes):
-            if node.op == "call_module" and type(gm.get_submodule(node.target)) in _NORMS:
+            if node.op == "call_module" and type(gm.get_submodule(node.target)) in BATCH_NORMS:
                 reason = self.check(gm, node, calls)
                 if reason:
                     result.skipped.append(Skip(node.name, reason))
@@ -68,7 +66,7 @@ class FoldBatchNormIntoConv(Pass):
         if not isinstance(source, fx.Node) or source.op != "call_module":
             return f"its input '{getattr(source, 'name', source)}' is not a conv or linear"
         producer = gm.get_submodule(source.target)
-        if type(producer) not in (*_CONVS, nn.Linear):
+        if type(producer) not in (*CONVS, nn.Linear):
             return (
                 f"its input '{source.target}' ({type(producer).__name__}) is not a conv or linear"
             )

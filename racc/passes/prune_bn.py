@@ -27,11 +27,10 @@ from torch import nn
 from racc.analysis import analyze
 from racc.analysis.groups import ChannelGroup
 from racc.errors import PassConfigError, PruneError
+from racc.ir.ops import BATCH_NORMS
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
 from racc.passes.channels import prune_channels, zero_channels
 from racc.report import OutputError
-
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class PruneChannelsByBnGamma(Pass):
@@ -201,14 +200,12 @@ def unit_importance(
     gm: fx.GraphModule, group: ChannelGroup, importance: str, aggregate: str
 ) -> tuple[np.ndarray, bool]:
     """One score per unit of `group`, and whether it came from BatchNorm gammas."""
-    norms = {m.owner for m in group.members if isinstance(gm.get_submodule(m.owner), _BATCH_NORMS)}
+    norms = {m.owner for m in group.members if isinstance(gm.get_submodule(m.owner), BATCH_NORMS)}
     use_bn = importance == "bn_gamma" and bool(norms)
     values: list[np.ndarray] = []
     for member in group.members:
-        is_bn_weight = member.owner in norms and member.param.endswith(".weight")
-        if (use_bn and is_bn_weight) or (not use_bn and member.role == "out"):
-            if not use_bn and not member.param.endswith(".weight"):
-                continue
+        is_weight = member.param.endswith(".weight")
+        if is_weight and (member.owner in norms if use_bn else member.role == "out"):
             tensor = gm.get_parameter(member.param).detach().float()
             per_slice = tensor.abs() if tensor.dim() == 1 else tensor.transpose(0, member.axis)
             if tensor.dim() > 1:
@@ -244,7 +241,7 @@ def _zero_exactness(reference, gm, request, inputs) -> Exactness:
     """Removing units is exact if zeroing them (which equals pruning them) changes nothing."""
     with torch.no_grad():
         after = zero_channels(gm, request)(*inputs)
-    return "exact" if OutputError.between(reference, after).within(1e-5, 1e-6) else "needs_finetune"
+    return "exact" if OutputError.between(reference, after).exact else "needs_finetune"
 
 
 class _Capture(fx.Interpreter):
