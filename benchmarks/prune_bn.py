@@ -86,7 +86,8 @@ def main() -> None:
     print(
         "\nOn resnet50 both pruners reach the same params and MACs (random weights: all gammas "
         "tie), so the latency gap within that pair is run-to-run noise of this shared machine, "
-        "which moved single ratios by up to 0.2 between runs. Torch-Pruning leaves VGG's hidden "
+        "which moved single ratios by up to 0.5 between runs (mobilenet_v2 at batch 1 is the "
+        "noisiest). Torch-Pruning leaves VGG's hidden "
         "Linear layers whole, hence its 0.54x params."
     )
 
