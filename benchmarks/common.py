@@ -5,35 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from racc.timing import Timing, interleaved, ort_session
+
+__all__ = ["Timing", "interleaved", "machine", "ort_session", "rounds_from_args", "warmed"]
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(2)
-
-
-@dataclass(frozen=True)
-class Timing:
-    medians: list[float]  # median seconds of each contender
-    ratios: list[float]  # median per-round ratio of each contender to the first (1.0 for the first)
-
-
-def interleaved(contenders: list[Callable[[], object]], rounds: int) -> Timing:
-    """Run the contenders in turn, `rounds` times (A B C A B C ...), after one warm-up each."""
-    for run in contenders:
-        run()
-    times: list[list[float]] = [[] for _ in contenders]
-    for _ in range(rounds):
-        for run, record in zip(contenders, times, strict=True):
-            start = time.perf_counter()
-            run()
-            record.append(time.perf_counter() - start)
-    ratios = [statistics.median(t / r for t, r in zip(ts, times[0], strict=True)) for ts in times]
-    return Timing([statistics.median(ts) for ts in times], ratios)
 
 
 def rounds_from_args(quick: int, full: int) -> int:

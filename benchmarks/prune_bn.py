@@ -17,7 +17,7 @@ import onnxruntime as ort
 import torch
 
 import racc
-from benchmarks.common import interleaved, rounds_from_args, warmed
+from benchmarks.common import interleaved, ort_session, rounds_from_args, warmed
 from racc.analysis.cost import measure_cost
 
 MODELS = {"resnet50": 224, "mobilenet_v2": 224, "vgg19_bn": 224}
@@ -39,9 +39,7 @@ def torch_pruning(model, x):
 def _session(model, x, folder: Path, name: str) -> ort.InferenceSession:
     path = folder / f"{name}.onnx"
     racc.export_onnx(model, path, example_inputs=(x,))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads=2)
 
 
 def _latency_ratios(sessions, batch: int, side: int, rounds: int) -> list[float]:

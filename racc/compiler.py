@@ -13,7 +13,7 @@ from torch import nn
 
 from racc.analysis.cost import layer_widths, measure_cost
 from racc.errors import EquivalenceError, RaccError
-from racc.ir.fx import normalize_inputs, record_examples, trace
+from racc.ir.fx import node_values, normalize_inputs, record_examples, trace
 from racc.passes.base import Pass, PassContext
 from racc.passes.pipeline import as_passes
 from racc.report import OutputError, PassRow, Report
@@ -102,6 +102,7 @@ def _run_verified(
             measure_cost(gm, ctx.example_inputs),
             seconds,
             _widths(before, gm),
+            result.table,
         )
     )
     return gm, new_outputs
@@ -112,24 +113,11 @@ def _widths(before: fx.GraphModule, after: fx.GraphModule) -> dict[str, tuple[in
     return {name: (old[name], new[name]) for name in new if name in old}
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.values: dict[str, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        self.values[n.name] = super().run_node(n)
-        return self.values[n.name]
-
-
 def _first_difference(before: fx.GraphModule, after: fx.GraphModule, inputs) -> str:
     """The first node (in the new graph's order) whose value differs from the old node's."""
-    old, new = _Recorder(before), _Recorder(after)
-    with torch.no_grad():
-        old.run(*inputs)
-        new.run(*inputs)
-    for name, value in new.values.items():
-        ref = old.values.get(name)
+    old, new = node_values(before, inputs), node_values(after, inputs)
+    for name, value in new.items():
+        ref = old.get(name)
         if isinstance(value, torch.Tensor) and isinstance(ref, torch.Tensor):
             if not OutputError.between(ref, value).exact:
                 return name

@@ -52,7 +52,12 @@ class _LeafTracer(fx.Tracer):
         self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        # racc's own modules (racc.modules) trace as one op, like torch's layers
+        return (
+            qualname in self.leaves
+            or type(m).__module__ == "racc.modules"
+            or super().is_leaf_module(m, qualname)
+        )
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
@@ -172,6 +177,38 @@ class _ExampleRecorder(fx.Interpreter):
 
     def args_of(self, n: fx.Node) -> list:
         return [a.meta.get("racc.example") for a in n.all_input_nodes]
+
+
+class _ValueRecorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, names: set[str] | None):
+        super().__init__(gm)
+        self.names = names
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if self.names is None or n.name in self.names:
+            self.values[n.name] = value
+        return value
+
+
+def node_values(
+    gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], names: set[str] | None = None
+) -> dict[str, Any]:
+    """Run `gm` on `inputs` without grad and return the value of every node (or of `names`)."""
+    recorder = _ValueRecorder(gm, names)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    return recorder.values
+
+
+def module_call_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """How many call_module nodes call each submodule (a shared module is called more than once)."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return counts
 
 
 def _first_layer(gm: fx.GraphModule) -> str:

@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from racc.ir.fx import module_call_counts
 from racc.ir.ops import BATCH_NORMS, CONVS
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
 
@@ -40,7 +41,7 @@ class FoldBatchNormIntoConv(Pass):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(gm, modified=False)
-        calls = _module_call_counts(gm)
+        calls = module_call_counts(gm)
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and type(gm.get_submodule(node.target)) in BATCH_NORMS:
                 reason = self.check(gm, node, calls)
@@ -85,11 +86,3 @@ class FoldBatchNormIntoConv(Pass):
         setattr(gm.get_submodule(owner), attr, fold(producer.eval(), bn.eval()))
         bn_node.replace_all_uses_with(source)
         gm.graph.erase_node(bn_node)
-
-
-def _module_call_counts(gm: fx.GraphModule) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            counts[node.target] = counts.get(node.target, 0) + 1
-    return counts

@@ -1,0 +1,61 @@
+"""Measuring latency: interleaved rounds (A B A B ...) and the median per-round ratio, so that
+machine noise hits every contender alike. Used by the `latency` policies and by benchmarks/."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Timing:
+    medians: list[float]  # median seconds of each contender
+    ratios: list[float]  # median per-round ratio of each contender to the first (1.0 for the first)
+
+
+def interleaved(contenders: list[Callable[[], object]], rounds: int) -> Timing:
+    """Run the contenders in turn, `rounds` times (A B C A B C ...), after one warm-up each."""
+    for run in contenders:
+        run()
+    times: list[list[float]] = [[] for _ in contenders]
+    for _ in range(rounds):
+        for run, record in zip(contenders, times, strict=True):
+            start = time.perf_counter()
+            run()
+            record.append(time.perf_counter() - start)
+    ratios = [statistics.median(t / r for t, r in zip(ts, times[0], strict=True)) for ts in times]
+    return Timing([statistics.median(ts) for ts in times], ratios)
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime CPU session with `threads` intra-op threads (torch's count by default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+
+def runner(module: nn.Module, x: torch.Tensor, backend: str, folder: Path) -> Callable[[], object]:
+    """A call of `module` on `x` in torch (no grad) or in ONNX Runtime (exported into `folder`)."""
+    if backend == "torch":
+
+        def run() -> object:
+            with torch.no_grad():
+                return module(x)
+
+        return run
+    from racc.backends.onnx import export_onnx
+
+    path = folder / f"m{len(list(folder.iterdir()))}.onnx"
+    export_onnx(module, path, example_inputs=(x,), check=False)
+    session, feed = ort_session(path), {"input": x.numpy()}
+    return lambda: session.run(None, feed)
