@@ -13,7 +13,7 @@ from pathlib import Path
 
 from benchmarks.common import machine
 
-TABLES = ["benchmarks.analysis", "benchmarks.prune_bn"]
+TABLES = ["benchmarks.analysis", "benchmarks.prune_bn", "benchmarks.fuse_5x5"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -68,6 +68,7 @@ class PassRow:
     cost: Cost
     seconds: float
     widths: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer: (before, after)
+    table: list[dict] = field(default_factory=list)  # the pass's own rows, one per rewrite
 
     @property
     def widths_changed(self) -> bool:
@@ -108,6 +109,8 @@ class Report:
         for r in (r for r in self.rows if r.widths_changed):
             lines += ["", f"{r.name}: output channels per layer", "", "| layer | before | after |"]
             lines += ["|---|---|---|"] + [f"| {n} | {b} | {a} |" for n, (b, a) in r.widths.items()]
+        for r in (r for r in self.rows if r.table):
+            lines += ["", f"{r.name}: each rewrite", ""] + _markdown_table(r.table)
         if self.leaves:
             lines += ["", "kept opaque (could not be traced):"]
             lines += [f"- {name}: {why}" for name, why in self.leaves.items()]
@@ -163,6 +166,24 @@ def _table_row(r: PassRow) -> str:
         f"{' | '.join(errors)} | {_si(r.cost.params)} | {_si(r.cost.macs)} | "
         f"{_si(r.cost.bytes)}B | {r.seconds:.2f}s |"
     )
+
+
+def _markdown_table(rows: list[dict]) -> list[str]:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return lines + ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in rows]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return _si(value)
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
 
 
 def _si(n: float) -> str:

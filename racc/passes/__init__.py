@@ -2,12 +2,14 @@
 
 from racc.passes.base import REGISTRY, Pass, PassContext, PassResult, Skip
 from racc.passes.fold_bn import FoldBatchNormIntoConv
+from racc.passes.fuse_5x5 import FuseConv3x3PairInto5x5
 from racc.passes.pipeline import format_pipeline, parse_pipeline
 from racc.passes.prune_bn import PruneChannelsByBnGamma
 
 __all__ = [
     "REGISTRY",
     "FoldBatchNormIntoConv",
+    "FuseConv3x3PairInto5x5",
     "PruneChannelsByBnGamma",
     "Pass",
     "PassContext",

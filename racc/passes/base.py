@@ -47,6 +47,7 @@ class PassResult:
     matched: list[str] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     exactness: Exactness | None = None  # what this run achieved, when sharper than the class's
+    table: list[dict[str, Any]] = field(default_factory=list)  # one row per rewrite, for the report
 
 
 @dataclass

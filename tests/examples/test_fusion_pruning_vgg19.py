@@ -20,12 +20,14 @@ def _example():
     return module
 
 
-def test_quick_run_prunes_and_keeps_accuracy_after_finetuning():
+def test_quick_run_prunes_fuses_and_keeps_accuracy_after_finetuning():
     result = _example().main(["--quick"])
     assert result["accuracy_before"] > 50  # the reduced training does learn the digits
     assert result["accuracy_after"] >= result["accuracy_before"] - 5
     assert result["params_after"] < 0.5 * result["params_before"]
     assert result["macs_after"] < 0.5 * result["macs_before"]
+    assert result["convs_fused"] == 8  # 16 convs in blocks of 2, 2, 4, 4, 4: one 5x5 per pair
+    assert result["accuracy_fused_after"] >= result["accuracy_before"] - 5
 
 
 def test_vgg19_has_the_papers_parameter_count():
