@@ -3,8 +3,9 @@
 VGG-19-BN and ResNet-18 at 224x224 have a ReLU between every two consecutive convs, so every
 policy runs with allow_nonlinear=true (the paper's setting; the result needs fine-tuning, which
 does not change latency). `cost` fuses where MACs drop, `latency` where ONNX Runtime timed the
-pair faster, `all` every pair (the paper). The last row times the VGG stem pair alone
-(3->64->64 at 224x224) against its fused 5x5, the case where fusion pays most.
+pair faster, `all` every pair (the paper). The last rows time the VGG stem pair alone
+(3->64->64 at 224x224) against its fused 5x5, the case where fusion pays most, with the exact
+border correction and without it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import racc
 from benchmarks.common import interleaved, ort_session, rounds_from_args, warmed
 from racc.analysis.cost import measure_cost
 
-MODELS = ["vgg19_bn", "resnet18"]
+MODELS = {"vgg19_bn": 1, "resnet18": 3}  # model: rounds multiplier (resnet18 runs in ~25 ms)
 POLICIES = ["cost", "latency", "all"]
 
 
@@ -34,9 +35,9 @@ def _runs(models: list[nn.Module], x: torch.Tensor, folder: Path) -> list:
 
 
 def table(rounds: int) -> list[str]:
-    rows = ["| model | policy | convs fused | MACs | ORT latency b1 |", "|---|---|---|---|---|"]
+    rows = ["| model | policy | pairs fused | MACs | ORT latency b1 |", "|---|---|---|---|---|"]
     x = torch.randn(1, 3, 224, 224)
-    for name in MODELS:
+    for name, more in MODELS.items():
         model = warmed(name)
         fused = [
             racc.compile(model, f"fuse-5x5{{policy={p},allow_nonlinear=true}}", (x,))
@@ -44,19 +45,21 @@ def table(rounds: int) -> list[str]:
         ]
         macs = [measure_cost(m, (x,)).macs for m in (model, *fused)]
         with tempfile.TemporaryDirectory() as folder:
-            ratios = interleaved(_runs([model, *fused], x, Path(folder)), rounds).ratios
+            ratios = interleaved(_runs([model, *fused], x, Path(folder)), rounds * more).ratios
         for i, policy in enumerate(POLICIES):
             count = len(fused[i].racc_report.rows[-1].matched)
             rows.append(f"| {name} | {policy} | {count} | {macs[i + 1] / macs[0]:.2f}x | "
                         f"{ratios[i + 1]:.2f}x |")  # fmt: skip
     torch.manual_seed(0)
     stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)).eval()
-    fused = racc.compile(stem, "fuse-5x5{policy=all}", (x,))
-    macs = [measure_cost(m, (x,)).macs for m in (stem, fused)]
+    borders = ["exact", "approximate"]
+    fused = [racc.compile(stem, f"fuse-5x5{{policy=all,border={b}}}", (x,)) for b in borders]
+    macs = [measure_cost(m, (x,)).macs for m in (stem, *fused)]
     with tempfile.TemporaryDirectory() as folder:
-        ratio = interleaved(_runs([stem, fused], x, Path(folder)), rounds * 2).ratios[1]
-    rows.append(f"| VGG stem pair 3->64->64 | all (exact border) | 1 | {macs[1] / macs[0]:.2f}x "
-                f"| {ratio:.2f}x |")  # fmt: skip
+        ratios = interleaved(_runs([stem, *fused], x, Path(folder)), rounds * 3).ratios
+    for i, border in enumerate(borders):
+        rows.append(f"| VGG stem pair 3->64->64 | all, border={border} | 1 | "
+                    f"{macs[i + 1] / macs[0]:.2f}x | {ratios[i + 1]:.2f}x |")  # fmt: skip
     return rows
 
 
@@ -67,6 +70,13 @@ def main() -> None:
           "and `latency` are never slower than the original; the stem pair alone runs about "
           "4x faster fused.\n")  # fmt: skip
     print("\n".join(table(rounds)))
+    print(
+        "\nA policy that fuses nothing leaves the graph as it was, so its ratio is 1.00x up to "
+        "the machine's noise. The stem's fused 5x5 conv alone takes 0.30x of the pair in ONNX "
+        "Runtime but 0.19x in torch (measured the same way): ONNX Runtime's 5x5 kernel over 3 "
+        "input channels, not the rewrite, keeps the stem from its 0.14x MACs ratio; the exact "
+        "border's strips and concatenations add the rest."
+    )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # threads that spin after a run would steal the cores from the session timed next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -167,17 +167,11 @@ class FuseConv3x3PairInto5x5(Pass):
                     done.update(chain.nodes)
                     achieved.append(self._rewrite(run, chain))
         if result.matched:
-            gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
             result.modified = True
         elif not result.skipped:
-            result.skipped.append(
-                Skip(
-                    "model",
-                    "no conv feeds another conv (directly or through BN, dropout or an "
-                    "activation): nothing to fuse",
-                )  # fmt: skip
-            )
+            reason = "no conv feeds another conv (directly or through BN, dropout or an activation)"
+            result.skipped.append(Skip("model", f"{reason}: nothing to fuse"))
         result.exactness = max(achieved, key=_EXACTNESS_ORDER.index)
         return result
 
