@@ -17,21 +17,17 @@ import torch
 from torch import nn
 
 import racc
-from benchmarks.common import interleaved, ort_session, rounds_from_args, warmed
+from benchmarks.common import interleaved, rounds_from_args, warmed
 from racc.analysis.cost import measure_cost
+from racc.timing import runner
 
 MODELS = {"vgg19_bn": 1, "resnet18": 3}  # model: rounds multiplier (resnet18 runs in ~25 ms)
 POLICIES = ["cost", "latency", "all"]
 
 
 def _runs(models: list[nn.Module], x: torch.Tensor, folder: Path) -> list:
-    runs = []
-    for i, model in enumerate(models):
-        path = folder / f"m{i}.onnx"
-        racc.export_onnx(model, path, example_inputs=(x,))
-        session, feed = ort_session(path, threads=2), {"input": x.numpy()}
-        runs.append(lambda s=session, f=feed: s.run(None, f))
-    return runs
+    """One ONNX Runtime call per model (exported, checked against torch), for `interleaved`."""
+    return [runner(m, x, "onnxruntime", folder) for m in models]
 
 
 def table(rounds: int) -> list[str]:

@@ -110,14 +110,6 @@ class BorderExactConv(nn.Module):
         self.fused_padding = tuple(fused_padding)
         self.paddings = [tuple(p) for p in paddings]
 
-    @property
-    def in_channels(self) -> int:
-        return self.fused.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.fused.out_channels
-
     def extra_repr(self) -> str:
         return f"fused_padding={self.fused_padding}, chain_paddings={self.paddings}"
 

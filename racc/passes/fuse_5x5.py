@@ -57,8 +57,8 @@ _LATENCY_ROUNDS = 15
 
 @dataclass(frozen=True)
 class _Chain:
-    """Convs to fuse: their nodes, each as a float64 copy with the BNs after it folded (all but the
-    last conv's), their paddings, and the nodes and activations between them."""
+    """Convs to fuse: their nodes, the convs (a float64 copy where BNs after it were folded in;
+    never the last conv's BN), their paddings, and the nodes and activations between them."""
 
     nodes: tuple[fx.Node, ...]
     convs: tuple[nn.Module, ...]
@@ -189,7 +189,7 @@ class FuseConv3x3PairInto5x5(Pass):
         """The longest chain from `first` that the policy accepts, one conv at a time."""
         conv = run.gm.get_submodule(first.target)
         padding = _padding(conv)
-        chain = _Chain((first,), (_as_float64(conv),), (padding,))
+        chain = _Chain((first,), (conv,), (padding,))
         while padding is not None:
             step = self._extend(run, chain)
             if step is None:
@@ -233,12 +233,12 @@ class FuseConv3x3PairInto5x5(Pass):
                 bn = gm.get_submodule(b.target)
                 if bn.running_mean is None:
                     return pair, None, f"BN '{b.target}' has no running statistics"
-                last_conv = fuse_conv_bn_eval(last_conv, _as_float64(bn))
+                last_conv = fuse_conv_bn_eval(_as_float64(last_conv), _as_float64(bn))
             elif kind == "activation":
                 dropped.append(_op_name(gm, b))
         grown = _Chain(
             (*chain.nodes, node),
-            (*chain.convs[:-1], last_conv, _as_float64(conv)),
+            (*chain.convs[:-1], last_conv, conv),
             (*chain.paddings, padding),
             (*chain.between, *between),
             (*chain.dropped, *dropped),
@@ -255,7 +255,9 @@ class FuseConv3x3PairInto5x5(Pass):
         if type(conv) is not type(first):
             return f"'{node.target}' is a {type(conv).__name__} after a {type(first).__name__}"
         if chain.paddings[-1] is None:
-            return f"'{node.target}' pads with {conv.padding_mode!r} or asymmetrically"
+            if conv.padding_mode != "zeros":
+                return f"'{node.target}' pads with padding_mode={conv.padding_mode!r}; only zero padding composes"
+            return f"'{node.target}' has padding='same' over an even kernel span: asymmetric padding does not compose"
         if dropped and not self.allow_nonlinear:
             return (
                 f"{', '.join(dropped)} between '{prev.target}' and '{node.target}' is nonlinear: "
@@ -307,12 +309,8 @@ class FuseConv3x3PairInto5x5(Pass):
         when the exact form has no interior at the example size."""
         if self.border == "approximate" or not chain.padded_inside or chain.dropped:
             return "conv"
-        geoms = [geometries(c, p) for c, p in zip(chain.convs, chain.paddings, strict=True)]
-        for axis, n in enumerate(run.spatial(chain.nodes[0])):
-            axis_chain = [g[axis] for g in geoms]
-            lo, hi = interior(axis_chain, chain_sizes(axis_chain, n))
-            if lo >= hi:
-                return None
+        if any(lo >= hi for lo, hi in _interior_box(chain, run.spatial(chain.nodes[0]))):
+            return None
         return "border"
 
     def _module(
@@ -513,18 +511,23 @@ def _macs(module: nn.Module, spatial: tuple[int, ...]) -> int:
     return conv_macs(module, math.prod(sizes))
 
 
+def _interior_box(chain: _Chain, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Per spatial axis, the outputs that read no zero padding inside the chain."""
+    geoms = [geometries(c, p) for c, p in zip(chain.convs, chain.paddings, strict=True)]
+    box = []
+    for axis, n in enumerate(spatial):
+        axis_chain = [g[axis] for g in geoms]
+        box.append(interior(axis_chain, chain_sizes(axis_chain, n)))
+    return box
+
+
 def _errors(
     chain: _Chain, spatial, reference: torch.Tensor, got: torch.Tensor
 ) -> tuple[float | None, float | None]:
     """Max |error| / max |reference| over the outputs that read no padding inside the chain, and
     over the rest (the border ring); None for a region without outputs."""
-    geoms = [geometries(c, p) for c, p in zip(chain.convs, chain.paddings, strict=True)]
     inside = torch.zeros(reference.shape[2:], dtype=torch.bool)
-    box = []
-    for axis, n in enumerate(spatial):
-        axis_chain = [g[axis] for g in geoms]
-        box.append(slice(*interior(axis_chain, chain_sizes(axis_chain, n))))
-    inside[tuple(box)] = True
+    inside[tuple(slice(lo, hi) for lo, hi in _interior_box(chain, spatial))] = True
     diff = (reference - got).abs() / reference.abs().max().clamp_min(1e-30)
     inner, ring = diff[..., inside], diff[..., ~inside]
     return (

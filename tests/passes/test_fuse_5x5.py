@@ -361,3 +361,14 @@ def test_report_lists_each_rewrite():
     entry = opt.racc_report.rows[-1].table[0]
     assert entry["MACs before"] == 16 * 16 * (6 * 4 * 9 + 5 * 6 * 9)
     assert opt.racc_report.to_dict()["passes"][-1]["table"][0]["convs"] == "0+2"
+
+
+def test_a_conv_that_pads_other_than_with_zeros_is_skipped_with_the_reason():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+    ).eval()
+    row = racc.compile(model, "fuse-5x5{policy=all}", (torch.randn(1, 3, 9, 9),)).racc_report
+    skipped = row.rows[-1].skipped
+    assert [str(s) for s in skipped] == [
+        "0+1: '1' pads with padding_mode='reflect'; only zero padding composes"
+    ]
