@@ -52,10 +52,10 @@ class _LeafTracer(fx.Tracer):
         self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # racc's own modules (racc.modules) trace as one op, like torch's layers
+        # racc's own modules (racc.nn) trace as one op, like torch's layers
         return (
             qualname in self.leaves
-            or type(m).__module__ == "racc.modules"
+            or type(m).__module__.startswith("racc.nn.")
             or super().is_leaf_module(m, qualname)
         )
 

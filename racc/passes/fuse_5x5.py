@@ -9,7 +9,7 @@ conv2(conv1(x)) with nothing nonlinear between is one conv (per spatial axis):
 with groups gcd(g1, g2) and dilation gcd(d1, s1 d2). It is exact when conv2 reads its input
 unpadded (p2 = 0). With p2 > 0 the fused conv sees conv1 evaluated on the padding where the pair
 sees zeros, so a ring of outputs differs; `border="exact"` computes that ring with the original
-pair (`racc.modules.BorderExactConv`). BNs between the convs fold into the composition; a BN after
+pair (`racc.nn.BorderExactConv`). BNs between the convs fold into the composition; a BN after
 the last conv stays after the fused one. Across an activation the rewrite drops it: the result is
 `needs_finetune`. Longer chains fuse greedily, one conv at a time, while the policy allows.
 """
@@ -35,7 +35,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from racc.errors import PassConfigError
 from racc.ir.fx import module_call_counts, node_values
 from racc.ir.ops import BATCH_NORMS, CONVS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
-from racc.modules import BorderExactConv, chain_sizes, conv_macs, geometries, interior
+from racc.nn.border import BorderExactConv, chain_sizes, conv_macs, geometries, interior
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
 from racc.timing import interleaved, runner
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import racc
 from racc.errors import PassConfigError
-from racc.modules import BorderExactConv
+from racc.nn.border import BorderExactConv
 from racc.passes import FuseConv3x3PairInto5x5
 from racc.passes.fuse_5x5 import compose
 from tests.conftest import ZOO, assert_close, zoo_model
