@@ -13,7 +13,7 @@ from pathlib import Path
 
 from benchmarks.common import machine
 
-TABLES = ["benchmarks.analysis", "benchmarks.prune_bn", "benchmarks.fuse_5x5"]
+TABLES = ["benchmarks.analysis", "benchmarks.prune_bn", "benchmarks.fuse_5x5", "benchmarks.int8"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

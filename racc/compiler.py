@@ -24,6 +24,7 @@ def compile(
     passes: str | Sequence[Pass] | Pass,
     example_inputs: Any,
     explain: bool = False,
+    calibration: Any = None,
 ) -> fx.GraphModule:
     """Transform a copy of `model` with `passes`, verifying each pass on `example_inputs`.
 
@@ -32,6 +33,8 @@ def compile(
         passes: a pipeline string such as "fold-bn" or a list of pass objects.
         example_inputs: a tensor or tuple of tensors the model accepts.
         explain: list every node each pass skipped, with the reason, in the report.
+        calibration: input batches (a list or a DataLoader) for passes that calibrate (int8),
+            so that a pipeline string such as "prune-bn{ratio=0.5},int8" can quantize.
 
     Returns:
         A torch.fx GraphModule (a plain nn.Module) with `.racc_report`.
@@ -57,7 +60,7 @@ def compile(
     for p in pipeline:
         # Order matters: each pass sees the graph the previous one left, and is checked against it.
         gm, outputs = _run_verified(
-            p, gm, outputs, PassContext(inputs, explain, list(done)), report
+            p, gm, outputs, PassContext(inputs, explain, list(done), calibration), report
         )
         done.append(str(p))
     gm.racc_report = report
@@ -103,6 +106,7 @@ def _run_verified(
             seconds,
             _widths(before, gm),
             result.table,
+            result.notes,
         )
     )
     return gm, new_outputs

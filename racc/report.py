@@ -69,6 +69,7 @@ class PassRow:
     seconds: float
     widths: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer: (before, after)
     table: list[dict] = field(default_factory=list)  # the pass's own rows, one per rewrite
+    notes: list[str] = field(default_factory=list)  # what the pass chose and measured
 
     @property
     def widths_changed(self) -> bool:
@@ -109,6 +110,8 @@ class Report:
         for r in (r for r in self.rows if r.widths_changed):
             lines += ["", f"{r.name}: output channels per layer", "", "| layer | before | after |"]
             lines += ["|---|---|---|"] + [f"| {n} | {b} | {a} |" for n, (b, a) in r.widths.items()]
+        for r in (r for r in self.rows if r.notes):
+            lines += ["", f"{r.name}:"] + [f"- {note}" for note in r.notes]
         for r in (r for r in self.rows if r.table):
             lines += ["", f"{r.name}: each rewrite", ""] + _markdown_table(r.table)
         if self.leaves:

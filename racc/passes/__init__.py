@@ -3,6 +3,7 @@
 from racc.passes.base import REGISTRY, Pass, PassContext, PassResult, Skip
 from racc.passes.fold_bn import FoldBatchNormIntoConv
 from racc.passes.fuse_5x5 import FuseConv3x3PairInto5x5
+from racc.passes.int8 import QuantizeInt8
 from racc.passes.pipeline import format_pipeline, parse_pipeline
 from racc.passes.prune_bn import PruneChannelsByBnGamma
 
@@ -11,6 +12,7 @@ __all__ = [
     "FoldBatchNormIntoConv",
     "FuseConv3x3PairInto5x5",
     "PruneChannelsByBnGamma",
+    "QuantizeInt8",
     "Pass",
     "PassContext",
     "PassResult",

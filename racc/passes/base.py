@@ -48,15 +48,20 @@ class PassResult:
     skipped: list[Skip] = field(default_factory=list)
     exactness: Exactness | None = None  # what this run achieved, when sharper than the class's
     table: list[dict[str, Any]] = field(default_factory=list)  # one row per rewrite, for the report
+    notes: list[str] = field(
+        default_factory=list
+    )  # what the pass chose and measured, one line each
 
 
 @dataclass
 class PassContext:
-    """What a pass may read besides the graph: the example inputs and the passes run before it."""
+    """What a pass may read besides the graph: the example inputs, the calibration batches given
+    to compile, and the passes run before it."""
 
     example_inputs: tuple[torch.Tensor, ...]
     explain: bool = False
     previous: list[str] = field(default_factory=list)
+    calibration: Any = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ class Pass:
         changed = [
             f"{f.name}={format_value(getattr(self, f.name))}"
             for f in dataclasses.fields(self)
-            if getattr(self, f.name) != f.default
+            if f.repr and getattr(self, f.name) != f.default
         ]
         return self.name + (f"{{{','.join(changed)}}}" if changed else "")
 

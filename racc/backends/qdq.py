@@ -1,0 +1,172 @@
+"""Lowering fake-quant exports to the QDQ form ONNX Runtime fuses into integer kernels.
+
+torch.onnx writes a fake-quant model as float weights -> QuantizeLinear -> DequantizeLinear, with
+the weight scales and rounded biases as small constant subgraphs. This rewrite (onnx-graphsurgeon)
+makes the file what ONNX Runtime's QDQ fusions expect (../shared/ORT-INT8.md):
+- constant subgraphs folded, except DequantizeLinear;
+- QuantizeLinear of a constant weight -> an int8 initializer (4x smaller) read by its DQ;
+- the float bias of a Conv/Gemm with quantized input and weight -> an int32 initializer with
+  scale input_scale * weight_scale and a DequantizeLinear, as QLinearConv / QGemm take it;
+- a Relu or Clip(0, c) whose only user is a QuantizeLinear whose range already starts at 0 and
+  ends within c is removed: the quantizer clamps exactly as it did.
+Numbers do not change: every rewrite computes the same values the fake-quant graph computes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from racc.errors import ExportError
+
+_WEIGHTED = ("Conv", "Gemm", "MatMul")
+_FLOAT_CONVS = ("Conv", "FusedConv")
+
+
+def lower_qdq(path: str | os.PathLike) -> None:
+    """Rewrite the fake-quant export at `path` in place (see the module docstring)."""
+    G_LOGGER.severity = G_LOGGER.ERROR  # its notes on folding large weights are expected here
+    graph = gs.import_onnx(onnx.load(os.fspath(path)))
+    graph.fold_constants(should_exclude_node=lambda node: node.op == "DequantizeLinear")
+    graph.cleanup()
+    for node in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+        if all(isinstance(t, gs.Constant) for t in node.inputs):
+            _store_quantized(node)
+    for node in [n for n in graph.nodes if n.op in _WEIGHTED]:
+        _quantize_bias(graph, node)
+    for node in [n for n in graph.nodes if n.op in ("Relu", "Clip")]:
+        _drop_redundant_clamp(graph, node)
+    graph.cleanup().toposort()
+    onnx.save(gs.export_onnx(graph), os.fspath(path))
+
+
+def _store_quantized(node: gs.Node) -> None:
+    """Q(constant) -> the integer constant, read directly by the DequantizeLinear(s) after it."""
+    values, scale, zero = (t.values for t in node.inputs)
+    axis = node.attrs.get("axis", 1)
+    info = np.iinfo(zero.dtype)
+    q = np.rint(values / _along(scale, values.ndim, axis)) + _along(zero, values.ndim, axis)
+    constant = gs.Constant(
+        f"{node.outputs[0].name}_int", np.clip(q, info.min, info.max).astype(zero.dtype)
+    )
+    _replace_uses(node.outputs[0], constant)
+    node.outputs.clear()
+
+
+def _along(values: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """Per-axis quantization parameters shaped to broadcast along `axis`."""
+    if values.ndim == 0 or values.size == 1:
+        return values.astype(np.float64).reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.astype(np.float64).reshape(shape)
+
+
+def _replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    for user in list(old.outputs):
+        for i, t in enumerate(user.inputs):
+            if t is old:
+                user.inputs[i] = new
+
+
+def _dequantized(t: gs.Tensor) -> gs.Node | None:
+    producer = t.inputs[0] if t.inputs else None
+    return producer if producer is not None and producer.op == "DequantizeLinear" else None
+
+
+def _quantize_bias(graph: gs.Graph, node: gs.Node) -> None:
+    """A float bias next to quantized input and weight -> int32 at input_scale * weight_scale."""
+    if len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
+        return
+    dq_x, dq_w = _dequantized(node.inputs[0]), _dequantized(node.inputs[1])
+    if dq_x is None or dq_w is None or not isinstance(dq_w.inputs[0], gs.Constant):
+        return
+    scale = (
+        dq_x.inputs[1].values.astype(np.float32) * dq_w.inputs[1].values.astype(np.float32)
+    ).reshape(-1)
+    bias = node.inputs[2].values
+    q = np.rint(bias.astype(np.float64) / scale.astype(np.float64))
+    name = f"{node.name}_bias"
+    dequantized = gs.Variable(name, dtype=np.float32, shape=list(bias.shape))
+    graph.nodes.append(
+        gs.Node(
+            "DequantizeLinear",
+            name=f"{name}_dq",
+            inputs=[
+                gs.Constant(f"{name}_int32", q.astype(np.int32)),
+                gs.Constant(f"{name}_scale", scale if scale.size > 1 else scale.reshape(())),
+                gs.Constant(
+                    f"{name}_zero", np.zeros(scale.shape if scale.size > 1 else (), np.int32)
+                ),
+            ],
+            outputs=[dequantized],
+            attrs={"axis": 0},
+        )
+    )
+    node.inputs[2] = dequantized
+
+
+def _drop_redundant_clamp(graph: gs.Graph, node: gs.Node) -> None:
+    """Relu / Clip(0, c) -> Q whose range is [0, <= c]: the Q alone clamps the same way."""
+    users = node.outputs[0].outputs
+    if len(users) != 1 or users[0].op != "QuantizeLinear" or node.outputs[0] in graph.outputs:
+        return
+    source = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if source is not None and source.op in _WEIGHTED and not _dequantized(source.inputs[1]):
+        return  # an fp32 layer: without the clamp between, ORT would quantize its weights
+    q = users[0]
+    if not all(isinstance(t, gs.Constant) for t in q.inputs[1:]) or q.inputs[1].values.size != 1:
+        return
+    scale, zero = float(q.inputs[1].values), q.inputs[2].values
+    info = np.iinfo(zero.dtype)
+    if int(zero) != info.min:
+        return  # the quantizer's range does not start at 0
+    if node.op == "Clip":
+        bounds = [t for t in node.inputs[1:3] if t is not None and t.name]
+        if len(bounds) != 2 or not all(isinstance(t, gs.Constant) for t in bounds):
+            return
+        low, high = (float(t.values) for t in bounds)
+        if low != 0 or scale * (info.max - info.min) > high * (1 + 1e-6):
+            return
+    q.inputs[0] = node.inputs[0]
+    node.outputs.clear()
+
+
+def ort_optimized_ops(path: str | os.PathLike) -> Counter:
+    """Op types in the graph ONNX Runtime's CPU provider runs after its fusions."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = Path(folder) / "optimized.onnx"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(optimized)
+        options.log_severity_level = 3
+        ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+
+
+def check_int8_kernels(path: str | os.PathLike) -> Counter:
+    """Raise if a Conv with quantized input and weight did not become a QLinearConv in ORT."""
+    graph = gs.import_onnx(onnx.load(os.fspath(path)))
+    planned = sum(
+        1
+        for n in graph.nodes
+        if n.op == "Conv" and _dequantized(n.inputs[0]) and _dequantized(n.inputs[1])
+    )
+    ops = ort_optimized_ops(path)
+    if ops["QLinearConv"] < planned:
+        raise ExportError(
+            f"'{path}': {planned} Convs have int8 inputs and weights but ONNX Runtime fused only "
+            f"{ops['QLinearConv']} into QLinearConv (optimized graph: {dict(ops)}); those Convs "
+            "would run in float. Report this with the model; export with check=False to write "
+            "the file anyway"
+        )
+    return ops

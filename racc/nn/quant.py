@@ -1,0 +1,182 @@
+"""Fake-quant modules: what ONNX Runtime's int8 kernels compute, written in float torch ops.
+
+- `FakeQuant`: per-tensor affine quantize -> dequantize of an activation (QuantizeLinear then
+  DequantizeLinear in ONNX). Gradients pass straight through inside the range, so the model
+  fine-tunes (QAT).
+- `QuantizedLayer`: a conv or linear whose weight is quantized to symmetric int8 (per output
+  channel or per tensor) and whose bias is rounded to the int32 grid of input_scale * weight_scale,
+  which is how QLinearConv / QGemm add it. The float weight stays a trainable Parameter; its
+  scale follows it.
+- `DynamicQuantLinear`: a linear with int8 weights stored as int8, its input quantized per call
+  from its own range (DynamicQuantizeLinear + MatMulInteger in ONNX). For inference.
+
+`racc.export_onnx` lowers these to QDQ with int8 weight and int32 bias initializers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+WEIGHT_RANGE = (-128, 127)  # symmetric: scales use 127, so -128 is never produced
+_INT32_MAX = 2**31 - 1
+
+
+def affine_qparams(lo: float, hi: float, dtype: str) -> tuple[float, int]:
+    """Scale and zero point that map [lo, hi] (widened to hold 0) onto the integer range of dtype."""
+    qmin, qmax = RANGES[dtype]
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / (qmax - qmin)
+    if not scale > 0:
+        return 1.0, qmin if lo == 0 else 0
+    zero_point = int(min(max(round(qmin - lo / scale), qmin), qmax))
+    return scale, zero_point
+
+
+class FakeQuant(nn.Module):
+    """x -> (clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale."""
+
+    def __init__(self, scale: float, zero_point: int, dtype: str = "uint8"):
+        super().__init__()
+        self.dtype = dtype
+        self.qmin, self.qmax = RANGES[dtype]
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+        self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(
+            x, self.scale, self.zero_point, self.qmin, self.qmax
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.dtype}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
+
+
+def weight_scale(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """Symmetric int8 scale of each output channel (axis 0), or one for the whole tensor."""
+    w = weight.detach().abs()
+    amax = w.reshape(w.shape[0], -1).amax(dim=1) if per_channel else w.amax().reshape(1)
+    return amax / 127
+
+
+def _bias_safe(scale: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor):
+    """Widen weight scales so that the bias fits int32 at input_scale * scale; never zero."""
+    if bias is not None:
+        need = bias.detach().abs() / (input_scale * _INT32_MAX)
+        scale = torch.maximum(scale, need if scale.numel() > 1 else need.amax().reshape(1))
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+class QuantizedLayer(nn.Module):
+    """A conv (1d/2d/3d) or linear computing with int8 weights and an int32-grid bias.
+
+    `input_scale` is the scale of the FakeQuant in front of the layer: the bias is rounded to
+    multiples of input_scale * weight_scale, as the integer kernel adds it.
+    """
+
+    def __init__(self, layer: nn.Module, input_scale: float, per_channel: bool = True):
+        super().__init__()
+        self.layer = layer
+        self.per_channel = per_channel
+        self.register_buffer("input_scale", torch.tensor(input_scale, dtype=torch.float32))
+
+    def weight_scale(self) -> torch.Tensor:
+        scale = weight_scale(self.layer.weight, self.per_channel)
+        return _bias_safe(scale, self.layer.bias, self.input_scale)
+
+    def quantized_weight(self) -> torch.Tensor:
+        w, scale = self.layer.weight, self.weight_scale()
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, *WEIGHT_RANGE)
+        return torch.fake_quantize_per_tensor_affine(w, scale[0], zero[0], *WEIGHT_RANGE)
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        b = self.layer.bias
+        if b is None:
+            return None
+        step = self.input_scale * self.weight_scale()
+        return b + (torch.round(b / step) * step - b).detach()  # straight-through for QAT
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.quantized_weight(), self.quantized_bias()
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, w, b)
+        return self.layer._conv_forward(x, w, b)
+
+    def extra_repr(self) -> str:
+        return f"int8 weights {'per channel' if self.per_channel else 'per tensor'}"
+
+
+class _DynamicLinear(torch.autograd.Function):
+    """ONNX export of a dynamic int8 linear as DynamicQuantizeLinear -> MatMulInteger, which ONNX
+    Runtime fuses into DynamicQuantizeMatMul."""
+
+    @staticmethod
+    def forward(ctx, x, qweight_t, scale, bias):
+        return dynamic_linear(x, qweight_t, scale, bias)
+
+    @staticmethod
+    def symbolic(g, x, qweight_t, scale, bias):
+        xq, x_scale, x_zero = g.op("DynamicQuantizeLinear", x, outputs=3)
+        acc = g.op("MatMulInteger", xq, qweight_t, x_zero)
+        y = g.op("Mul", g.op("Cast", acc, to_i=1), g.op("Mul", x_scale, scale))  # 1: FLOAT
+        return g.op("Add", y, bias)
+
+
+def dynamic_linear(x, qweight_t, scale, bias):
+    """What DynamicQuantizeLinear + MatMulInteger compute: x quantized to uint8 over its range."""
+    scale_x, zero_x = affine_qparams(float(x.amin()), float(x.amax()), "uint8")
+    xq = torch.fake_quantize_per_tensor_affine(x, scale_x, zero_x, 0, 255)
+    return xq @ (qweight_t.float() * scale) + bias
+
+
+class DynamicQuantLinear(nn.Module):
+    """nn.Linear with int8 weights (stored as int8) and run-time uint8 quantization of its input."""
+
+    def __init__(self, linear: nn.Linear, per_channel: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = _bias_safe(weight_scale(linear.weight, per_channel), None, torch.tensor(1.0))
+        shaped = scale[:, None] if per_channel else scale
+        qweight = torch.round(linear.weight.detach() / shaped).clamp(*WEIGHT_RANGE)
+        # int8 Parameters cannot train; they count as parameters and store one byte each
+        self.qweight_t = nn.Parameter(qweight.t().to(torch.int8).contiguous(), requires_grad=False)
+        self.register_buffer("scale", scale.float())
+        bias = linear.bias.detach() if linear.bias is not None else torch.zeros(self.out_features)
+        self.register_buffer("bias", bias.float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return _DynamicLinear.apply(x, self.qweight_t, self.scale, self.bias)
+        return dynamic_linear(x, self.qweight_t, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, dynamic int8"
+
+
+QUANT_MODULES = (FakeQuant, QuantizedLayer, DynamicQuantLinear)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QUANT_MODULES) for m in model.modules())
+
+
+def deployed_bytes(model: nn.Module) -> int:
+    """Bytes of the weights as ONNX stores them: int8 weights of quantized layers, int32 biases."""
+    total = 0
+    quantized = {}
+    for m in model.modules():
+        if isinstance(m, QuantizedLayer):
+            quantized[id(m.layer.weight)] = 1
+            if m.layer.bias is not None:
+                quantized[id(m.layer.bias)] = 4
+            total += 4 * m.weight_scale().numel()
+    seen = set()
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * quantized.get(id(t), t.element_size())
+    return total

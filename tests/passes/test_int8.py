@@ -1,0 +1,283 @@
+"""int8: fake-quant torch model vs the QDQ file in ONNX Runtime, fusion, options, bad inputs."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import racc
+from racc.backends.onnx import QDQ_STEPS, output_step
+from racc.backends.qdq import ort_optimized_ops
+from racc.errors import InputError, PassConfigError
+from racc.nn import DynamicQuantLinear, FakeQuant, QuantizedLayer
+from racc.passes import QuantizeInt8
+from racc.report import OutputError
+from tests.conftest import ZOO, zoo_model
+
+
+def _batches(side: int, count: int = 6, seed: int = 3) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, side, side, generator=generator) for _ in range(count)]
+
+
+def _ort(path, x: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+def _convs(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
+def test_zoo_int8_file_runs_int8_kernels_and_matches_fake_quant(name, tmp_path):
+    model, x = zoo_model(name)
+    side = ZOO[name]
+    opt = racc.compile(model, "int8", (x,), calibration=_batches(side))
+    path = tmp_path / f"{name}.onnx"
+    racc.export_onnx(opt, path)  # checks ORT against torch and QLinearConv fusion itself
+    ops = ort_optimized_ops(path)
+    assert ops["QLinearConv"] == _convs(model), ops
+    assert ops["Conv"] == 0 and ops["FusedConv"] == 0, ops
+    fp32_path = tmp_path / "fp32.onnx"
+    racc.export_onnx(model, fp32_path, example_inputs=(x,))
+    assert os.path.getsize(fp32_path) / os.path.getsize(path) > 3.4  # int8 weights
+    fresh = _batches(side, count=2, seed=11)  # calibration-like inputs the calibration never saw
+    for batch in fresh:
+        with torch.no_grad():
+            fake, reference = opt(batch), model(batch)
+        got = _ort(path, batch)
+        assert float((got - fake).abs().max()) <= QDQ_STEPS * output_step(fake)
+        quant_error = OutputError.between(reference, fake).rel_l2
+        assert OutputError.between(fake, got).rel_l2 <= 0.5 * quant_error + 1e-3
+        assert OutputError.between(reference, got).cosine >= 0.98
+
+
+def test_one_integer_kernel_agrees_with_fake_quant_within_one_step(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()
+    x = torch.randn(2, 3, 20, 20)
+    opt = racc.compile(model, "int8", (x,), calibration=_batches(20))
+    path = tmp_path / "m.onnx"
+    racc.export_onnx(opt, path)
+    assert ort_optimized_ops(path)["QLinearConv"] == 2
+    last = [m for m in opt.modules() if isinstance(m, FakeQuant)][-1]
+    for batch in _batches(20, count=3, seed=7):
+        with torch.no_grad():
+            fake = opt(batch)
+        steps = (_ort(path, batch) - fake).abs() / float(last.scale)
+        assert float(steps.max()) <= 1 + 1e-3
+        assert float((steps > 0.5).float().mean()) < 0.01  # a step apart only on rounding ties
+
+
+def _wide_channel_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 8),
+    ).eval()
+    with torch.no_grad():
+        model[4].weight[0] *= 100  # one output channel with a hundred times the others' range
+    return model
+
+
+def test_per_channel_weights_beat_per_tensor_on_a_wide_range_channel():
+    model, x = _wide_channel_model(), torch.randn(2, 3, 16, 16)
+    batches = _batches(16)
+    errors = {}
+    for per_channel in (True, False):
+        opt = racc.compile(
+            model, [QuantizeInt8(per_channel=per_channel)], (x,), calibration=batches
+        )
+        with torch.no_grad():  # the narrow channels: one shared scale rounds their weights away
+            narrow = [(model(b)[:, 1:], opt(b)[:, 1:]) for b in batches]
+        errors[per_channel] = OutputError.between(*zip(*narrow, strict=True)).rel_l2
+    assert errors[True] < errors[False] / 10, errors
+
+
+def test_error_budget_falls_back_the_most_sensitive_layers_until_it_holds():
+    model, x = zoo_model("resnet18")
+    calibration = _batches(64, count=4)
+    plain = racc.compile(model, "int8", (x,), calibration=calibration)
+    layers = plain.racc_report.rows[-1].table
+    full_error = _calibration_error(model, plain, calibration)
+    budget = full_error * 0.6
+    opt = racc.compile(model, [QuantizeInt8(error_budget=budget)], (x,), calibration=calibration)
+    table = opt.racc_report.rows[-1].table
+    fallen = [row["layer"] for row in table if row["why fp32"] == "error budget"]
+    assert fallen and all(row["runs"] == "fp32" for row in table if row["why fp32"])
+    assert _calibration_error(model, opt, calibration) <= budget
+    # the layers that fell back are the ones with the lowest SQNR
+    by_sqnr = sorted(layers, key=lambda row: row["SQNR dB (alone)"])
+    assert set(fallen) == {row["layer"] for row in by_sqnr[: len(fallen)]}
+    for name in fallen:
+        assert type(opt.get_submodule(name)) in (nn.Conv2d, nn.Linear)
+    assert any("budget" in note and " met" in note for note in opt.racc_report.rows[-1].notes)
+
+
+def _calibration_error(model, opt, batches) -> float:
+    with torch.no_grad():
+        return OutputError.between([model(b) for b in batches], [opt(b) for b in batches]).rel_l2
+
+
+def test_skip_keeps_the_named_layers_fp32(tmp_path):
+    model, x = zoo_model("resnet18")
+    opt = racc.compile(model, "int8{skip=layer4.*}", (x,), calibration=_batches(64, count=3))
+    kept = [n for n, m in opt.named_modules() if type(m) is nn.Conv2d and not n.endswith(".layer")]
+    quantized = [n for n, m in opt.named_modules() if isinstance(m, QuantizedLayer)]
+    assert kept and all(n.startswith("layer4.") for n in kept)
+    assert not any(n.startswith("layer4.") for n in quantized) and len(quantized) == 21 - len(kept)
+    path = tmp_path / "skip.onnx"
+    racc.export_onnx(opt, path)
+    ops = ort_optimized_ops(path)
+    assert ops["QLinearConv"] == 20 - len(kept)
+
+
+def test_dynamic_mode_shrinks_convnext_small_as_the_study_reports(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.convnext_small(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    opt = racc.compile(model, "int8{mode=dynamic}", (x,))
+    rows = opt.racc_report.rows
+    before, after = rows[0].cost.bytes / 2**20, rows[-1].cost.bytes / 2**20
+    assert 188.0 < before < 189.5 and 53.5 < after < 55.0, (before, after)  # 188.89 -> 54.21 MB
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, DynamicQuantLinear) for m in opt.modules()) == linears
+    assert not any(isinstance(m, nn.Linear) for m in opt.modules())
+    assert rows[-1].error.cosine > 0.999
+    path = tmp_path / "convnext.onnx"
+    racc.export_onnx(opt, path)
+    assert os.path.getsize(path) / 2**20 < 56
+    assert ort_optimized_ops(path)["DynamicQuantizeMatMul"] == linears
+
+
+def test_percentile_ignores_an_outlier_that_minmax_spends_its_range_on():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    batches = _batches(16, count=4)
+    batches[0][0, 0, 0, 0] = 500.0  # one outlier pixel
+    errors, scales = {}, {}
+    for method in ("minmax", "percentile", "mse"):
+        opt = racc.compile(model, f"int8{{method={method}}}", (x,), calibration=batches)
+        scales[method] = float(next(m for m in opt.modules() if isinstance(m, FakeQuant)).scale)
+        errors[method] = _calibration_error(model, opt, batches[1:])  # inputs without outliers
+    assert scales["percentile"] < scales["minmax"] / 20
+    assert scales["mse"] < scales["minmax"]
+    assert errors["percentile"] < errors["minmax"] / 3
+    assert errors["mse"] < errors["minmax"]
+
+
+def test_prune_then_int8_composes_end_to_end(tmp_path):
+    model, x = zoo_model("resnet18")
+    opt = racc.compile(model, "prune-bn{ratio=0.5},int8", (x,), calibration=_batches(64, 3))
+    rows = opt.racc_report.rows
+    assert [r.name for r in rows] == ["input", "prune-bn{ratio=0.5}", "int8"]
+    assert rows[1].cost.macs < 0.6 * rows[0].cost.macs
+    path = tmp_path / "pruned_int8.onnx"
+    racc.export_onnx(opt, path)
+    assert ort_optimized_ops(path)["QLinearConv"] == _convs(model)
+
+
+def test_fake_quant_model_fine_tunes():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    ).eval()
+    x = torch.randn(64, 3, 8, 8)
+    y = (x[:, 0].mean((1, 2)) > 0).long()
+    opt = racc.compile(model, "int8", (x[:4],), calibration=[x[:32], x[32:]])
+    opt.train()
+    optimizer = torch.optim.Adam(opt.parameters(), lr=0.03)
+    losses = []
+    for _ in range(40):
+        loss = nn.functional.cross_entropy(opt(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        optimizer.step()
+    conv = opt.get_submodule("0").layer
+    assert conv.weight.grad is not None and float(conv.weight.grad.abs().sum()) > 0
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_report_lists_sensitivity_sizes_and_error():
+    model, x = zoo_model("mobilenet_v2")
+    opt = racc.compile(model, "int8", (x,), calibration=_batches(64, count=2))
+    row = opt.racc_report.rows[-1]
+    assert row.exactness == "approximate" and row.error.cosine > 0.98
+    assert len(row.table) == _convs(model) + 1  # every conv and the classifier
+    assert all(math.isfinite(r["SQNR dB (alone)"]) and r["SQNR dB (alone)"] > 10 for r in row.table)
+    text = str(opt.racc_report)
+    assert "SQNR dB (alone)" in text and "as deployed" in text and "cosine" in text
+    assert "activations uint8" in text or "activations int8" in text
+
+
+def test_saved_fake_quant_model_loads_with_the_same_outputs(tmp_path):
+    model = _wide_channel_model()
+    x = torch.randn(2, 3, 16, 16)
+    opt = racc.compile(model, "int8", (x,), calibration=_batches(16, 2))
+    racc.save(opt, tmp_path / "q.racc")
+    loaded = racc.load(tmp_path / "q.racc")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), opt(x))
+
+
+def test_options_print_back_without_the_calibration_data():
+    p = QuantizeInt8(calibration=[torch.zeros(1, 3, 8, 8)], method="mse", skip=("fc",))
+    assert str(p) == "int8{method=mse,skip=fc}"
+
+
+def test_static_mode_without_calibration_says_how_to_give_it():
+    model, x = _wide_channel_model(), torch.randn(2, 3, 16, 16)
+    with pytest.raises(InputError, match="calibration=") as e:
+        racc.compile(model, "int8", (x,))
+    assert "mode='dynamic'" in str(e.value)
+
+
+def test_calibration_batch_of_the_wrong_shape_names_the_expected_shape():
+    model, x = _wide_channel_model(), torch.randn(2, 3, 16, 16)
+    batches = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 20, 20)]
+    with pytest.raises(
+        InputError, match=r"batch 1, input 0 has shape \(4, 3, 20, 20\); expected \(N, 3, 16, 16\)"
+    ):
+        racc.compile(model, "int8", (x,), calibration=batches)
+
+
+def test_empty_calibration_is_an_error():
+    model, x = _wide_channel_model(), torch.randn(2, 3, 16, 16)
+    with pytest.raises(InputError, match="calibration is empty"):
+        racc.compile(model, "int8", (x,), calibration=iter([]))
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(PassConfigError, match="'minmax' | 'percentile' | 'mse'"):
+        racc.compile(_wide_channel_model(), "int8{method=kl}", (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(PassConfigError, match="option 'method'"):
+        QuantizeInt8(method="kl")
+    with pytest.raises(PassConfigError, match="error_budget"):
+        QuantizeInt8(error_budget=-1.0)
+
+
+def test_dataloader_pairs_are_accepted_as_calibration():
+    model, x = _wide_channel_model(), torch.randn(2, 3, 16, 16)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 16, 16), torch.zeros(16))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    opt = racc.compile(model, [QuantizeInt8(calibration=loader)], (x,))
+    assert "on 4 calibration batches" in " ".join(opt.racc_report.rows[-1].notes)
+    assert np.isfinite(opt.racc_report.rows[-1].error.max_abs)
