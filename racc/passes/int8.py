@@ -151,7 +151,7 @@ class QuantizeInt8(Pass):
         result.matched = [quantizer.label(u) for u in enabled]
         result.skipped += [Skip(u, f"kept fp32: {reason}") for u, reason in why.items()]
         result.table = quantizer.table(enabled, why)
-        error = quantizer.output_error(enabled)
+        error = quantizer.output_error(result.gm)
         before, after = deployed_bytes(gm), deployed_bytes(result.gm)
         result.notes = [
             f"mode {self.mode}"
@@ -330,8 +330,8 @@ class _Quantizer:
         node = self.nodes[name]
         return node.target if node.op == "call_module" else name
 
-    def output_error(self, enabled: list[str]) -> OutputError:
-        model = self.build(enabled)
+    def output_error(self, model: nn.Module) -> OutputError:
+        """Outputs of `model` against the float model's on the calibration batches."""
         with torch.no_grad():
             outputs = [model(*b) for b in self.batches]
         return OutputError.between(self.reference, outputs)
@@ -347,7 +347,7 @@ class _Quantizer:
         wanted = list(self.units)
         order = sorted(wanted, key=lambda u: self.sqnr[u])
         while budget is not None and order:
-            if self.output_error(self.effective(wanted)).rel_l2 <= budget:
+            if self.output_error(self.build(self.effective(wanted))).rel_l2 <= budget:
                 break
             wanted.remove(order.pop(0))
         enabled = self.effective(wanted)
