@@ -27,7 +27,6 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from racc.errors import ExportError
 
 _WEIGHTED = ("Conv", "Gemm", "MatMul")
-_FLOAT_CONVS = ("Conv", "FusedConv")
 
 
 def lower_qdq(path: str | os.PathLike) -> None:

@@ -41,6 +41,7 @@ from racc.errors import InputError, PassConfigError
 from racc.ir.fx import TensorSpec, module_call_counts, node_values, record_examples
 from racc.ir.ops import CONVS
 from racc.nn.quant import (
+    RANGES,
     DynamicQuantLinear,
     FakeQuant,
     QuantizedLayer,
@@ -590,7 +591,7 @@ def _mse_range(hist: torch.Tensor, lo: float, hi: float, dtype: str) -> tuple[fl
     best, best_error = (lo, hi), math.inf
     for f in torch.linspace(0.1, 1.0, 91, dtype=torch.float64).tolist():
         scale, zero = affine_qparams(f * lo, f * hi, dtype)
-        qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+        qmin, qmax = RANGES[dtype]
         q = (torch.round(centers / scale) + zero).clamp(qmin, qmax)
         error = float((weights * (centers - (q - zero) * scale).square()).sum())
         if error < best_error:
