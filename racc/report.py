@@ -52,6 +52,12 @@ class OutputError:
         return self.within(EXACT_RTOL, EXACT_ATOL)
 
 
+def output_step(outputs) -> float:
+    """The step of an 8-bit quantizer spanning the outputs' range (with 0): (max - min) / 255."""
+    values = _flat(outputs)
+    return float(values.max().clamp(min=0) - values.min().clamp(max=0)) / 255
+
+
 def _flat(outputs) -> torch.Tensor:
     leaves = torch.utils._pytree.tree_leaves(outputs)
     tensors = [t.detach().reshape(-1).float() for t in leaves if isinstance(t, torch.Tensor)]

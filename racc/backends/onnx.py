@@ -17,7 +17,7 @@ from racc.backends.qdq import check_int8_kernels, lower_qdq
 from racc.errors import ExportError
 from racc.ir.fx import normalize_inputs
 from racc.nn.quant import is_quantized
-from racc.report import OutputError
+from racc.report import OutputError, output_step
 
 # ORT and torch kernels differ by rounding; compared against the output's largest value.
 ONNX_RTOL, ONNX_ATOL = 1e-4, 1e-4
@@ -120,11 +120,3 @@ def _compare_with_ort(path, names, inputs, expected, quantized: bool) -> None:
             f"max abs error {error.max_abs:.3g} (outputs up to {error.scale:.3g}); the exported "
             "graph is wrong"
         )
-
-
-def output_step(outputs) -> float:
-    """The step of an 8-bit quantizer spanning the outputs' range (with 0): (max - min) / 255."""
-    values = torch.cat(
-        [t.detach().reshape(-1).float() for t in torch.utils._pytree.tree_leaves(outputs)]
-    )
-    return float(values.max().clamp(min=0) - values.min().clamp(max=0)) / 255

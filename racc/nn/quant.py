@@ -55,18 +55,11 @@ class FakeQuant(nn.Module):
 
 
 def weight_scale(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """Symmetric int8 scale of each output channel (axis 0), or one for the whole tensor."""
+    """Symmetric int8 scale of each output channel (axis 0), or one for the whole tensor; an
+    all-zero channel gets scale 1 (any scale stores its zeros exactly)."""
     w = weight.detach().abs()
     amax = w.reshape(w.shape[0], -1).amax(dim=1) if per_channel else w.amax().reshape(1)
-    return amax / 127
-
-
-def _bias_safe(scale: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor):
-    """Widen weight scales so that the bias fits int32 at input_scale * scale; never zero."""
-    if bias is not None:
-        need = bias.detach().abs() / (input_scale * _INT32_MAX)
-        scale = torch.maximum(scale, need if scale.numel() > 1 else need.amax().reshape(1))
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(amax > 0, amax / 127, torch.ones_like(amax))
 
 
 class QuantizedLayer(nn.Module):
@@ -83,8 +76,13 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("input_scale", torch.tensor(input_scale, dtype=torch.float32))
 
     def weight_scale(self) -> torch.Tensor:
-        scale = weight_scale(self.layer.weight, self.per_channel)
-        return _bias_safe(scale, self.layer.bias, self.input_scale)
+        """The weight's int8 scale, widened where the bias would not fit int32 at
+        input_scale * scale."""
+        scale, bias = weight_scale(self.layer.weight, self.per_channel), self.layer.bias
+        if bias is None:
+            return scale
+        need = bias.detach().abs() / (self.input_scale * _INT32_MAX)
+        return torch.maximum(scale, need if scale.numel() > 1 else need.amax().reshape(1))
 
     def quantized_weight(self) -> torch.Tensor:
         w, scale = self.layer.weight, self.weight_scale()
@@ -139,7 +137,7 @@ class DynamicQuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear, per_channel: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        scale = _bias_safe(weight_scale(linear.weight, per_channel), None, torch.tensor(1.0))
+        scale = weight_scale(linear.weight, per_channel)
         shaped = scale[:, None] if per_channel else scale
         qweight = torch.round(linear.weight.detach() / shaped).clamp(*WEIGHT_RANGE)
         # int8 Parameters cannot train; they count as parameters and store one byte each

@@ -82,7 +82,6 @@ class FoldBatchNormIntoConv(Pass):
         source = bn_node.args[0]
         producer, bn = gm.get_submodule(source.target), gm.get_submodule(bn_node.target)
         fold = fuse_linear_bn_eval if isinstance(producer, nn.Linear) else fuse_conv_bn_eval
-        owner, _, attr = source.target.rpartition(".")
-        setattr(gm.get_submodule(owner), attr, fold(producer.eval(), bn.eval()))
+        gm.set_submodule(source.target, fold(producer.eval(), bn.eval()))
         bn_node.replace_all_uses_with(source)
         gm.graph.erase_node(bn_node)

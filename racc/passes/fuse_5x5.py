@@ -366,8 +366,7 @@ class FuseConv3x3PairInto5x5(Pass):
                 "rel err border": ring,
             }
         )
-        owner, _, attr = first.target.rpartition(".")
-        setattr(gm.get_submodule(owner), attr, module)
+        gm.set_submodule(first.target, module)
         with gm.graph.inserting_after(last):
             new = gm.graph.call_module(first.target, (first.args[0],))
         last.replace_all_uses_with(new)

@@ -161,7 +161,7 @@ class QuantizeInt8(Pass):
             f"{len(folded.matched)} BNs folded first",
             f"{len(enabled)} of {len(quantizer.units)} layers int8; weights and biases "
             f"{_mib(before)} -> {_mib(after)} as deployed ({before / after:.2f}x smaller)",
-            f"outputs vs fp32 on {len(batches)} calibration batches: max abs "
+            f"outputs vs fp32 on {_measured_on(batches, ctx)}: max abs "
             f"{error.max_abs:.3g} (outputs up to {error.scale:.3g}), rel L2 {error.rel_l2:.3g}, "
             f"cosine {error.cosine:.5f}",
         ]
@@ -224,6 +224,12 @@ def calibration_batches(source: Any, examples: tuple[torch.Tensor, ...]) -> list
             "calibration is empty: it yielded no batches; pass at least one batch of real inputs"
         )
     return batches
+
+
+def _measured_on(batches: list[tuple], ctx: PassContext) -> str:
+    if len(batches) == 1 and batches[0] is ctx.example_inputs:
+        return "the example inputs (no calibration data given)"
+    return f"{len(batches)} calibration batches"
 
 
 def _mib(n: int) -> str:
@@ -518,8 +524,7 @@ class _Static(_Quantizer):
         for name in enabled:
             node = nodes[name]
             scale = self.qparams[plan[node.args[0].name]][0]
-            _replace_module(
-                gm,
+            gm.set_submodule(
                 node.target,
                 QuantizedLayer(gm.get_submodule(node.target), scale, self.options.per_channel),
             )
@@ -568,11 +573,6 @@ def _callable(gm: fx.GraphModule, node: fx.Node) -> Callable[[torch.Tensor], tor
     return lambda y: node.target(y, *node.args[1:], **node.kwargs)
 
 
-def _replace_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    owner, _, attr = target.rpartition(".")
-    setattr(gm.get_submodule(owner), attr, module)
-
-
 def _percentile_range(hist: torch.Tensor, lo: float, hi: float, dtype: str) -> tuple[float, float]:
     """The 0.01% and 99.99% points of the histogram."""
     cdf = hist.double().cumsum(0) / hist.sum()
@@ -611,8 +611,8 @@ class _Dynamic(_Quantizer):
         gm = copy.deepcopy(self.gm)
         for name in enabled:
             target = self.nodes[name].target
-            _replace_module(
-                gm, target, DynamicQuantLinear(gm.get_submodule(target), self.options.per_channel)
+            gm.set_submodule(
+                target, DynamicQuantLinear(gm.get_submodule(target), self.options.per_channel)
             )
         gm.recompile()
         return gm
