@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from racc.analysis.blocks import block_grid, block_params
 from racc.analysis.cost import layer_widths, measure_cost
 from racc.errors import EquivalenceError, RaccError
 from racc.ir.fx import node_values, normalize_inputs, record_examples, trace
@@ -50,17 +51,19 @@ def compile(
     inputs = normalize_inputs(example_inputs)
     traced = trace(model)
     gm = traced.gm
+    grid = block_grid(model)  # from the user's module classes, which the traced copy lacks
     start = time.perf_counter()
     outputs = record_examples(gm, inputs)
     report = Report(type(model).__name__, leaves=traced.leaves, explain=explain)
+    cost, seconds = measure_cost(gm, inputs), time.perf_counter() - start
     report.rows.append(
-        PassRow("input", "-", [], [], None, measure_cost(gm, inputs), time.perf_counter() - start)
+        PassRow("input", "-", [], [], None, cost, seconds, blocks=block_params(gm, grid))
     )
     done: list[str] = []
     for p in pipeline:
         # Order matters: each pass sees the graph the previous one left, and is checked against it.
         gm, outputs = _run_verified(
-            p, gm, outputs, PassContext(inputs, explain, list(done), calibration), report
+            p, gm, outputs, PassContext(inputs, explain, list(done), calibration), report, grid
         )
         done.append(str(p))
     gm.racc_report = report
@@ -69,7 +72,7 @@ def compile(
 
 
 def _run_verified(
-    p: Pass, gm: fx.GraphModule, outputs: Any, ctx: PassContext, report: Report
+    p: Pass, gm: fx.GraphModule, outputs: Any, ctx: PassContext, report: Report, grid: dict
 ) -> tuple[fx.GraphModule, Any]:
     before = copy.deepcopy(gm)  # to name the first differing node if an exact pass is not
     where = f"error in pass '{p}' after passes [{', '.join(ctx.previous)}]"
@@ -107,6 +110,7 @@ def _run_verified(
             _widths(before, gm),
             result.table,
             result.notes,
+            block_params(gm, grid),
         )
     )
     return gm, new_outputs

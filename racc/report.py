@@ -6,8 +6,10 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
+from racc.analysis.blocks import SHARED
 from racc.analysis.cost import Cost
 from racc.errors import RaccError
 from racc.passes.base import Skip
@@ -76,6 +78,7 @@ class PassRow:
     widths: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer: (before, after)
     table: list[dict] = field(default_factory=list)  # the pass's own rows, one per rewrite
     notes: list[str] = field(default_factory=list)  # what the pass chose and measured
+    blocks: dict[str, dict[str, int]] = field(default_factory=dict)  # stage: {block: params}
 
     @property
     def widths_changed(self) -> bool:
@@ -136,13 +139,56 @@ class Report:
             lines.append(f"- ... {more} more (compile with explain=True to list all)")
         return lines
 
+    def plot_params(self, path: str | os.PathLike) -> None:
+        """Write a PNG heatmap of parameters per stage x block, before the first pass and after the
+        last (the RAC paper's Figure 7); a shared RAC bank has its own column per stage."""
+        plt = _pyplot()
+        first, last = self.rows[0].blocks, self.rows[-1].blocks
+        if not first:
+            raise RaccError(
+                f"{self.model} has no repeated blocks (a module whose children are all of one "
+                "class), so there is no stage x block grid to plot"
+            )
+        stages = list(first)
+        columns = _block_columns(first, last)
+        grids = [
+            [[table.get(s, {}).get(c, math.nan) for c in columns] for s in stages]
+            for table in (first, last)
+        ]
+        top = max(v for g in grids for r in g for v in r if not math.isnan(v)) or 1
+        cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # no such block
+        wide = len(columns) > 8  # many blocks: before above after, not side by side
+        width, height = 2.5 + 0.6 * len(columns), 1.2 + 0.5 * len(stages)
+        fig, axes = plt.subplots(
+            2 if wide else 1,
+            1 if wide else 2,
+            figsize=(width, 2 * height) if wide else (2 * width, height),
+            squeeze=False,
+            layout="constrained",
+        )
+        for ax, grid, title in zip(
+            axes.flat, grids, (self.rows[0].name, self.rows[-1].name), strict=True
+        ):
+            image = ax.imshow(grid, cmap=cmap, vmin=0, vmax=top, aspect="auto")
+            for (i, j), value in np.ndenumerate(np.array(grid)):
+                if not math.isnan(value):
+                    color = "black" if value > top / 2 else "white"
+                    ax.text(j, i, _si(value), ha="center", va="center", fontsize=7, color=color)
+            ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
+            if wide and ax is axes.flat[0]:
+                ax.tick_params(labelbottom=False)  # the plot below names the columns
+            ax.set_yticks(range(len(stages)), stages, fontsize=8)
+            total = np.nansum(grid)
+            ax.set_title(f"{title}: {_si(total)} params in blocks", fontsize=9)
+            ax.set_xlabel("block")
+        fig.colorbar(image, ax=axes.ravel().tolist(), label="parameters")
+        fig.suptitle(f"{self.model}: parameters per stage x block")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
     def plot_channels(self, path: str | os.PathLike) -> None:
         """Write a PNG of output channels per layer before and after each pass that changed them."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         rows = [r for r in self.rows if r.widths_changed]
         if not rows:
             raise RaccError("no pass changed any layer's width; there is nothing to plot")
@@ -163,6 +209,25 @@ class Report:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: write files, never open windows
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _block_columns(*tables: dict[str, dict[str, int]]) -> list[str]:
+    """Block names in their order in the model, then the shared column if any stage has one."""
+    names: list[str] = []
+    for table in tables:
+        for blocks in table.values():
+            names += [b for b in blocks if b not in names and b != SHARED]
+    shared = any(SHARED in blocks for table in tables for blocks in table.values())
+    return names + ([SHARED] if shared else [])
 
 
 def _table_row(r: PassRow) -> str:

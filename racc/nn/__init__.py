@@ -2,5 +2,13 @@
 
 from racc.nn.border import BorderExactConv
 from racc.nn.quant import DynamicQuantLinear, FakeQuant, QuantizedLayer
+from racc.nn.rac import RacBank, RacConv2d
 
-__all__ = ["BorderExactConv", "DynamicQuantLinear", "FakeQuant", "QuantizedLayer"]
+__all__ = [
+    "BorderExactConv",
+    "DynamicQuantLinear",
+    "FakeQuant",
+    "QuantizedLayer",
+    "RacBank",
+    "RacConv2d",
+]

@@ -6,6 +6,7 @@ from racc.passes.fuse_5x5 import FuseConv3x3PairInto5x5
 from racc.passes.int8 import QuantizeInt8
 from racc.passes.pipeline import format_pipeline, parse_pipeline
 from racc.passes.prune_bn import PruneChannelsByBnGamma
+from racc.passes.rac import RewriteConv3x3ToRac
 
 __all__ = [
     "REGISTRY",
@@ -13,6 +14,7 @@ __all__ = [
     "FuseConv3x3PairInto5x5",
     "PruneChannelsByBnGamma",
     "QuantizeInt8",
+    "RewriteConv3x3ToRac",
     "Pass",
     "PassContext",
     "PassResult",
