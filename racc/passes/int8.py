@@ -48,6 +48,7 @@ from racc.nn.quant import (
     affine_qparams,
     deployed_bytes,
 )
+from racc.nn.rac import RacConv2d
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
 from racc.passes.fold_bn import FoldBatchNormIntoConv
 from racc.report import OutputError
@@ -146,7 +147,7 @@ class QuantizeInt8(Pass):
             _decompose_silu(gm)
         record_examples(gm, ctx.example_inputs)
         quantizer = (_Static if self.mode == "static" else _Dynamic)(self, gm, batches)
-        result = PassResult(gm, modified=True, skipped=quantizer.skipped)
+        result = PassResult(gm, modified=True, skipped=quantizer.skipped + _rac_blocks(gm))
         enabled, why = quantizer.within_budget(self.error_budget)
         result.gm = quantizer.build(enabled)
         result.matched = [quantizer.label(u) for u in enabled]
@@ -230,6 +231,18 @@ def _measured_on(batches: list[tuple], ctx: PassContext) -> str:
     if len(batches) == 1 and batches[0] is ctx.example_inputs:
         return "the example inputs (no calibration data given)"
     return f"{len(batches)} calibration batches"
+
+
+def _rac_blocks(gm: fx.GraphModule) -> list[Skip]:
+    reason = (
+        "RAC block: runs in fp32 between a DequantizeLinear and a QuantizeLinear (racc does not "
+        "quantize shared banks); deploy=dense in the rac pass gives a conv that int8 quantizes"
+    )
+    return [
+        Skip(n.target, reason)
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), RacConv2d)
+    ]
 
 
 def _mib(n: int) -> str:

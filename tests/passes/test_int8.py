@@ -189,6 +189,23 @@ def test_prune_then_int8_composes_end_to_end(tmp_path):
     assert ort_optimized_ops(path)["QLinearConv"] == _convs(model)
 
 
+@pytest.mark.parametrize("deploy", ["factored", "dense"])
+def test_rac_then_int8_composes_end_to_end(tmp_path, deploy):
+    model, x = zoo_model("resnet18")
+    pipeline = f"rac{{where=resnet18,deploy={deploy}}},int8"
+    opt = racc.compile(model, pipeline, (x,), calibration=_batches(64, 3))
+    skipped = {s.node: s.reason for s in opt.racc_report.rows[-1].skipped}
+    path = tmp_path / "rac_int8.onnx"
+    racc.export_onnx(opt, path)  # ONNX Runtime within QDQ_STEPS of the fake-quant model
+    ops = ort_optimized_ops(path)
+    if deploy == "factored":  # the two RAC blocks stay fp32, and say so; every other conv is int8
+        assert sorted(skipped) == ["layer3.0.conv2", "layer3.1.conv2"]
+        assert all("RAC block: runs in fp32" in r for r in skipped.values())
+        assert ops["QLinearConv"] == _convs(model) - 2
+    else:
+        assert not skipped and ops["QLinearConv"] == _convs(model)
+
+
 def test_fake_quant_model_fine_tunes():
     torch.manual_seed(0)
     model = nn.Sequential(
