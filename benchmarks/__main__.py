@@ -13,7 +13,13 @@ from pathlib import Path
 
 from benchmarks.common import machine
 
-TABLES = ["benchmarks.analysis", "benchmarks.prune_bn", "benchmarks.fuse_5x5", "benchmarks.int8"]
+TABLES = [
+    "benchmarks.analysis",
+    "benchmarks.prune_bn",
+    "benchmarks.fuse_5x5",
+    "benchmarks.int8",
+    "benchmarks.rac",
+]
 ROOT = Path(__file__).resolve().parent.parent
 
 

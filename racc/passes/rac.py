@@ -273,15 +273,12 @@ class RewriteConv3x3ToRac(Pass):
                 _check_forms(block.name, new, values[block.node.args[0].name])
                 gm.set_submodule(block.name, new.to_dense() if self.deploy == "dense" else new)
                 result.matched.append(block.name)
-            before = sum(b.conv.weight.numel() + _bias(b.conv) for b in stage.blocks)
-            after = (
-                _params(rac) if self.deploy == "factored" else _params([r.to_dense() for r in rac])
-            )
+            before, after = self._sizes(stage, rac)
             total_before, total_after = total_before + before, total_after + after
+            bank = f", one bank m={self.m} k={self.k}" if self.deploy == "factored" else ""
             result.notes.append(
-                f"stage '{stage.name}' (C={stage.channels}, {len(rac)} blocks"
-                + (f", one bank m={self.m} k={self.k}" if self.deploy == "factored" else "")
-                + f"): params {before:,} -> {after:,}, fp32 {_mib(before)} -> {_mib(after)}"
+                f"stage '{stage.name}' (C={stage.channels}, {len(rac)} blocks{bank}): params "
+                f"{before:,} -> {after:,}, fp32 {_mib(before)} -> {_mib(after)}"
             )
         ratio = total_before / max(total_after, 1)
         change = (
@@ -297,6 +294,12 @@ class RewriteConv3x3ToRac(Pass):
         )
         result.modified = True
         return result
+
+    def _sizes(self, stage: _Stage, rac: list[RacConv2d]) -> tuple[int, int]:
+        """Parameters of the stage's convs before, and of what replaces them (the bank once)."""
+        before = _params([b.conv for b in stage.blocks])
+        deployed = rac if self.deploy == "factored" else [r.to_dense() for r in rac]
+        return before, _params(deployed)
 
     def _build(
         self, stage: _Stage, generator: torch.Generator, result: PassResult
@@ -343,7 +346,7 @@ class RewriteConv3x3ToRac(Pass):
             "C -> C'": f"{b.conv.in_channels} -> {b.conv.out_channels}",
             "stride": b.conv.stride[0],
             "pairs": pairs,
-            "params before": b.conv.weight.numel() + _bias(b.conv),
+            "params before": _params([b.conv]),
             "mixer params": block.mixer.weight.numel() + block.mixer.bias.numel(),
             "weight rel error": error,
             "corner floor": floor,
@@ -359,10 +362,6 @@ def _check_forms(name: str, block: RacConv2d, x: torch.Tensor) -> None:
             f"RAC block '{name}': the factored form and the dense cross-kernel conv differ by "
             f"{error.max_abs:.3g} (outputs up to {error.scale:.3g}); this is a bug in racc"
         )
-
-
-def _bias(conv: nn.Module) -> int:
-    return conv.bias.numel() if conv.bias is not None else 0
 
 
 def _params(modules: list[nn.Module]) -> int:

@@ -53,7 +53,7 @@ def embed(kernel: torch.Tensor, k: int) -> torch.Tensor:
     return torch.nn.functional.pad(kernel, (pw, pw, ph, ph))
 
 
-class _Stage:
+class _Problem:
     """One stage's targets as cross taps (C', C, 2k-1): off-centre row, off-centre column, centre."""
 
     def __init__(self, kernels: list[torch.Tensor], m: int, k: int) -> None:
@@ -173,7 +173,7 @@ def fit_stage(
 
     `pairs` (one (R, 2) tensor per block) is where the pair search starts; each restart begins
     from seeded random banks, and the first that fits exactly (or the best) is kept."""
-    stage = _Stage(kernels, m, k)
+    stage = _Problem(kernels, m, k)
     generator = torch.Generator().manual_seed(seed)
     best: tuple[float, tuple] | None = None
     for _ in range(restarts):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from common import load_cifar10  # examples/ is on sys.path (tests/examples/conftest.py)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fusion_pruning_vgg19.py"
 
@@ -41,8 +42,8 @@ def test_cifar10_loader_reads_python_batches(tmp_path):
         batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
                  b"labels": rng.integers(0, 10, 4).tolist()}  # fmt: skip
         (tmp_path / name).write_bytes(pickle.dumps(batch))
-    x_train, y_train, x_test, y_test = _example().load_cifar10(str(tmp_path))
+    x_train, y_train, x_test, y_test = load_cifar10(str(tmp_path))
     assert tuple(x_train.shape) == (20, 3, 32, 32) and tuple(x_test.shape) == (4, 3, 32, 32)
     assert len(y_train) == 20 and int(y_test.max()) < 10
     with pytest.raises(FileNotFoundError, match="CIFAR-10's python batches"):
-        _example().load_cifar10(str(tmp_path / "missing"))
+        load_cifar10(str(tmp_path / "missing"))
