@@ -5,12 +5,24 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+from pathlib import Path
 
+import onnxruntime as ort
 import torch
 
+import racc
 from racc.timing import Timing, interleaved, ort_session
 
-__all__ = ["Timing", "interleaved", "machine", "ort_session", "rounds_from_args", "warmed"]
+__all__ = [
+    "Timing",
+    "interleaved",
+    "latency_ratios",
+    "machine",
+    "ort_file_session",
+    "ort_session",
+    "rounds_from_args",
+    "warmed",
+]
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(2)
@@ -50,3 +62,17 @@ def warmed(name: str, side: int = 224) -> torch.nn.Module:
         model.train()
         model(torch.randn(2, 3, side, side))
     return model.eval()
+
+
+def ort_file_session(model, x, folder: Path, name: str) -> ort.InferenceSession:
+    """`model` exported (and checked) to folder/name.onnx, in a 2-thread ONNX Runtime session."""
+    path = folder / f"{name}.onnx"
+    racc.export_onnx(model, path, example_inputs=(x,))
+    return ort_session(path, threads=2)
+
+
+def latency_ratios(sessions, batch: int, side: int, rounds: int) -> list[float]:
+    """Latency of each session after the first relative to the first, at this batch size."""
+    feed = {"input": torch.randn(batch, 3, side, side).numpy()}
+    runs = [lambda s=s: s.run(None, feed) for s in sessions]
+    return interleaved(runs, rounds).ratios[1:]

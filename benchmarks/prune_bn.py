@@ -13,11 +13,10 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import onnxruntime as ort
 import torch
 
 import racc
-from benchmarks.common import interleaved, ort_session, rounds_from_args, warmed
+from benchmarks.common import latency_ratios, ort_file_session, rounds_from_args, warmed
 from racc.analysis.cost import measure_cost
 
 MODELS = {"resnet50": 224, "mobilenet_v2": 224, "vgg19_bn": 224}
@@ -36,19 +35,6 @@ def torch_pruning(model, x):
     return model.eval()
 
 
-def _session(model, x, folder: Path, name: str) -> ort.InferenceSession:
-    path = folder / f"{name}.onnx"
-    racc.export_onnx(model, path, example_inputs=(x,))
-    return ort_session(path, threads=2)
-
-
-def _latency_ratios(sessions, batch: int, side: int, rounds: int) -> list[float]:
-    """Latency of each pruned model's session relative to the original's (the first)."""
-    feed = {"input": torch.randn(batch, 3, side, side).numpy()}
-    runs = [lambda s=s: s.run(None, feed) for s in sessions]
-    return interleaved(runs, rounds).ratios[1:]
-
-
 def table(rounds: int) -> list[str]:
     rows = [
         "| model | pruner | params | MACs | ORT latency b1 | ORT latency b8 "
@@ -61,11 +47,11 @@ def table(rounds: int) -> list[str]:
         theirs = torch_pruning(model, x)
         costs = [measure_cost(m, (x,)) for m in (model, ours, theirs)]
         with tempfile.TemporaryDirectory() as folder:
-            sessions = [_session(m, x, Path(folder), n) for m, n in
+            sessions = [ort_file_session(m, x, Path(folder), n) for m, n in
                         ((model, "original"), (ours, "racc"), (theirs, "tp"))]  # fmt: skip
             count = max(3, rounds // 4) if name == "vgg19_bn" else rounds
-            b1 = _latency_ratios(sessions, 1, side, count)
-            b8 = _latency_ratios(sessions, 8, side, max(3, count // 2))
+            b1 = latency_ratios(sessions, 1, side, count)
+            b8 = latency_ratios(sessions, 8, side, max(3, count // 2))
         for i, label in enumerate(("racc prune-bn", "Torch-Pruning BNScale")):
             params = costs[i + 1].params / costs[0].params
             macs = costs[i + 1].macs / costs[0].macs

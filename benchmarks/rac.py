@@ -14,9 +14,8 @@ import torch
 import torchvision
 
 import racc
-from benchmarks.common import interleaved, rounds_from_args
+from benchmarks.common import latency_ratios, ort_file_session, rounds_from_args
 from racc.analysis.cost import measure_cost
-from racc.timing import runner
 
 MODELS = ["resnet18", "resnet50", "resnet101"]
 SETTINGS = [(8, 2), (8, 4), (16, 2), (16, 4)]  # (m, R)
@@ -24,16 +23,6 @@ SETTINGS = [(8, 2), (8, 4), (16, 2), (16, 4)]  # (m, R)
 
 def _mib(model: torch.nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) * 4 / 2**20
-
-
-def _latencies(models: list[torch.nn.Module], rounds: int) -> dict[int, list[float]]:
-    out = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for batch in (1, 8):
-            x = torch.randn(batch, 3, 224, 224)
-            runs = [runner(m, x, "onnxruntime", Path(folder)) for m in models]
-            out[batch] = interleaved(runs, rounds).ratios
-    return out
 
 
 def table(rounds: int) -> list[str]:
@@ -47,7 +36,10 @@ def table(rounds: int) -> list[str]:
         model = getattr(torchvision.models, name)(num_classes=10).eval()
         rac = [racc.compile(model, f"rac{{where={name},m={m},R={r}}}", (x,)) for m, r in SETTINGS]
         base = measure_cost(model, (x,))
-        ratios = _latencies([model, *rac], rounds)
+        with tempfile.TemporaryDirectory() as folder:
+            models = [("original", model)] + [(f"rac{i}", m) for i, m in enumerate(rac)]
+            sessions = [ort_file_session(m, x, Path(folder), n) for n, m in models]
+            ratios = {b: latency_ratios(sessions, b, 224, rounds) for b in (1, 8)}
         rows.append(f"| {name} | - | - | {base.params / 1e6:.2f}M | {_mib(model):.1f} MiB | "
                     f"{base.macs / 1e9:.2f}G | 1.00x | 1.00x |")  # fmt: skip
         for i, ((m, r), opt) in enumerate(zip(SETTINGS, rac, strict=True)):
@@ -55,7 +47,7 @@ def table(rounds: int) -> list[str]:
             rows.append(
                 f"| RAC-{name} | {m} | {r} | {cost.params / base.params:.3f}x | "
                 f"{_mib(opt):.1f} MiB | {cost.macs / base.macs:.3f}x | "
-                f"{ratios[1][i + 1]:.2f}x | {ratios[8][i + 1]:.2f}x |"
+                f"{ratios[1][i]:.2f}x | {ratios[8][i]:.2f}x |"
             )
     return rows
 

@@ -139,6 +139,8 @@ def parse_value(pass_name: str, option: str, text: str, hint: Any) -> Any:
     """Turn the text of `option=text` in a pipeline string into a value of the option's type."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     candidates = args if origin in _UNIONS else (hint,)
+    if "|" in text:  # "a|b" is how a tuple prints: read it back as one where the option allows
+        candidates = sorted(candidates, key=lambda c: typing.get_origin(c) is not tuple)
     for candidate in candidates:
         try:
             value = _parse_as(text, candidate)

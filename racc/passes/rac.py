@@ -132,12 +132,7 @@ class RewriteConv3x3ToRac(Pass):
         preset = self._preset()
         if preset:
             return preset.patterns
-        # a pipeline string gives "a|b" as one string when the option also accepts str
-        return (
-            tuple(filter(None, self.where.split("|")))
-            if isinstance(self.where, str)
-            else self.where
-        )
+        return (self.where,) if isinstance(self.where, str) else self.where
 
     def _explicit_pairs(self) -> torch.Tensor | None:
         items = self.pairs

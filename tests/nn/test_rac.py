@@ -129,8 +129,7 @@ def test_sharing_survives_torch_compile_and_gradients_reach_every_block():
     eager.zero_grad()
     eager(x).square().mean().backward()
     assert_close(bank.row.grad, _blocks(eager)[0].bank.row.grad, 1e-5, 1e-7, "bank gradient")
-    # the bank's gradient is the sum over blocks: removing any block's use changes it
-    for block in _blocks(model):
+    for block in _blocks(model):  # the compiled backward reaches every block's mixer
         assert block.mixer.weight.grad.abs().sum() > 0
     _assert_shared(model)
 

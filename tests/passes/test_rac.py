@@ -193,6 +193,9 @@ def test_pipeline_string_prints_back():
     p = racc.passes.parse_pipeline(text)[0]
     assert (p.m, p.R, p.where, p.init) == (16, 4, "layer3.*.conv2", "fit")
     assert racc.passes.parse_pipeline(str(p))[0] == p
+    several = RewriteConv3x3ToRac(where=("layer3.*.conv2", "layer2.*.conv2"), pairs=("0:1", "2:3"))
+    assert str(several) == "rac{where=layer3.*.conv2|layer2.*.conv2,pairs=0:1|2:3}"
+    assert racc.passes.parse_pipeline(str(several))[0] == several
 
 
 def test_depthwise_conv_is_skipped_unless_asked():
