@@ -12,7 +12,7 @@ import warnings
 import torch
 
 import racc
-from benchmarks.common import interleaved, rounds_from_args, warmed
+from benchmarks.common import interleaved, rounds_from_args, torchvision_model
 from racc.ir.fx import eval_mode, trace
 
 TIMED = ("resnet101", "densenet121", "convnext_tiny")
@@ -55,7 +55,7 @@ def timing_table(rounds: int) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for name in TIMED:
-        model, x = warmed(name), torch.randn(1, 3, 224, 224)
+        model, x = torchvision_model(name), torch.randn(1, 3, 224, 224)
         tracing = interleaved([lambda m=model: _fx_trace(m)], rounds).medians[0]
         result = interleaved(
             [lambda m=model, x=x: _tp_build(m, x), lambda m=model, x=x: racc.analyze(m, (x,))],
@@ -72,7 +72,7 @@ def coverage_table(side: int) -> list[str]:
     rows = ["| model | racc: groups (prunable) | Torch-Pruning |", "|---|---|---|"]
     for name in ZOO:
         size = 299 if name == "inception_v3" else side  # its auxiliary head needs 299 pixels
-        model, x = warmed(name, size), torch.randn(1, 3, size, size)
+        model, x = torchvision_model(name, size), torch.randn(1, 3, size, size)
         an = racc.analyze(model, (x,))
         racc_cell = f"{len(an.groups)} ({sum(g.prunable for g in an.groups)})"
         try:

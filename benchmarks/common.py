@@ -11,17 +11,19 @@ import onnxruntime as ort
 import torch
 
 import racc
-from racc.timing import Timing, interleaved, ort_session
+from racc.timing import Timing, interleaved, ort_call, ort_session
+from racc.zoo import torchvision_model
 
 __all__ = [
     "Timing",
     "interleaved",
     "latency_ratios",
     "machine",
+    "ort_call",
     "ort_file_session",
     "ort_session",
     "rounds_from_args",
-    "warmed",
+    "torchvision_model",
 ]
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -51,19 +53,6 @@ def machine() -> str:
     )
 
 
-def warmed(name: str, side: int = 224) -> torch.nn.Module:
-    """A torchvision model with random weights and BN statistics warmed up on random batches."""
-    import torchvision
-
-    torch.manual_seed(0)
-    kwargs = {"init_weights": True} if name in ("googlenet", "inception_v3") else {}
-    model = getattr(torchvision.models, name)(**kwargs)
-    with torch.no_grad():
-        model.train()
-        model(torch.randn(2, 3, side, side))
-    return model.eval()
-
-
 def ort_file_session(model, x, folder: Path, name: str) -> ort.InferenceSession:
     """`model` exported (and checked) to folder/name.onnx, in a 2-thread ONNX Runtime session."""
     path = folder / f"{name}.onnx"
@@ -73,6 +62,5 @@ def ort_file_session(model, x, folder: Path, name: str) -> ort.InferenceSession:
 
 def latency_ratios(sessions, batch: int, side: int, rounds: int) -> list[float]:
     """Latency of each session after the first relative to the first, at this batch size."""
-    feed = {"input": torch.randn(batch, 3, side, side).numpy()}
-    runs = [lambda s=s: s.run(None, feed) for s in sessions]
-    return interleaved(runs, rounds).ratios[1:]
+    x = torch.randn(batch, 3, side, side)
+    return interleaved([ort_call(s, x) for s in sessions], rounds).ratios[1:]

@@ -24,7 +24,13 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 import racc
-from benchmarks.common import interleaved, ort_session, rounds_from_args, warmed
+from benchmarks.common import (
+    interleaved,
+    ort_call,
+    ort_session,
+    rounds_from_args,
+    torchvision_model,
+)
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"]
 CONTENDERS = ["ORT default (s8s8)", "ORT u8s8 per-channel", "racc int8"]
@@ -39,7 +45,7 @@ class _Reader(CalibrationDataReader):
 
 
 def _files(name: str, folder: Path, batches: list[torch.Tensor]) -> list[Path]:
-    model = warmed(name)
+    model = torchvision_model(name)
     x = batches[0]
     fp32, pre = folder / f"{name}.onnx", folder / f"{name}.pre.onnx"
     racc.export_onnx(model, fp32, example_inputs=(x,))
@@ -74,9 +80,8 @@ def table(rounds: int) -> list[str]:
             paths = _files(name, Path(folder), batches)
             speedups = []
             for batch in (1, 8):
-                feed = {"input": fresh[0][:batch].numpy()}
                 sessions = [ort_session(p) for p in paths]
-                runs = [lambda s=s, feed=feed: s.run(None, feed) for s in sessions]
+                runs = [ort_call(s, fresh[0][:batch]) for s in sessions]
                 speedups.append([1 / r for r in interleaved(runs, rounds).ratios[1:]])
             cosines = _cosines(paths, fresh)
         cells = [

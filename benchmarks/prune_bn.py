@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import racc
-from benchmarks.common import latency_ratios, ort_file_session, rounds_from_args, warmed
+from benchmarks.common import latency_ratios, ort_file_session, rounds_from_args, torchvision_model
 from racc.analysis.cost import measure_cost
 
 MODELS = {"resnet50": 224, "mobilenet_v2": 224, "vgg19_bn": 224}
@@ -42,7 +42,7 @@ def table(rounds: int) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, side in MODELS.items():
-        model, x = warmed(name, side), torch.randn(1, 3, side, side)
+        model, x = torchvision_model(name, side), torch.randn(1, 3, side, side)
         ours = racc.compile(model, "prune-bn{ratio=0.5,scope=local,round_to=8}", (x,))
         theirs = torch_pruning(model, x)
         costs = [measure_cost(m, (x,)) for m in (model, ours, theirs)]

@@ -46,18 +46,28 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
 
 
+def torch_call(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """A call of `module` on `x` without autograd."""
+
+    def run() -> object:
+        with torch.no_grad():
+            return module(x)
+
+    return run
+
+
+def ort_call(session, x: torch.Tensor) -> Callable[[], object]:
+    """A run of a single-input ONNX Runtime session on `x`."""
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    return lambda: session.run(None, feed)
+
+
 def runner(module: nn.Module, x: torch.Tensor, backend: str, folder: Path) -> Callable[[], object]:
     """A call of `module` on `x` in torch (no grad) or in ONNX Runtime (exported into `folder`)."""
     if backend == "torch":
-
-        def run() -> object:
-            with torch.no_grad():
-                return module(x)
-
-        return run
+        return torch_call(module, x)
     from racc.backends.onnx import export_onnx
 
     path = folder / f"m{len(list(folder.iterdir()))}.onnx"
     export_onnx(module, path, example_inputs=(x,))  # checked: a wrong export is not timed
-    session, feed = ort_session(path), {"input": x.numpy()}
-    return lambda: session.run(None, feed)
+    return ort_call(ort_session(path), x)

@@ -7,6 +7,8 @@ import functools
 import pytest
 import torch
 
+from racc.zoo import torchvision_model
+
 torch.set_num_threads(1)
 
 # name -> input side; inception_v3 needs at least 75 pixels.
@@ -27,23 +29,12 @@ ZOO = {
     "squeezenet1_1": 64,
     "mnasnet1_0": 64,
 }
-_KWARGS = {
-    "inception_v3": {"aux_logits": False, "init_weights": True},
-    "googlenet": {"init_weights": True},
-}
 
 
 @functools.lru_cache(maxsize=2)
 def _zoo_model(name: str) -> torch.nn.Module:
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(**_KWARGS.get(name, {}))
-    side = ZOO[name]
-    with torch.no_grad():  # warm BN statistics up on random batches
-        model.train()
-        for _ in range(2):
-            model(torch.randn(4, 3, side, side))
-    return model.eval()
+    pytest.importorskip("torchvision")
+    return torchvision_model(name, side=ZOO[name], batches=2, batch=4)
 
 
 def zoo_model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
