@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from tqdm.auto import tqdm
 
 from racc.analysis.blocks import block_grid, block_params
 from racc.analysis.cost import layer_widths, measure_cost
@@ -26,6 +27,7 @@ def compile(
     example_inputs: Any,
     explain: bool = False,
     calibration: Any = None,
+    progress: bool = False,
 ) -> fx.GraphModule:
     """Transform a copy of `model` with `passes`, verifying each pass on `example_inputs`.
 
@@ -36,6 +38,7 @@ def compile(
         explain: list every node each pass skipped, with the reason, in the report.
         calibration: input batches (a list or a DataLoader) for passes that calibrate (int8),
             so that a pipeline string such as "prune-bn{ratio=0.5},int8" can quantize.
+        progress: show a progress bar over the passes (on stderr).
 
     Returns:
         A torch.fx GraphModule (a plain nn.Module) with `.racc_report`.
@@ -60,7 +63,9 @@ def compile(
         PassRow("input", "-", [], [], None, cost, seconds, blocks=block_params(gm, grid))
     )
     done: list[str] = []
-    for p in pipeline:
+    bar = tqdm(pipeline, desc="racc compile", unit="pass", disable=not progress, leave=False)
+    for p in bar:
+        bar.set_postfix_str(str(p))
         # Order matters: each pass sees the graph the previous one left, and is checked against it.
         gm, outputs = _run_verified(
             p, gm, outputs, PassContext(inputs, explain, list(done), calibration), report, grid

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from racc.analysis.blocks import SHARED
 from racc.analysis.cost import Cost
-from racc.errors import RaccError
+from racc.errors import ExportError, RaccError
 from racc.passes.base import Skip
+from racc.text import markdown_table, mib, si
 
 _ITEMS_SHOWN = 5
 # An `exact` rewrite may move outputs by float rounding only, relative to their largest value.
@@ -122,7 +125,7 @@ class Report:
         for r in (r for r in self.rows if r.notes):
             lines += ["", f"{r.name}:"] + [f"- {note}" for note in r.notes]
         for r in (r for r in self.rows if r.table):
-            lines += ["", f"{r.name}: each rewrite", ""] + _markdown_table(r.table)
+            lines += ["", f"{r.name}: each rewrite", ""] + markdown_table(r.table)
         if self.leaves:
             lines += ["", "kept opaque (could not be traced):"]
             lines += [f"- {name}: {why}" for name, why in self.leaves.items()]
@@ -130,6 +133,26 @@ class Report:
 
     def __str__(self) -> str:
         return self.to_markdown()
+
+    def to_json(self) -> str:
+        """`to_dict()` as JSON text (a non-finite error is written as null)."""
+        return json.dumps(_finite(self.to_dict()), indent=2, default=str)
+
+    def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
+        """Write the markdown report to `path` and the same as JSON next to it (suffix .json).
+
+        Returns:
+            The two paths written.
+        """
+        markdown = Path(path)
+        data = markdown.with_suffix(".json")
+        try:
+            markdown.parent.mkdir(parents=True, exist_ok=True)
+            markdown.write_text(self.to_markdown() + "\n")
+            data.write_text(self.to_json() + "\n")
+        except OSError as e:
+            raise ExportError(f"cannot write the report to '{path}': {e.strerror or e}") from e
+        return markdown, data
 
     def _listing(self, title: str, items: list) -> list[str]:
         shown = items if self.explain else items[:_ITEMS_SHOWN]
@@ -173,13 +196,13 @@ class Report:
             for (i, j), value in np.ndenumerate(np.array(grid)):
                 if not math.isnan(value):
                     color = "black" if value > top / 2 else "white"
-                    ax.text(j, i, _si(value), ha="center", va="center", fontsize=7, color=color)
+                    ax.text(j, i, si(value), ha="center", va="center", fontsize=7, color=color)
             ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=8)
             if wide and ax is axes.flat[0]:
                 ax.tick_params(labelbottom=False)  # the plot below names the columns
             ax.set_yticks(range(len(stages)), stages, fontsize=8)
             total = np.nansum(grid)
-            ax.set_title(f"{title}: {_si(total)} params in blocks", fontsize=9)
+            ax.set_title(f"{title}: {si(total)} params in blocks", fontsize=9)
             ax.set_xlabel("block")
         fig.colorbar(image, ax=axes.ravel().tolist(), label="parameters")
         fig.suptitle(f"{self.model}: parameters per stage x block")
@@ -210,6 +233,85 @@ class Report:
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
+    def plot_passes(self, path: str | os.PathLike) -> None:
+        """Write a PNG of each pass's effect: params, MACs and size relative to the input model,
+        and the output change each pass caused (relative L2 to the outputs before it)."""
+        plt = _pyplot()
+        names = [r.name for r in self.rows]
+        first = self.rows[0].cost
+        fig, (left, right) = plt.subplots(
+            1, 2, figsize=(5 + 1.4 * len(names), 4.2), layout="constrained"
+        )
+        width = 0.27
+        for i, (what, color) in enumerate(
+            (("params", "#9ecae1"), ("macs", "#4292c6"), ("bytes", "#08519c"))
+        ):
+            ratios = [getattr(r.cost, what) / max(getattr(first, what), 1) for r in self.rows]
+            bars = left.bar(
+                [j + (i - 1) * width for j in range(len(names))],
+                ratios,
+                width,
+                color=color,
+                label={"macs": "MACs", "bytes": "size"}.get(what, what),
+            )
+            left.bar_label(bars, [f"{v:.2f}" for v in ratios], fontsize=7)
+        sizes = [f"{name}\n{mib(r.cost.bytes)}" for name, r in zip(names, self.rows, strict=True)]
+        left.set_xticks(range(len(names)), sizes, fontsize=8)
+        left.axhline(1.0, color="gray", lw=0.8, ls="--")
+        left.set_ylabel("relative to the input model")
+        left.set_title("cost after each pass", fontsize=10)
+        left.legend(fontsize=8)
+        rows = self.rows[1:]
+        errors = [max(r.error.rel_l2, 1e-12) if r.error else math.nan for r in rows]
+        colors = [_EXACTNESS_COLORS.get(r.exactness, "gray") for r in rows]
+        bars = right.bar(range(len(rows)), errors, color=colors)
+        right.bar_label(
+            bars, [f"cos {r.error.cosine:.4f}" if r.error else "" for r in rows], fontsize=7
+        )
+        right.set_yscale("log")
+        right.set_xticks(range(len(rows)), [f"{r.name}\n{r.exactness}" for r in rows], fontsize=8)
+        right.set_ylabel("rel. L2 change of the outputs")
+        right.set_title("output change caused by each pass", fontsize=10)
+        fig.suptitle(f"{self.model}: per-pass cost and error")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    def plots(self, folder: str | os.PathLike) -> dict[str, str]:
+        """Write every plot that applies into `folder`: passes.png always, channels.png when a
+        pass changed layer widths, params.png when the model has repeated blocks.
+
+        Returns:
+            File name -> the path written, or why that plot was left out.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = {}
+        for name, plot in (
+            ("passes.png", self.plot_passes),
+            ("params.png", self.plot_params),
+            ("channels.png", self.plot_channels),
+        ):
+            try:
+                plot(folder / name)
+                written[name] = str(folder / name)
+            except RaccError as e:
+                written[name] = f"left out: {e}"
+        return written
+
+
+_EXACTNESS_COLORS = {"exact": "#31a354", "approximate": "#fd8d3c", "needs_finetune": "#de2d26"}
+
+
+def _finite(value):
+    """`value` with every non-finite float replaced by None, so that the JSON is standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
 
 def _pyplot():
     import matplotlib
@@ -237,31 +339,6 @@ def _table_row(r: PassRow) -> str:
     )
     return (
         f"| {r.name} | {r.exactness} | {len(r.matched)} | {len(r.skipped)} | "
-        f"{' | '.join(errors)} | {_si(r.cost.params)} | {_si(r.cost.macs)} | "
-        f"{_si(r.cost.bytes)}B | {r.seconds:.2f}s |"
+        f"{' | '.join(errors)} | {si(r.cost.params)} | {si(r.cost.macs)} | "
+        f"{mib(r.cost.bytes)} | {r.seconds:.2f}s |"
     )
-
-
-def _markdown_table(rows: list[dict]) -> list[str]:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    return lines + ["| " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for row in rows]
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return _si(value)
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"

@@ -167,6 +167,11 @@ def spec_of_value(value: Any) -> Any:
 
 
 class _ExampleRecorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        # racc's message names the node; fx would append the node's repr and a tlparse hint
+        self.extra_traceback = False
+
     def run_node(self, n: fx.Node) -> Any:
         try:
             value = super().run_node(n)

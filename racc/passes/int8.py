@@ -52,6 +52,7 @@ from racc.nn.rac import RacConv2d
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
 from racc.passes.fold_bn import FoldBatchNormIntoConv
 from racc.report import OutputError
+from racc.text import mib
 
 _BINS = 2048
 _SENSITIVITY_BATCHES = 2
@@ -161,7 +162,7 @@ class QuantizeInt8(Pass):
             + f", weights int8 {'per channel' if self.per_channel else 'per tensor'}; "
             f"{len(folded.matched)} BNs folded first",
             f"{len(enabled)} of {len(quantizer.units)} layers int8; weights and biases "
-            f"{_mib(before)} -> {_mib(after)} as deployed ({before / after:.2f}x smaller)",
+            f"{mib(before)} -> {mib(after)} as deployed ({before / after:.2f}x smaller)",
             f"outputs vs fp32 on {_measured_on(batches, ctx)}: max abs "
             f"{error.max_abs:.3g} (outputs up to {error.scale:.3g}), rel L2 {error.rel_l2:.3g}, "
             f"cosine {error.cosine:.5f}",
@@ -243,10 +244,6 @@ def _rac_blocks(gm: fx.GraphModule) -> list[Skip]:
         for n in gm.graph.nodes
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), RacConv2d)
     ]
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
 
 
 def _decompose_silu(gm: fx.GraphModule) -> None:

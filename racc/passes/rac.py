@@ -29,6 +29,7 @@ from racc.nn.rac import RacBank, RacConv2d
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
 from racc.passes.rac_fit import corner_floor, embed, fit_stage
 from racc.report import OutputError
+from racc.text import mib
 
 _SHOWN = 8  # candidate names listed in an error
 
@@ -273,7 +274,7 @@ class RewriteConv3x3ToRac(Pass):
             bank = f", one bank m={self.m} k={self.k}" if self.deploy == "factored" else ""
             result.notes.append(
                 f"stage '{stage.name}' (C={stage.channels}, {len(rac)} blocks{bank}): params "
-                f"{before:,} -> {after:,}, fp32 {_mib(before)} -> {_mib(after)}"
+                f"{before:,} -> {after:,}, fp32 {mib(4 * before)} -> {mib(4 * after)}"
             )
         ratio = total_before / max(total_after, 1)
         change = (
@@ -362,10 +363,6 @@ def _check_forms(name: str, block: RacConv2d, x: torch.Tensor) -> None:
 def _params(modules: list[nn.Module]) -> int:
     unique = {id(p): p for m in modules for p in m.parameters()}
     return sum(p.numel() for p in unique.values())
-
-
-def _mib(params: int) -> str:
-    return f"{params * 4 / 2**20:.2f} MiB"
 
 
 def _common_prefix(names: list[str]) -> str:
