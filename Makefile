@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   installs what is missing, compiles a torchvision ResNet-18, exports ONNX, prints the report
+#   make demo   installs what is missing, compiles a torchvision ResNet-18 (prune-bn, int8), exports
+#               ONNX, prints the report, writes plots, and times the result against the original
 #   make test   installs what is missing and runs the test suite
 # torch and torchvision are installed together, as the pair the registry builds against each other.
 PYTHON ?= python3
@@ -19,7 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m racc.demo
+	$(VENV)/bin/racc compile torchvision:resnet18 -p "prune-bn{ratio=0.5},int8" \
+		-o out/resnet18.onnx --plots out/plots
+	$(VENV)/bin/racc bench torchvision:resnet18 out/resnet18.onnx
 
 test: $(STAMP)
 	$(PY) -m ruff check racc tests benchmarks examples

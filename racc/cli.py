@@ -1,0 +1,425 @@
+"""The `racc` command: compile, inspect and bench a model from the shell.
+
+    racc compile torchvision:resnet50 -p "prune-bn{ratio=0.5},int8" -o r50.onnx --plots out/
+    racc inspect torchvision:resnet18 --groups --stages --pairs --explain fold-bn
+    racc bench torchvision:resnet50 r50.onnx
+
+MODEL is `torchvision:NAME` (seeded random weights, BN statistics warmed up on random batches;
+`--weights FILE` loads a state_dict instead), `module.path:factory` or `file.py:factory` (called
+with no arguments), a file written by `racc.save`, or an `.onnx` file (`bench` only). Errors are one
+line on stderr and a non-zero exit; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from racc.errors import ExportError, InputError, PassConfigError, RaccError, UnsupportedModelError
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
+_RAC_PROBE = "rac"
+_FUSE_PROBE = "fuse-5x5{policy=all,allow_nonlinear=true}"
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Model:
+    """A MODEL argument, loaded: a torch module, or an ONNX file (which only `bench` reads)."""
+
+    spec: str
+    module: nn.Module | None = None
+    onnx: Path | None = None
+    random_weights: bool = False
+
+    def torch_module(self, command: str) -> nn.Module:
+        if self.module is None:
+            raise UnsupportedModelError(
+                f"'racc {command}' cannot read the ONNX file '{self.spec}' yet (ONNX input is "
+                "not built); give the PyTorch model as torchvision:NAME, module.path:factory or "
+                "a racc save file, or time the file with 'racc bench'"
+            )
+        return self.module
+
+
+def load_model(spec: str, side: int, weights: str | None = None, seed: int = 0) -> Model:
+    """Load a MODEL argument (see the module docstring); `side` sizes the BN warm-up batches."""
+    path = Path(spec)
+    if spec.endswith(".onnx"):
+        if not path.is_file():
+            raise ExportError(f"no such ONNX file: '{spec}'")
+        if weights:
+            raise PassConfigError("option --weights does not apply to an ONNX file")
+        return Model(spec, onnx=path)
+    if spec.startswith("torchvision:"):
+        from racc.zoo import torchvision_model
+
+        name = spec.split(":", 1)[1]
+        module = torchvision_model(name, side=side, seed=seed, warm=weights is None)
+        model = Model(spec, module, random_weights=weights is None)
+    elif path.is_file():
+        from racc.backends.torch_io import load
+
+        model = Model(spec, load(path))
+    elif ":" in spec:
+        model = Model(spec, _from_factory(spec))
+    else:
+        raise UnsupportedModelError(
+            f"no model '{spec}': give torchvision:NAME, module.path:factory, file.py:factory, a "
+            "file written by racc.save, or an .onnx file"
+        )
+    if weights:
+        _load_weights(model.module, weights)
+    return model
+
+
+def _from_factory(spec: str) -> nn.Module:
+    where, _, name = spec.rpartition(":")
+    try:
+        if where.endswith(".py"):
+            if not Path(where).is_file():
+                raise FileNotFoundError(where)
+            loader = importlib.util.spec_from_file_location(Path(where).stem, where)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except (ImportError, FileNotFoundError) as e:
+        raise UnsupportedModelError(
+            f"cannot import '{where}' for model '{spec}': {e}; check the module path (it must be "
+            "importable from the current directory) or give a .py file"
+        ) from e
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise UnsupportedModelError(
+            f"'{where}' has no callable '{name}' for model '{spec}'; name a function or class "
+            "that builds the model with no arguments"
+        )
+    try:
+        built = factory()
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"{spec}() failed: {type(e).__name__}: {e}; the factory must build the model with "
+            "no arguments"
+        ) from e
+    if not isinstance(built, nn.Module):
+        raise UnsupportedModelError(
+            f"{spec}() returned a {type(built).__name__}, not a torch.nn.Module"
+        )
+    return built.eval()
+
+
+def _load_weights(module: nn.Module, path: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise ExportError(f"option --weights: no such file '{path}'") from e
+    except Exception as e:
+        raise ExportError(
+            f"option --weights: '{path}' is not a readable state_dict ({type(e).__name__}: {e})"
+        ) from e
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ExportError(
+            f"option --weights: '{path}' holds a {type(state).__name__}, not a state_dict"
+        )
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExportError(
+            f"option --weights: '{path}' does not fit {type(module).__name__}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}); save the weights with model.state_dict() of this model"
+        )
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    wrong = [k for k, v in state.items() if hasattr(v, "shape") and tuple(v.shape) != shapes[k]]
+    if wrong:
+        raise ExportError(f"option --weights: shapes differ for {wrong[:3]}")
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """`1,3,224,224` -> (1, 3, 224, 224)."""
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) < 2 or any(n <= 0 for n in shape):
+        raise InputError(
+            f"option --input-shape: '{text}' is not a shape; give positive sizes separated by "
+            "commas, batch first, e.g. 1,3,224,224"
+        )
+    return shape
+
+
+def calibration_batches(args: argparse.Namespace, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """--calib N batches: from --calib-data (an .npy or .pt array of inputs) or random, seeded."""
+    if args.calib < 1:
+        raise PassConfigError(f"option --calib must be at least 1, got {args.calib}")
+    batch = max(shape[0], 8)
+    if not args.calib_data:
+        generator = torch.Generator().manual_seed(args.seed + 1)
+        return [torch.randn(batch, *shape[1:], generator=generator) for _ in range(args.calib)]
+    data = _read_array(args.calib_data)
+    if tuple(data.shape[1:]) != shape[1:]:
+        raise InputError(
+            f"option --calib-data: '{args.calib_data}' holds inputs of shape "
+            f"{tuple(data.shape[1:])}, the model takes {shape[1:]} (--input-shape)"
+        )
+    return list(data[: args.calib * batch].float().split(batch))
+
+
+def _read_array(path: str) -> torch.Tensor:
+    try:
+        if path.endswith(".npy"):
+            import numpy as np
+
+            return torch.from_numpy(np.load(path))
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise InputError(f"option --calib-data: no such file '{path}'") from e
+    except Exception as e:
+        raise InputError(
+            f"option --calib-data: cannot read '{path}' ({type(e).__name__}: {e}); give an .npy "
+            "file or a torch.save'd tensor of inputs, N x C x H x W"
+        ) from e
+    if not isinstance(data, torch.Tensor):
+        raise InputError(
+            f"option --calib-data: '{path}' holds a {type(data).__name__}, not a tensor"
+        )
+    return data
+
+
+def _needs_calibration(pipeline: str) -> bool:
+    from racc.passes.int8 import QuantizeInt8
+    from racc.passes.pipeline import parse_pipeline
+
+    return any(isinstance(p, QuantizeInt8) and p.mode == "static" for p in parse_pipeline(pipeline))
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    import racc
+
+    shape = parse_shape(args.input_shape)
+    _needs_calibration(args.pipeline)  # a bad pipeline fails before the model is built
+    model = _load(args, shape)
+    module = model.torch_module("compile")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
+    calibration = calibration_batches(args, shape) if _needs_calibration(args.pipeline) else None
+    if calibration is not None and not args.calib_data:
+        _say(
+            f"int8 calibrates on {len(calibration)} random batches; give --calib-data for real ones"
+        )
+    opt = racc.compile(
+        module, args.pipeline, (x,), explain=args.explain, calibration=calibration, progress=True
+    )
+    report = opt.racc_report
+    report.model = f"{type(module).__name__} ({args.model})"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".onnx":
+        racc.export_onnx(opt, out)
+        what = "ONNX, checked against ONNX Runtime"
+    else:
+        racc.save(opt, out)
+        what = "racc save file; racc.load reads it"
+    markdown, data = report.save(args.report or out.with_suffix(".report.md"))
+    print(report.to_markdown())
+    print(f"\nwrote {out} ({out.stat().st_size / 2**20:.2f} MiB, {what})")
+    print(f"wrote {markdown} and {data}")
+    if args.plots:
+        for name, result in report.plots(args.plots).items():
+            print(f"wrote {result}" if result.endswith(".png") else f"{name} {result}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    import racc
+    from racc.analysis.cost import measure_cost
+    from racc.text import markdown_table, mib, si
+
+    shape = parse_shape(args.input_shape)
+    if args.explain:
+        _needs_calibration(args.explain)
+    model = _load(args, shape)
+    module = model.torch_module("inspect")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
+    analysis = racc.analyze(module, (x,))  # checks the inputs fit the model, naming the node
+    cost = measure_cost(module.eval(), (x,))
+    print(
+        f"# {type(module).__name__} ({args.model}), input {tuple(shape)}\n\n"
+        f"{si(cost.params)} params, {si(cost.macs)} MACs per sample, {mib(cost.bytes)}"
+    )
+    every = not (args.groups or args.stages or args.pairs or args.explain)
+    if args.groups or every:
+        print("\n## Channel groups (zero-invariant: prune-bn removes channels per group)\n")
+        print(analysis)
+    for wanted, probe, title in (
+        (args.stages, _RAC_PROBE, "RAC stages (convs that would share one bank, by `rac`)"),
+        (args.pairs, _FUSE_PROBE, "Fusable conv pairs (`fuse-5x5` wherever the math allows)"),
+    ):
+        if wanted or every:
+            row = racc.compile(module, probe, (x,), explain=True).racc_report.rows[-1]
+            notes = [f"- {note}" for note in row.notes] + [""] * bool(row.notes)
+            table = markdown_table(row.table) if row.table else ["none"]
+            skipped = ["", "left alone:"] + [f"- {s}" for s in row.skipped] if row.skipped else []
+            print("\n".join([f"\n## {title}\n", *notes, *table, *skipped]))
+    if args.explain:
+        calibration = calibration_batches(args, shape) if _needs_calibration(args.explain) else None
+        opt = racc.compile(
+            module, args.explain, (x,), explain=True, calibration=calibration, progress=True
+        )
+        print(f"\n## What `{args.explain}` does, node by node\n")
+        print(opt.racc_report.to_markdown())
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from racc.bench import bench
+
+    shape = parse_shape(args.input_shape)
+    batches = _int_list(args.batches, "--batches")
+    torch.set_num_threads(args.threads)
+    models = [
+        _load(args, shape, spec) for spec in [args.model, *([args.other] if args.other else [])]
+    ]
+    result = bench(models, shape[1:], batches, args.rounds, args.threads)
+    print(result.to_markdown())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise InputError(f"option {option}: '{text}' is not a list of positive integers, e.g. 1,8")
+    return values
+
+
+def _load(args: argparse.Namespace, shape: tuple[int, ...], spec: str | None = None) -> Model:
+    model = load_model(spec or args.model, shape[-1], getattr(args, "weights", None), args.seed)
+    if model.random_weights:
+        _say(
+            f"{model.spec}: random weights, BN statistics warmed up on random batches "
+            "(--weights FILE loads trained ones)"
+        )
+    return model
+
+
+def _say(text: str) -> None:
+    print(f"racc: {text}", file=sys.stderr)
+
+
+# --- the parser -------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)"
+    )
+    common.add_argument(
+        "--seed", type=int, default=0, help="seed of weights and inputs (default 0)"
+    )
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument(
+        "model", help="torchvision:NAME, module.path:factory, file.py:factory, or a racc save file"
+    )
+    model.add_argument("--weights", help="a state_dict file to load into MODEL")
+    calib = argparse.ArgumentParser(add_help=False)
+    calib.add_argument("--calib", type=int, default=8, help="int8 calibration batches (default 8)")
+    calib.add_argument(
+        "--calib-data",
+        help="an .npy or torch.save'd tensor of inputs (N x C x H x W) to calibrate on",
+    )
+
+    parser = _Parser(prog="racc", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = commands.add_parser(
+        "compile", parents=[model, common, calib], help="run a pipeline, write ONNX or a racc file"
+    )
+    p.add_argument("-p", "--pipeline", required=True, help='e.g. "prune-bn{ratio=0.5},int8"')
+    p.add_argument("-o", "--out", required=True, help="OUT.onnx exports ONNX; else a racc file")
+    p.add_argument("--report", help="markdown report path (default OUT.report.md; JSON next to it)")
+    p.add_argument("--plots", help="folder for passes.png, params.png and channels.png")
+    p.add_argument("--explain", action="store_true", help="list every skipped node with its reason")
+    p.set_defaults(run=cmd_compile)
+
+    p = commands.add_parser(
+        "inspect", parents=[model, common, calib], help="channel groups, RAC stages, fusable pairs"
+    )
+    p.add_argument("--groups", action="store_true", help="the zero-invariant channel groups")
+    p.add_argument("--stages", action="store_true", help="the convs `rac` would give one bank")
+    p.add_argument("--pairs", action="store_true", help="the conv chains `fuse-5x5` could fuse")
+    p.add_argument(
+        "--explain",
+        metavar="PIPELINE",
+        help="what each pass of PIPELINE does to each node, and why",
+    )
+    p.set_defaults(run=cmd_inspect)
+
+    p = commands.add_parser(
+        "bench", parents=[common], help="params, MACs, bytes, latency in ONNX Runtime and torch"
+    )
+    p.add_argument("model", help="as for compile, or an .onnx file")
+    p.add_argument("other", nargs="?", help="a second model: ratios OTHER / MODEL")
+    p.add_argument("--batches", default="1,8", help="batch sizes to time (default 1,8)")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds per batch (default 10)")
+    p.add_argument("--threads", type=int, default=2, help="threads of torch and ORT (default 2)")
+    p.add_argument("--json", help="also write the table as JSON here")
+    p.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `racc` command; returns the exit status (0, 1 for a RaccError, 2 for usage)."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        args.run(args)
+    except RaccError as e:
+        if args.debug:
+            raise
+        message = " ".join(str(e).split())  # one line
+        print(f"racc {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(
+            f"racc {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug "
+            "for the traceback, and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The `racc` command end to end: compile each pass to ONNX that ONNX Runtime runs, reports and
+plots, inspect and bench tables, model sources, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import racc
+from racc.backends.qdq import ort_optimized_ops
+from racc.cli import load_model, main
+from racc.errors import ExportError
+from racc.timing import ort_session
+
+pytest.importorskip("torchvision")
+SHAPE = ["--input-shape", "1,3,64,64"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def ort_outputs(path: Path, x: torch.Tensor) -> np.ndarray:
+    return ort_session(path, threads=1).run(None, {"input": x.numpy()})[0]
+
+
+def conv_count(path: Path) -> int:
+    return sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)
+
+
+PASSES = {
+    "fold-bn": lambda first, last, path: last["cost"]["params"] < first["cost"]["params"],
+    "prune-bn{ratio=0.5}": lambda first, last, path: (
+        last["cost"]["params"] < 0.4 * first["cost"]["params"]
+    ),
+    "fuse-5x5{policy=all,allow_nonlinear=true}": lambda first, last, path: (
+        len(last["matched"]) >= 2 and conv_count(path) < 20
+    ),
+    "int8": lambda first, last, path: (
+        last["cost"]["bytes"] < 0.3 * first["cost"]["bytes"]
+        and ort_optimized_ops(path)["QLinearConv"] == 20
+    ),
+    "rac": lambda first, last, path: (
+        last["cost"]["params"] < 0.2 * first["cost"]["params"]
+        and len({t.name for t in onnx.load(str(path)).graph.initializer if "bank" in t.name}) >= 2
+    ),
+}
+
+
+@pytest.mark.parametrize("pipeline", list(PASSES))
+def test_compile_each_pass_writes_onnx_that_ort_runs_and_a_report(capsys, tmp_path, pipeline):
+    out = tmp_path / "r18.onnx"
+    code, stdout, err = run(
+        capsys, "compile", "torchvision:resnet18", "-p", pipeline, "-o", str(out), *SHAPE,
+        "--calib", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    y = ort_outputs(out, torch.randn(3, 3, 64, 64))
+    assert y.shape == (3, 1000) and np.isfinite(y).all()
+    report = json.loads((tmp_path / "r18.report.json").read_text())
+    first, last = report["passes"][0], report["passes"][-1]
+    assert [p["name"] for p in report["passes"]] == ["input", pipeline]
+    assert PASSES[pipeline](first, last, out), last["cost"]
+    markdown = (tmp_path / "r18.report.md").read_text()
+    assert f"| {pipeline} |" in markdown and markdown.strip() in stdout
+    assert "random weights" in err
+
+
+def test_compile_to_a_racc_file_with_report_and_plots(capsys, tmp_path):
+    out, plots = tmp_path / "r18.racc", tmp_path / "plots"
+    code, stdout, err = run(
+        capsys, "compile", "torchvision:resnet18", "-p", "prune-bn{ratio=0.5}", "-o", str(out),
+        *SHAPE, "--report", str(tmp_path / "rep" / "prune.md"), "--plots", str(plots),
+    )  # fmt: skip
+    assert code == 0, err
+    model = racc.load(out)
+    x = torch.randn(2, 3, 64, 64)
+    assert model(x).shape == (2, 1000)
+    assert json.loads((tmp_path / "rep" / "prune.json").read_text())["passes"][1]["widths"]
+    for name, min_width in (("passes.png", 700), ("params.png", 500), ("channels.png", 1000)):
+        image = matplotlib.image.imread(plots / name)
+        height, width = image.shape[:2]
+        assert width >= min_width and height >= 300, (name, image.shape)
+        assert image[..., :3].std() > 0.05, f"{name} is blank"
+        assert f"wrote {plots / name}" in stdout
+
+
+def test_plots_that_do_not_apply_are_left_out_with_the_reason(capsys, tmp_path):
+    code, stdout, _ = run(
+        capsys, "compile", "torchvision:vgg11", "-p", "fold-bn", "-o", str(tmp_path / "v.racc"),
+        "--input-shape", "1,3,32,32", "--plots", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0
+    assert (tmp_path / "passes.png").stat().st_size > 10_000
+    assert not (tmp_path / "channels.png").exists()
+    assert "channels.png left out: no pass changed any layer's width" in stdout
+    assert "params.png left out" in stdout
+
+
+def test_inspect_lists_groups_stages_pairs_and_explains_a_pipeline(capsys):
+    code, out, err = run(
+        capsys, "inspect", "torchvision:resnet18", *SHAPE, "--groups", "--stages", "--pairs",
+        "--explain", "fold-bn",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "11.69M params" in out
+    assert "group 1 (64 ch): conv1.out => bn1 => layer1.0.conv1.in" in out
+    assert "14 channel groups, 12 prunable" in out
+    assert "stage 'layer1' (C=64, 4 blocks, one bank m=8 k=3)" in out
+    assert "| layer4 | layer4.1.conv2 | 512 -> 512 | 1 |" in out
+    assert "| layer1.0.conv1+layer1.0.conv2 | 1x64x16x16 |" in out
+    assert "- layer4.1.bn2" in out  # explain lists every matched node, not only five
+    assert "... more" not in out
+
+
+def test_inspect_shows_only_the_sections_asked_for(capsys):
+    code, out, _ = run(capsys, "inspect", "torchvision:resnet18", *SHAPE, "--groups")
+    assert code == 0
+    assert "## Channel groups" in out and "## RAC stages" not in out and "## Fusable" not in out
+
+
+def test_bench_two_models_gives_every_row_and_ratios(capsys, tmp_path):
+    racc_file, onnx_file = tmp_path / "r18.racc", tmp_path / "r18.onnx"
+    for out in (racc_file, onnx_file):
+        args = ["compile", "torchvision:resnet18", "-p", "prune-bn{ratio=0.5}", "-o", str(out)]
+        assert run(capsys, *args, *SHAPE)[0] == 0
+    code, out, err = run(
+        capsys, "bench", "torchvision:resnet18", str(racc_file), *SHAPE, "--rounds", "3",
+        "--threads", "1", "--json", str(tmp_path / "bench.json"),
+    )  # fmt: skip
+    assert code == 0, err
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    for row in ("params", "MACs per sample", "weights"):
+        assert row in rows
+    for backend in ("ORT", "torch"):
+        for batch in (1, 8):
+            assert f"{backend} b{batch} latency (ms)" in rows
+    ratio = float(rows["params"].split("|")[-2].strip().rstrip("x"))
+    assert 0.1 < ratio < 0.4  # pruned at ratio 0.5: about a quarter of the params
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert all(m["latency_ms"]["ORT b8"] > 0 for m in data["models"])
+    code, out, _ = run(capsys, "bench", str(onnx_file), *SHAPE, "--rounds", "2", "--threads", "1")
+    assert code == 0
+    assert "| torch b1 latency (ms) | - |" in out and "| MACs per sample | - |" in out
+
+
+def test_models_from_a_factory_a_py_file_and_a_state_dict(capsys, tmp_path):
+    torch.manual_seed(3)
+    import torchvision
+
+    reference = torchvision.models.resnet18().eval()
+    torch.save(reference.state_dict(), tmp_path / "w.pt")
+    loaded = load_model("torchvision:resnet18", 64, weights=str(tmp_path / "w.pt"))
+    assert not loaded.random_weights
+    for key, value in reference.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[key], value), key
+    loaded = load_model("torchvision.models:resnet18", 64)
+    assert type(loaded.module).__name__ == "ResNet"
+    (tmp_path / "net.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())\n"
+    )
+    code, out, _ = run(capsys, "inspect", f"{tmp_path}/net.py:build", "--input-shape", "1,3,16,16", "--groups")  # fmt: skip
+    assert (
+        code == 0
+        and "group 1 (8 ch): 0.out => 1 [not prunable: it reaches the model output]" in out
+    )
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pt")
+    with pytest.raises(ExportError, match="does not fit ResNet: 0 missing keys.*unexpected"):
+        load_model("torchvision:resnet18", 64, weights=str(tmp_path / "r34.pt"))
+
+
+def test_calibration_data_from_a_file(capsys, tmp_path):
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((16, 3, 64, 64)))
+    out = tmp_path / "q.onnx"
+    args = ["compile", "torchvision:resnet18", "-p", "int8", "-o", str(out), *SHAPE]
+    code, _, err = run(capsys, *args, "--calib", "2", "--calib-data", str(tmp_path / "calib.npy"))
+    assert code == 0 and "int8 calibrates on" not in err
+    np.save(tmp_path / "bad.npy", np.zeros((4, 3, 32, 32), dtype=np.float32))
+    code, _, err = run(capsys, *args, "--calib-data", str(tmp_path / "bad.npy"))
+    assert code == 1
+    assert "holds inputs of shape (3, 32, 32), the model takes (3, 64, 64)" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compile", "torchvision:resnet18", "-p", "prune-bn{ratio=", "-o", "x.onnx"], "cannot parse pipeline"),
+        (["compile", "torchvision:resnet18", "-p", "shrink", "-o", "x.onnx"], "unknown pass 'shrink'; valid passes:"),
+        (["compile", "torchvision:resnet5", "-p", "fold-bn", "-o", "x.onnx"], "no classification model 'resnet5'; did you mean resnet50"),
+        (["inspect", "missing.racc"], "no model 'missing.racc'"),
+        (["inspect", "no_such_module:build"], "cannot import 'no_such_module'"),
+        (["inspect", "torchvision:resnet18", "--input-shape", "1,3,a"], "option --input-shape: '1,3,a' is not a shape"),
+        (["inspect", "torchvision:resnet18", "--input-shape", "1,4,64,64"], "expected input[1, 4, 64, 64] to have 3 channels"),
+        (["bench", "missing.onnx"], "no such ONNX file: 'missing.onnx'"),
+        (["bench", "torchvision:resnet18", "--batches", "0"], "option --batches"),
+    ],
+)  # fmt: skip
+def test_errors_are_one_line_and_exit_non_zero(capsys, tmp_path, argv, message):
+    code, _, err = run(capsys, *argv)
+    lines = [line for line in err.splitlines() if not line.startswith("racc: ")]
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0].startswith(f"racc {argv[0]}: error: ") and message in lines[0], lines[0]
+    assert "While executing" not in lines[0]
+
+
+def test_onnx_model_for_compile_says_what_to_do(capsys, tmp_path):
+    path = tmp_path / "m.onnx"
+    racc.export_onnx(torch.nn.Conv2d(3, 4, 3).eval(), path, (torch.randn(1, 3, 8, 8),))
+    code, _, err = run(
+        capsys, "compile", str(path), "-p", "fold-bn", "-o", str(tmp_path / "o.onnx")
+    )
+    assert code == 1 and "cannot read the ONNX file" in err and "racc bench" in err
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["compile", "torchvision:resnet18"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the following arguments are required: -p/--pipeline" in err
+
+
+def test_the_installed_console_script(tmp_path):
+    script = shutil.which("racc", path=str(Path(sys.executable).parent))
+    assert script, "the racc console script is not installed (pip install -e .)"
+    done = subprocess.run(
+        [script, "compile", "torchvision:resnet18", "-p", "fold-bn{bad=1}", "-o", "x.onnx"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (
+        "racc compile: error: pass 'fold-bn' has no option 'bad'; valid options: skip"
+    )
+    debug = subprocess.run(
+        [script, "compile", "torchvision:resnet18", "-p", "fold-bn{bad=1}", "-o", "x", "--debug"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
