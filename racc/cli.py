@@ -16,7 +16,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch import nn
 from racc.errors import ExportError, InputError, PassConfigError, RaccError, UnsupportedModelError
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
+DEFAULT_SHAPE = "1,3,224,224"
 _RAC_PROBE = "rac"
 _FUSE_PROBE = "fuse-5x5{policy=all,allow_nonlinear=true}"
 
@@ -37,21 +37,38 @@ _FUSE_PROBE = "fuse-5x5{policy=all,allow_nonlinear=true}"
 
 @dataclass
 class Model:
-    """A MODEL argument, loaded: a torch module, or an ONNX file (which only `bench` reads)."""
+    """A MODEL argument, loaded: a torch module, or an ONNX file."""
 
     spec: str
     module: nn.Module | None = None
     onnx: Path | None = None
     random_weights: bool = False
+    _mirror: nn.Module | None = None
 
-    def torch_module(self, command: str) -> nn.Module:
-        if self.module is None:
-            raise UnsupportedModelError(
-                f"'racc {command}' cannot read the ONNX file '{self.spec}' yet (ONNX input is "
-                "not built); give the PyTorch model as torchvision:NAME, module.path:factory or "
-                "a racc save file, or time the file with 'racc bench'"
-            )
-        return self.module
+    def graph_module(self) -> nn.Module:
+        """The torch module, or the fx mirror of the ONNX file (racc.ir.onnx) for analyses."""
+        if self.module is not None:
+            return self.module
+        if self._mirror is None:
+            from racc.ir import onnx as onnx_ir
+
+            self._mirror = onnx_ir.to_fx(onnx_ir.load(self.onnx)).gm
+        return self._mirror
+
+    def source(self):
+        """What `racc.compile` takes: the module, or the ONNX file's path."""
+        return self.module if self.module is not None else str(self.onnx)
+
+    def input_shape(self, text: str | None) -> tuple[int, ...]:
+        """--input-shape, or for an ONNX file without it the file's own (batch 1)."""
+        if text is None and self.onnx is not None:
+            from racc.ir import onnx as onnx_ir
+
+            inputs = onnx_ir.example_inputs_for(onnx_ir.load(self.onnx))
+            if len(inputs) != 1:
+                raise InputError(f"'{self.spec}' has {len(inputs)} inputs; racc takes one")
+            return tuple(inputs[0].shape)
+        return parse_shape(text or DEFAULT_SHAPE)
 
 
 def load_model(spec: str, side: int, weights: str | None = None, seed: int = 0) -> Model:
@@ -216,22 +233,30 @@ def _needs_calibration(pipeline: str) -> bool:
 def cmd_compile(args: argparse.Namespace) -> None:
     import racc
 
-    shape = parse_shape(args.input_shape)
-    _needs_calibration(args.pipeline)  # a bad pipeline fails before the model is built
-    model = _load(args, shape)
-    module = model.torch_module("compile")
+    calibrates = _needs_calibration(args.pipeline)  # a bad pipeline fails before the model loads
+    model = _load(args)
+    shape = model.input_shape(args.input_shape)
+    out = Path(args.out)
+    if model.onnx is not None and out.suffix != ".onnx":
+        raise PassConfigError(
+            f"option -o: an ONNX model compiles to an ONNX file; name it '{out.stem}.onnx'"
+        )
     x = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
-    calibration = calibration_batches(args, shape) if _needs_calibration(args.pipeline) else None
+    calibration = calibration_batches(args, shape) if calibrates else None
     if calibration is not None and not args.calib_data:
         _say(
             f"int8 calibrates on {len(calibration)} random batches; give --calib-data for real ones"
         )
     opt = racc.compile(
-        module, args.pipeline, (x,), explain=args.explain, calibration=calibration, progress=True
+        model.source(),
+        args.pipeline,
+        (x,),
+        explain=args.explain,
+        calibration=calibration,
+        progress=True,
     )
     report = opt.racc_report
-    report.model = f"{type(module).__name__} ({args.model})"
-    out = Path(args.out)
+    report.model = f"{report.model} ({args.model})" if model.module is not None else report.model
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".onnx":
         racc.export_onnx(opt, out)
@@ -253,11 +278,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from racc.analysis.cost import measure_cost
     from racc.text import markdown_table, mib, si
 
-    shape = parse_shape(args.input_shape)
-    if args.explain:
-        _needs_calibration(args.explain)
-    model = _load(args, shape)
-    module = model.torch_module("inspect")
+    calibrates = bool(args.explain) and _needs_calibration(args.explain)  # checks the pipeline
+    model = _load(args)
+    shape = model.input_shape(args.input_shape)
+    module = model.graph_module()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     analysis = racc.analyze(module, (x,))  # checks the inputs fit the model, naming the node
     cost = measure_cost(module.eval(), (x,))
@@ -280,9 +304,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             skipped = ["", "left alone:"] + [f"- {s}" for s in row.skipped] if row.skipped else []
             print("\n".join([f"\n## {title}\n", *notes, *table, *skipped]))
     if args.explain:
-        calibration = calibration_batches(args, shape) if _needs_calibration(args.explain) else None
+        calibration = calibration_batches(args, shape) if calibrates else None
         opt = racc.compile(
-            module, args.explain, (x,), explain=True, calibration=calibration, progress=True
+            model.source(), args.explain, (x,), explain=True, calibration=calibration, progress=True
         )
         print(f"\n## What `{args.explain}` does, node by node\n")
         print(opt.racc_report.to_markdown())
@@ -291,12 +315,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from racc.bench import bench
 
-    shape = parse_shape(args.input_shape)
     batches = _int_list(args.batches, "--batches")
     torch.set_num_threads(args.threads)
-    models = [
-        _load(args, shape, spec) for spec in [args.model, *([args.other] if args.other else [])]
-    ]
+    models = [_load(args, spec) for spec in [args.model, *([args.other] if args.other else [])]]
+    shape = models[0].input_shape(args.input_shape)
     result = bench(models, shape[1:], batches, args.rounds, args.threads)
     print(result.to_markdown())
     if args.json:
@@ -314,8 +336,9 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
-def _load(args: argparse.Namespace, shape: tuple[int, ...], spec: str | None = None) -> Model:
-    model = load_model(spec or args.model, shape[-1], getattr(args, "weights", None), args.seed)
+def _load(args: argparse.Namespace, spec: str | None = None) -> Model:
+    side = parse_shape(args.input_shape or DEFAULT_SHAPE)[-1]  # of the BN warm-up batches
+    model = load_model(spec or args.model, side, getattr(args, "weights", None), args.seed)
     if model.random_weights:
         _say(
             f"{model.spec}: random weights, BN statistics warmed up on random batches "
@@ -339,7 +362,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--input-shape", default="1,3,224,224", help="example input shape (default 1,3,224,224)"
+        "--input-shape",
+        help=f"example input shape (default {DEFAULT_SHAPE}; for an ONNX file, the file's own)",
     )
     common.add_argument(
         "--seed", type=int, default=0, help="seed of weights and inputs (default 0)"
@@ -398,7 +422,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `racc` command; returns the exit status (0, 1 for a RaccError, 2 for usage)."""
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         args.run(args)
     except RaccError as e:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import onnx
 import torch
 import torch.fx as fx
 from torch import nn
@@ -14,15 +17,19 @@ from tqdm.auto import tqdm
 
 from racc.analysis.blocks import block_grid, block_params
 from racc.analysis.cost import layer_widths, measure_cost
-from racc.errors import EquivalenceError, RaccError
+from racc.backends.onnx import check_onnx_outputs
+from racc.backends.onnx_edit import write_back
+from racc.errors import EquivalenceError, PassConfigError, RaccError
+from racc.ir import onnx as onnx_ir
 from racc.ir.fx import node_values, normalize_inputs, record_examples, trace
+from racc.ir.onnx import is_onnx
 from racc.passes.base import Pass, PassContext
 from racc.passes.pipeline import as_passes
 from racc.report import OutputError, PassRow, Report
 
 
 def compile(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike | onnx.ModelProto,
     passes: str | Sequence[Pass] | Pass,
     example_inputs: Any,
     explain: bool = False,
@@ -32,16 +39,20 @@ def compile(
     """Transform a copy of `model` with `passes`, verifying each pass on `example_inputs`.
 
     Args:
-        model: the model; it is never changed.
+        model: the model; it is never changed. An ONNX model (a path ending in .onnx or a
+            ModelProto) is mirrored in fx, passes run on the mirror, and the result is written
+            back into the ONNX graph in place (fold-bn and prune-bn; see docs/onnx.md).
         passes: a pipeline string such as "fold-bn" or a list of pass objects.
-        example_inputs: a tensor or tuple of tensors the model accepts.
+        example_inputs: a tensor or tuple of tensors the model accepts (for an ONNX model with
+            fixed input shapes apart from the batch, None makes random ones).
         explain: list every node each pass skipped, with the reason, in the report.
         calibration: input batches (a list or a DataLoader) for passes that calibrate (int8),
             so that a pipeline string such as "prune-bn{ratio=0.5},int8" can quantize.
         progress: show a progress bar over the passes (on stderr).
 
     Returns:
-        A torch.fx GraphModule (a plain nn.Module) with `.racc_report`.
+        A torch.fx GraphModule (a plain nn.Module) with `.racc_report`; for an ONNX model, a
+        `CompiledOnnx` with `.model` (an onnx.ModelProto) and `.racc_report`.
 
     Raises:
         EquivalenceError: a pass declared exact changed the outputs.
@@ -51,6 +62,8 @@ def compile(
         >>> print(opt.racc_report)
     """
     pipeline = as_passes(passes)
+    if is_onnx(model):
+        return _compile_onnx(model, pipeline, example_inputs, explain, calibration, progress)
     inputs = normalize_inputs(example_inputs)
     traced = trace(model)
     gm = traced.gm
@@ -74,6 +87,46 @@ def compile(
     gm.racc_report = report
     gm.racc_example_inputs = tuple(x.detach().clone() for x in inputs)
     return gm
+
+
+# Passes whose result on the ONNX mirror is written back into the ONNX graph in place.
+ONNX_PASSES = ("fold-bn", "prune-bn")
+
+
+@dataclass
+class CompiledOnnx:
+    """What `compile` returns for an ONNX model: the new ONNX model and the report."""
+
+    model: onnx.ModelProto
+    racc_report: Report
+    racc_example_inputs: tuple[torch.Tensor, ...]
+
+
+def _compile_onnx(source, pipeline, example_inputs, explain, calibration, progress) -> CompiledOnnx:
+    """Mirror the ONNX model in fx, run the passes on the mirror (verified as for torch), write the
+    result back into the ONNX graph in place and check it in ONNX Runtime."""
+    for p in pipeline:
+        if p.name not in ONNX_PASSES:
+            raise PassConfigError(
+                f"pass '{p}' does not run on ONNX input yet (ONNX input supports "
+                f"{', '.join(ONNX_PASSES)}); compile the PyTorch model, or run {ONNX_PASSES} on "
+                "the ONNX file"
+            )
+    proto = onnx_ir.load(source)
+    mirror = onnx_ir.to_fx(proto)
+    inputs = (
+        onnx_ir.example_inputs_for(proto)
+        if example_inputs is None
+        else normalize_inputs(example_inputs)
+    )
+    gm = compile(mirror.gm, pipeline, inputs, explain, calibration, progress)
+    name = source if isinstance(source, (str, os.PathLike)) else proto.graph.name
+    gm.racc_report.model = f"ONNX model {os.fspath(name) if not isinstance(name, str) else name}"
+    result = write_back(mirror, gm)
+    with torch.no_grad():
+        expected = gm(*inputs)
+    check_onnx_outputs(result, inputs, expected)
+    return CompiledOnnx(result, gm.racc_report, inputs)
 
 
 def _run_verified(

@@ -35,6 +35,10 @@ def ort_outputs(path: Path, x: torch.Tensor) -> np.ndarray:
     return ort_session(path, threads=1).run(None, {"input": x.numpy()})[0]
 
 
+def table_rows(out: str) -> dict[str, str]:
+    return {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+
+
 def conv_count(path: Path) -> int:
     return sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)
 
@@ -140,7 +144,7 @@ def test_bench_two_models_gives_every_row_and_ratios(capsys, tmp_path):
         "--threads", "1", "--json", str(tmp_path / "bench.json"),
     )  # fmt: skip
     assert code == 0, err
-    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    rows = table_rows(out)
     for row in ("params", "MACs per sample", "weights"):
         assert row in rows
     for backend in ("ORT", "torch"):
@@ -152,7 +156,9 @@ def test_bench_two_models_gives_every_row_and_ratios(capsys, tmp_path):
     assert all(m["latency_ms"]["ORT b8"] > 0 for m in data["models"])
     code, out, _ = run(capsys, "bench", str(onnx_file), *SHAPE, "--rounds", "2", "--threads", "1")
     assert code == 0
-    assert "| torch b1 latency (ms) | - |" in out and "| MACs per sample | - |" in out
+    assert "| torch b1 latency (ms) | - |" in out
+    pruned_macs = rows["MACs per sample"].split("|")[3].strip()
+    assert table_rows(out)["MACs per sample"].split("|")[2].strip() == pruned_macs  # the mirror
 
 
 def test_models_from_a_factory_a_py_file_and_a_state_dict(capsys, tmp_path):
@@ -216,13 +222,25 @@ def test_errors_are_one_line_and_exit_non_zero(capsys, tmp_path, argv, message):
     assert "While executing" not in lines[0]
 
 
-def test_onnx_model_for_compile_says_what_to_do(capsys, tmp_path):
-    path = tmp_path / "m.onnx"
-    racc.export_onnx(torch.nn.Conv2d(3, 4, 3).eval(), path, (torch.randn(1, 3, 8, 8),))
-    code, _, err = run(
-        capsys, "compile", str(path), "-p", "fold-bn", "-o", str(tmp_path / "o.onnx")
+def test_onnx_in_onnx_out(capsys, tmp_path):
+    source, out = tmp_path / "r18.onnx", tmp_path / "small.onnx"
+    args = ["compile", "torchvision:resnet18", "-p", "fold-bn", "-o", str(source), *SHAPE]
+    assert run(capsys, *args)[0] == 0
+    code, stdout, err = run(
+        capsys, "compile", str(source), "-p", "prune-bn{ratio=0.5}", "-o", str(out)
     )
-    assert code == 1 and "cannot read the ONNX file" in err and "racc bench" in err
+    assert code == 0, err
+    assert ort_outputs(out, torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+    first, last = json.loads((tmp_path / "small.report.json").read_text())["passes"]
+    assert last["cost"]["params"] < 0.4 * first["cost"]["params"]
+    code, stdout, _ = run(capsys, "inspect", str(out), "--groups")
+    assert code == 0 and "channel groups" in stdout
+    code, _, err = run(capsys, "compile", str(source), "-p", "rac", "-o", str(out))
+    assert code == 1 and "does not run on ONNX input yet" in err
+    code, _, err = run(
+        capsys, "compile", str(source), "-p", "fold-bn", "-o", str(tmp_path / "x.racc")
+    )
+    assert code == 1 and "compiles to an ONNX file" in err
 
 
 def test_usage_errors_are_one_line(capsys):

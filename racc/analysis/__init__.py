@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
 
 from racc.analysis.groups import Analysis, ChannelGroup, analyze_traced
+from racc.ir import onnx as onnx_ir
 from racc.ir.fx import check_model, eval_mode, normalize_inputs, trace
+from racc.ir.onnx import is_onnx
 from racc.ir.shapes import record_shapes
 
 
-def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
+def analyze(model: nn.Module | str | os.PathLike, example_inputs: Any = None) -> Analysis:
     """Trace `model` (a copy; the model is not changed) and find its zero-invariant channel groups.
 
     Args:
-        model: the model to analyse.
-        example_inputs: a tensor or a tuple of tensors shaped like the model's inputs.
+        model: the model to analyse, or an ONNX model (a path ending in .onnx or a ModelProto),
+            mirrored in fx node for node (racc.ir.onnx).
+        example_inputs: a tensor or a tuple of tensors shaped like the model's inputs (for an
+            ONNX model whose inputs have fixed shapes apart from the batch, None makes them).
 
     Returns:
         An `Analysis`; `an.groups` lists the channel groups, `print(an)` shows them.
@@ -25,6 +30,11 @@ def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
         >>> an = racc.analyze(torchvision.models.resnet18(), (torch.randn(1, 3, 64, 64),))
         >>> print(an.groups[1])   # group 1 (64 ch): conv1.out => bn1 => layer1.0.conv1.in => ...
     """
+    if is_onnx(model):
+        proto = onnx_ir.load(model)
+        model = onnx_ir.to_fx(proto).gm
+        if example_inputs is None:
+            example_inputs = onnx_ir.example_inputs_for(proto)
     check_model(model)
     inputs = normalize_inputs(example_inputs)
     with eval_mode(model):  # read-only: the analysis shares the model's modules, no copy

@@ -35,7 +35,8 @@ def export_onnx(
     """Export `model` to ONNX at `path` and check ONNX Runtime agrees with torch on the inputs.
 
     Args:
-        model: a compiled model (its example inputs are used when none are given) or any module.
+        model: a compiled model (its example inputs are used when none are given), any module,
+            or what `compile` returned for an ONNX model (written as it is: it was checked).
         path: where to write the .onnx file.
         example_inputs: inputs to trace the export with and to compare outputs on.
         opset: ONNX opset, at least 17.
@@ -44,6 +45,11 @@ def export_onnx(
     Example:
         >>> racc.export_onnx(opt, "model.onnx")
     """
+    proto = model if isinstance(model, onnx.ModelProto) else getattr(model, "model", None)
+    if isinstance(proto, onnx.ModelProto):  # an ONNX model (what compile returns for ONNX input)
+        check_writable(path)
+        onnx.save(proto, os.fspath(path))
+        return proto
     if example_inputs is None:
         example_inputs = getattr(model, "racc_example_inputs", None)
     inputs = normalize_inputs(example_inputs)
@@ -100,8 +106,18 @@ def _write(model, inputs, path, opset, names, outputs) -> None:
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
 
 
+def check_onnx_outputs(proto: onnx.ModelProto, inputs: tuple, expected: Any) -> None:
+    """Raise ExportError unless ONNX Runtime runs `proto` on `inputs` to `expected`."""
+    initializers = {t.name for t in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in initializers]
+    _compare_with_ort(proto.SerializeToString(), names, inputs, expected, quantized=False)
+
+
 def _compare_with_ort(path, names, inputs, expected, quantized: bool) -> None:
-    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    """Raise ExportError unless ONNX Runtime on `path` (a file, or a model's bytes) gives
+    `expected` for `inputs`, within float rounding (or quantization steps for int8)."""
+    model = path if isinstance(path, bytes) else os.fspath(path)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, inputs, strict=True)}
     got = [torch.from_numpy(np.asarray(y)) for y in session.run(None, feeds)]
     error = OutputError.between(expected, got)
@@ -116,7 +132,8 @@ def _compare_with_ort(path, names, inputs, expected, quantized: bool) -> None:
         ok, allowed = error.within(ONNX_RTOL, ONNX_ATOL), "float rounding"
     if not ok:
         raise ExportError(
-            f"ONNX Runtime's outputs for '{path}' differ from torch's by more than {allowed}: "
+            f"ONNX Runtime's outputs for {'the model' if isinstance(path, bytes) else repr(str(path))} "
+            f"differ from torch's by more than {allowed}: "
             f"max abs error {error.max_abs:.3g} (outputs up to {error.scale:.3g}); the exported "
             "graph is wrong"
         )

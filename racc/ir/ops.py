@@ -20,6 +20,7 @@ ELEMENTWISE_FUNCTIONS: tuple = (
     F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, torch.sigmoid,
     F.sigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.mish, F.hardtanh, F.dropout,
     F.dropout1d, F.dropout2d, F.dropout3d, torch.clone, operator.neg, torch.neg, torch.abs,
+    torch.erf,
 )  # fmt: skip
 
 # Broadcasting arithmetic of two operands.

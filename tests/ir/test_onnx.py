@@ -1,0 +1,176 @@
+"""The ONNX frontend: the fx mirror computes what ONNX Runtime computes, the channel groups found on
+an ONNX export match the torch model's, zeroing a group in the initializers and pruning it in place
+give equal outputs in ONNX Runtime, and bad files get clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import racc
+from racc.backends.onnx_edit import write_back
+from racc.errors import ExportError, InputError, PassConfigError
+from racc.ir.onnx import load, to_fx
+from tests.conftest import assert_close, zoo_model
+
+# Removing zero channels changes only the order of float sums; ORT and torch kernels differ a little.
+RTOL, ATOL = 1e-4, 1e-5
+MODELS = [
+    "resnet18",
+    "mobilenet_v2",
+    "efficientnet_b0",
+    "densenet121",
+    "shufflenet_v2_x1_0",
+    "convnext_tiny",
+    "regnet_y_400mf",
+    "mnasnet1_0",
+    "squeezenet1_1",
+    "googlenet",
+]
+
+
+def ort_run(proto: onnx.ModelProto, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+def exported(name: str, tmp_path) -> tuple[torch.nn.Module, torch.Tensor, onnx.ModelProto]:
+    model, x = zoo_model(name)
+    path = tmp_path / f"{name}.onnx"
+    racc.export_onnx(model, path, example_inputs=(x,))
+    return model, x, load(path)
+
+
+def sizes(an) -> list[tuple[int, bool]]:
+    return sorted((g.size, g.prunable) for g in an.groups)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_zero_in_the_initializers_then_prune_in_place_give_the_same_outputs(name, tmp_path):
+    model, x, proto = exported(name, tmp_path)
+    mirror = to_fx(proto)
+    with torch.no_grad():
+        assert_close(mirror.gm(x), ort_run(proto, x), RTOL, ATOL, what=f"{name} mirror vs ORT")
+    an = racc.analyze(mirror.gm, (x,))
+    prunable = [g for g in an.groups if g.prunable and g.size > 1]
+    assert len(prunable) >= 3, f"{name}: {len(prunable)} prunable groups"
+    rng = np.random.default_rng(0)
+    for group in rng.choice(prunable, size=3, replace=False):
+        idxs = sorted(rng.choice(group.size, size=max(1, group.size // 4), replace=False).tolist())
+        zeroed = write_back(mirror, racc.zero_channels(mirror.gm, {group: idxs}))
+        pruned = write_back(mirror, racc.prune_channels(mirror.gm, {group: idxs}, (x,)))
+        what = f"{name} {group.details(idxs)}"
+        assert_close(ort_run(pruned, x), ort_run(zeroed, x), RTOL, ATOL, what=what)
+        weights = [
+            sum(t.dims and np.prod(t.dims) for t in p.graph.initializer) for p in (zeroed, pruned)
+        ]
+        assert weights[1] < weights[0], f"{what}: no initializer got smaller"
+        kept = {n.name for n in proto.graph.node if n.op_type != "Identity"}
+        assert kept <= {n.name for n in pruned.graph.node}, f"{what}: nodes lost"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121"])
+def test_groups_of_the_onnx_export_match_the_torch_model(name, tmp_path):
+    model, x, proto = exported(name, tmp_path)
+    torch_groups = racc.analyze(model, (x,))
+    onnx_groups = racc.analyze(proto, (x,))
+    # the export folds BN into the convs: the same groups, with the BNs gone from their members
+    assert sizes(onnx_groups) == sizes(torch_groups)
+
+
+def test_pruning_the_onnx_file_and_the_torch_model_give_the_same_outputs(tmp_path):
+    model, x, proto = exported("resnet18", tmp_path)
+    mirror = to_fx(proto)
+    torch_an, onnx_an = racc.analyze(model, (x,)), racc.analyze(mirror.gm, (x,))
+    request_t, request_o = {}, {}
+    for gt, go in zip(torch_an.groups, onnx_an.groups, strict=True):  # both in graph order
+        assert (go.size, go.prunable) == (gt.size, gt.prunable)
+        if gt.prunable and gt.size > 1:
+            request_t[gt] = request_o[go] = list(range(0, gt.size, 3))
+    pruned_torch = racc.prune_channels(model, request_t, (x,))
+    pruned_onnx = write_back(mirror, racc.prune_channels(mirror.gm, request_o, (x,)))
+    with torch.no_grad():
+        assert_close(ort_run(pruned_onnx, x), pruned_torch(x), RTOL, ATOL, what="torch vs ONNX")
+
+
+def test_compile_prunes_an_onnx_file_in_place_and_checks_it_in_ort(tmp_path):
+    model, x, _ = exported("resnet18", tmp_path)
+    result = racc.compile(str(tmp_path / "resnet18.onnx"), "prune-bn{ratio=0.5}", (x,))
+    report = result.racc_report
+    assert report.rows[-1].cost.params < 0.4 * report.rows[0].cost.params
+    assert any("no BN: by weight norm" in m for m in report.rows[-1].matched)
+    racc.export_onnx(result, tmp_path / "pruned.onnx")
+    y = ort_run(onnx.load(tmp_path / "pruned.onnx"), torch.randn(3, 3, 64, 64))
+    assert y.shape == (3, 1000)
+
+
+def test_fold_bn_on_an_onnx_file_that_keeps_its_batch_norms(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    path = tmp_path / "bn.onnx"
+    torch.onnx.export(
+        model, (x,), path, opset_version=17, input_names=["input"], dynamo=False,
+        training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+    )  # fmt: skip
+    assert any(n.op_type == "BatchNormalization" for n in onnx.load(path).graph.node)
+    result = racc.compile(str(path), "fold-bn", (x,))
+    assert not any(n.op_type == "BatchNormalization" for n in result.model.graph.node)
+    with torch.no_grad():
+        assert_close(ort_run(result.model, x), model(x), RTOL, ATOL, what="folded")
+    pruned = racc.compile(str(path), "prune-bn{ratio=0.5}", (x,))
+    assert "no BN" not in " ".join(pruned.racc_report.rows[-1].matched)
+
+
+def test_an_op_without_a_mapping_runs_in_ort_and_walls_its_channels(tmp_path):
+    # Hardmax over the channels: racc has no torch mapping for it
+    conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    hard = onnx.helper.make_node("Hardmax", ["y"], ["h"], name="hard", axis=1)
+    conv2 = onnx.helper.make_node("Conv", ["h", "w2"], ["z"], name="conv2")
+    rng = np.random.default_rng(0)
+    graph = onnx.helper.make_graph(
+        [conv, hard, conv2], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 2, 8, 8])],
+        [onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(rng.standard_normal((2, 4, 1, 1)).astype(np.float32), "w2")],
+    )  # fmt: skip
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    mirror = to_fx(load(proto))
+    assert list(mirror.opaque) == ["hard"] and "Hardmax" in mirror.opaque["hard"]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert_close(mirror.gm(x), ort_run(proto, x), RTOL, ATOL, what="opaque node")
+    an = racc.analyze(proto, (x,))
+    assert not any(g.prunable for g in an.groups)
+    assert "hard" in str(an)
+
+
+def test_bad_onnx_inputs(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(ExportError, match="not a readable ONNX file|no nodes"):
+        racc.analyze(str(bad))
+    with pytest.raises(ExportError, match="no such ONNX file"):
+        racc.analyze(str(tmp_path / "missing.onnx"))
+    node = onnx.helper.make_node("Relu", ["x"], ["y"])
+    graph = onnx.helper.make_graph(
+        [node], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", "C", "H", "W"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", "C", "H", "W"])],
+    )  # fmt: skip
+    shapeless = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    with pytest.raises(InputError, match="pass example_inputs"):
+        racc.analyze(shapeless)
+    _, x, proto = exported("resnet18", tmp_path)
+    with pytest.raises(PassConfigError, match="does not run on ONNX input yet"):
+        racc.compile(proto, "fuse-5x5", (x,))
