@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/racc compile torchvision:resnet18 -p "prune-bn{ratio=0.5},int8" \
 		-o out/resnet18.onnx --plots out/plots
-	$(VENV)/bin/racc bench torchvision:resnet18 out/resnet18.onnx
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/racc bench torchvision:resnet18 out/resnet18.onnx
 
 test: $(STAMP)
 	$(PY) -m ruff check racc tests benchmarks examples
