@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from racc.analysis.blocks import block_grid, block_params
 from racc.analysis.cost import layer_widths, measure_cost
-from racc.backends.onnx import check_onnx_outputs
+from racc.backends.onnx import check_onnx_outputs, export_onnx
 from racc.backends.onnx_edit import write_back
 from racc.errors import EquivalenceError, PassConfigError, RaccError
 from racc.ir import onnx as onnx_ir
@@ -41,7 +42,8 @@ def compile(
     Args:
         model: the model; it is never changed. An ONNX model (a path ending in .onnx or a
             ModelProto) is mirrored in fx, passes run on the mirror, and the result is written
-            back into the ONNX graph in place (fold-bn and prune-bn; see docs/onnx.md).
+            back into the ONNX graph in place (fold-bn, prune-bn) or exported again (the passes
+            that change its structure); see docs/onnx.md.
         passes: a pipeline string such as "fold-bn" or a list of pass objects.
         example_inputs: a tensor or tuple of tensors the model accepts (for an ONNX model with
             fixed input shapes apart from the batch, None makes random ones).
@@ -89,8 +91,9 @@ def compile(
     return gm
 
 
-# Passes whose result on the ONNX mirror is written back into the ONNX graph in place.
-ONNX_PASSES = ("fold-bn", "prune-bn")
+# Passes whose result on the ONNX mirror is written back into the ONNX graph in place; the others
+# change the graph's structure, and the mirror is exported again (racc.export_onnx) instead.
+ONNX_IN_PLACE = ("fold-bn", "prune-bn")
 
 
 @dataclass
@@ -103,30 +106,47 @@ class CompiledOnnx:
 
 
 def _compile_onnx(source, pipeline, example_inputs, explain, calibration, progress) -> CompiledOnnx:
-    """Mirror the ONNX model in fx, run the passes on the mirror (verified as for torch), write the
-    result back into the ONNX graph in place and check it in ONNX Runtime."""
+    """Mirror the ONNX model in fx, run the passes on the mirror (verified as for torch), then
+    write the result back into the ONNX graph in place (fold-bn, prune-bn) or export the mirror
+    again (passes that change the structure), and check it in ONNX Runtime."""
     for p in pipeline:
-        if p.name not in ONNX_PASSES:
+        if p.name == "rac" and p.init != "fit":
             raise PassConfigError(
-                f"pass '{p}' does not run on ONNX input yet (ONNX input supports "
-                f"{', '.join(ONNX_PASSES)}); compile the PyTorch model, or run {ONNX_PASSES} on "
-                "the ONNX file"
+                f"pass '{p}' on ONNX input needs init=fit: a file cannot be trained, so the banks "
+                "must be fitted to the convs they replace; use rac{init=fit,...}"
             )
     proto = onnx_ir.load(source)
     mirror = onnx_ir.to_fx(proto)
+    structural = [str(p) for p in pipeline if p.name not in ONNX_IN_PLACE]
+    if structural and mirror.opaque:
+        raise PassConfigError(
+            f"{', '.join(structural)} change the graph's structure, so racc exports the ONNX "
+            f"model again from its mirror, which cannot hold ops that run in ONNX Runtime: "
+            f"{'; '.join(f'{k}: {v}' for k, v in mirror.opaque.items())}. Run only "
+            f"{', '.join(ONNX_IN_PLACE)} on this file, or compile the PyTorch model"
+        )
     inputs = (
         onnx_ir.example_inputs_for(proto)
         if example_inputs is None
         else normalize_inputs(example_inputs)
     )
     gm = compile(mirror.gm, pipeline, inputs, explain, calibration, progress)
-    name = source if isinstance(source, (str, os.PathLike)) else proto.graph.name
-    gm.racc_report.model = f"ONNX model {os.fspath(name) if not isinstance(name, str) else name}"
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else proto.graph.name
+    report = gm.racc_report
+    report.model = f"ONNX model {name}"
+    if structural:
+        with tempfile.TemporaryDirectory() as folder:
+            result = export_onnx(gm, os.path.join(folder, "model.onnx"), inputs)  # ORT-checked
+        report.rows[-1].notes.append(
+            f"written by exporting the mirror again ({', '.join(structural)} change the graph's "
+            "structure): node names are the exporter's, not the input file's"
+        )
+        return CompiledOnnx(result, report, inputs)
     result = write_back(mirror, gm)
     with torch.no_grad():
         expected = gm(*inputs)
     check_onnx_outputs(result, inputs, expected)
-    return CompiledOnnx(result, gm.racc_report, inputs)
+    return CompiledOnnx(result, report, inputs)
 
 
 def _run_verified(

@@ -236,7 +236,7 @@ def test_onnx_in_onnx_out(capsys, tmp_path):
     code, stdout, _ = run(capsys, "inspect", str(out), "--groups")
     assert code == 0 and "channel groups" in stdout
     code, _, err = run(capsys, "compile", str(source), "-p", "rac", "-o", str(out))
-    assert code == 1 and "does not run on ONNX input yet" in err
+    assert code == 1 and "needs init=fit" in err
     code, _, err = run(
         capsys, "compile", str(source), "-p", "fold-bn", "-o", str(tmp_path / "x.racc")
     )

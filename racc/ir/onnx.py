@@ -207,28 +207,43 @@ class _Builder:
             for name in node.input:
                 self.users.setdefault(name, []).append(node)
         self.mirror = Mirror(proto, None)  # type: ignore[arg-type]
-        self.names: set[str] = set()
         self.folded: set[str] = set()  # nodes already emitted as part of another (MatMul + Add)
         self.partial: dict[str, np.ndarray] = {}  # shape values with unknown (batch) entries
 
     # --- naming -------------------------------------------------------------------------------------
 
-    def module_name(self, node: onnx.NodeProto, weight: str | None = None) -> str:
-        base = weight[: -len(".weight")] if weight and weight.endswith(".weight") else ""
-        base = base or _scope_name(node) or f"{node.op_type}_{len(self.names)}"
-        name = re.sub(r"\W+", "_", base.replace(".", "_")).strip("_") or node.op_type
-        name = name if not name[0].isdigit() else f"n{name}"
-        while name in self.names:
-            name += "_"
-        self.names.add(name)
-        return name
-
     def add_module(self, node: onnx.NodeProto, module: nn.Module, params: dict[str, str]) -> str:
-        name = self.module_name(node, params.get("weight"))
-        self.root.add_module(name, module)
+        """Place `module` at the torch name the ONNX file suggests (its weight's name, or the
+        exporter's scope: 'layer1.0.conv1'), under plain container modules, so that patterns and
+        presets written for the torch model match; where that name is taken, a flat one."""
+        weight = params.get("weight") or params.get("weight^T") or ""
+        base = weight.removesuffix(".weight") if weight.endswith(".weight") else ""
+        base = base or _scope_name(node) or node.op_type
+        parts = [re.sub(r"\W+", "_", p) or "_" for p in base.split(".")]
+        name = ".".join(parts)
+        if not self._place(parts, module):
+            name = "_".join(parts)
+            while hasattr(self.root, name):
+                name += "_"
+            self.root.add_module(name, module)
         self.mirror.origin[name] = node.name
         self.mirror.params.update({f"{name}.{k}": v for k, v in params.items()})
         return name
+
+    def _place(self, parts: list[str], module: nn.Module) -> bool:
+        parent = self.root
+        for part in parts[:-1]:
+            child = parent._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                parent.add_module(part, child)
+            elif type(child) is not nn.Module:  # a layer, not a container
+                return False
+            parent = child
+        if parts[-1] in parent._modules or hasattr(parent, parts[-1]):
+            return False
+        parent.add_module(parts[-1], module)
+        return True
 
     # --- values ---------------------------------------------------------------------------------------
 

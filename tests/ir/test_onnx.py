@@ -12,6 +12,7 @@ from torch import nn
 
 import racc
 from racc.backends.onnx_edit import write_back
+from racc.backends.qdq import ort_optimized_ops
 from racc.errors import ExportError, InputError, PassConfigError
 from racc.ir.onnx import load, to_fx
 from tests.conftest import assert_close, zoo_model
@@ -130,8 +131,8 @@ def test_fold_bn_on_an_onnx_file_that_keeps_its_batch_norms(tmp_path):
     assert "no BN" not in " ".join(pruned.racc_report.rows[-1].matched)
 
 
-def test_an_op_without_a_mapping_runs_in_ort_and_walls_its_channels(tmp_path):
-    # Hardmax over the channels: racc has no torch mapping for it
+def _hardmax_model() -> onnx.ModelProto:
+    """conv -> Hardmax over the channels (an op racc has no torch mapping for) -> conv."""
     conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])
     hard = onnx.helper.make_node("Hardmax", ["y"], ["h"], name="hard", axis=1)
     conv2 = onnx.helper.make_node("Conv", ["h", "w2"], ["z"], name="conv2")
@@ -145,6 +146,11 @@ def test_an_op_without_a_mapping_runs_in_ort_and_walls_its_channels(tmp_path):
     )  # fmt: skip
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     proto.ir_version = 8
+    return proto
+
+
+def test_an_op_without_a_mapping_runs_in_ort_and_walls_its_channels():
+    proto = _hardmax_model()
     mirror = to_fx(load(proto))
     assert list(mirror.opaque) == ["hard"] and "Hardmax" in mirror.opaque["hard"]
     x = torch.randn(2, 3, 8, 8)
@@ -172,5 +178,35 @@ def test_bad_onnx_inputs(tmp_path):
     with pytest.raises(InputError, match="pass example_inputs"):
         racc.analyze(shapeless)
     _, x, proto = exported("resnet18", tmp_path)
-    with pytest.raises(PassConfigError, match="does not run on ONNX input yet"):
-        racc.compile(proto, "fuse-5x5", (x,))
+    with pytest.raises(PassConfigError, match="needs init=fit: a file cannot be trained"):
+        racc.compile(proto, "rac", (x,))
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "check"),
+    [
+        ("int8", lambda p, ops: ops["QLinearConv"] == 20),
+        ("fuse-5x5{policy=all,allow_nonlinear=true}", lambda p, ops: ops["Conv"] < 20),
+        (
+            "rac{init=fit,where=layer3.*.conv2}",
+            lambda p, ops: sum("bank" in t.name for t in p.graph.initializer) == 2,
+        ),
+    ],
+)
+def test_passes_that_change_the_structure_export_the_mirror_again(tmp_path, pipeline, check):
+    _, x, _ = exported("resnet18", tmp_path)
+    calibration = [
+        torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)
+    ]
+    result = racc.compile(str(tmp_path / "resnet18.onnx"), pipeline, (x,), calibration=calibration)
+    path = tmp_path / "out.onnx"
+    racc.export_onnx(result, path)
+    assert check(result.model, ort_optimized_ops(path)), dict(ort_optimized_ops(path))
+    assert "exporting the mirror again" in result.racc_report.rows[-1].notes[-1]
+    assert result.racc_report.rows[-1].error.cosine > (0.99 if pipeline == "int8" else 0.0)
+
+
+def test_a_structural_pass_on_a_model_with_an_unmapped_op_says_why_not():
+    proto = _hardmax_model()
+    with pytest.raises(PassConfigError, match="cannot hold ops that run in ONNX Runtime: hard"):
+        racc.compile(proto, "fuse-5x5", (torch.randn(1, 3, 8, 8),))
