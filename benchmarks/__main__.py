@@ -21,6 +21,7 @@ TABLES = [
     "benchmarks.fuse_5x5",
     "benchmarks.int8",
     "benchmarks.rac",
+    "benchmarks.onnx_in",
 ]
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -60,6 +60,12 @@ def write_back(mirror: Mirror, gm: fx.GraphModule) -> onnx.ModelProto:
             split.inputs[1] = gs.Constant(f"{node_name}.split", sizes)
         else:
             split.attrs["split"] = sizes.tolist()
+    for fx_name, slice_names in mirror.sliced.items():
+        edges = np.cumsum([0, *fx_nodes[fx_name].args[1]])
+        for name, start, stop in zip(slice_names, edges[:-1], edges[1:], strict=True):
+            piece = nodes[name]
+            piece.inputs[1] = gs.Constant(f"{name}.starts", np.array([start], dtype=np.int64))
+            piece.inputs[2] = gs.Constant(f"{name}.ends", np.array([stop], dtype=np.int64))
     graph.cleanup().toposort()
     proto = gs.export_onnx(graph)
     del proto.graph.value_info[:]  # channel counts changed: infer the shapes again

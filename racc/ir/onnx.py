@@ -41,6 +41,7 @@ class Mirror:
     params: dict[str, str] = field(default_factory=dict)  # "module.param" -> initializer name
     opaque: dict[str, str] = field(default_factory=dict)  # module name -> why it runs in ORT
     splits: dict[str, str] = field(default_factory=dict)  # fx torch.split node -> ONNX Split node
+    sliced: dict[str, list[str]] = field(default_factory=dict)  # fx torch.split -> ONNX Slices
     input_names: list[str] = field(default_factory=list)
 
 
@@ -202,6 +203,7 @@ class _Builder:
         self.env: dict[str, Any] = {}  # ONNX tensor name -> fx.Node, or a numpy constant
         self.constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
         self.shapes = _shapes(proto)
+        self.producer = {o: n for n in proto.graph.node for o in n.output}
         self.users: dict[str, list[onnx.NodeProto]] = {}
         for node in proto.graph.node:
             for name in node.input:
@@ -285,6 +287,25 @@ class _Builder:
         if array.size == 1 and array.ndim <= 1:
             return array.item()
         return self.tensor_node(name)
+
+    def ints_now(self, name: str) -> list[int] | None:
+        """`ints`, folding the shape arithmetic that produces `name` first if the graph has not
+        reached it yet."""
+        node = self.producer.get(name)
+        if node is not None and name not in self.env and node.op_type in _SHAPE_OPS:
+            if node.op_type != "Shape":  # a Shape reads its input's size, never its value
+                for source in node.input:
+                    if source:
+                        self.ints_now(source)
+            if node.op_type == "Constant":
+                value = _constant(self, node)
+                if value is not None:
+                    self.env[name] = value[0]
+            else:
+                folded = _fold_shape_arithmetic(self, node)
+                if folded is not None:
+                    self.env.update(zip(node.output, folded, strict=True))
+        return self.ints(name) if name in self.env or name in self.constants else None
 
     def ints(self, name: str) -> list[int] | None:
         if not name or not self.is_constant(name):
@@ -756,23 +777,66 @@ def _static_shape(b: _Builder, node: onnx.NodeProto) -> list[int] | None:
     return [-1 if out[0] is None else out[0], *out[1:]]
 
 
-def _slice(b: _Builder, node: onnx.NodeProto):
+def _slice_bounds(b: _Builder, node: onnx.NodeProto) -> list[tuple[int, int, int]] | None:
+    """(axis, start, stop) per sliced axis, stop clamped to the axis size; None unless constant,
+    of step 1, on known sizes. Bounds computed by shape arithmetic later in the graph are
+    evaluated now."""
     shape = b.shapes.get(node.input[0])
-    starts, ends = b.ints(node.input[1]), b.ints(node.input[2])
-    axes = b.ints(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    steps = b.ints(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    inputs = [b.ints_now(n) if i < len(node.input) and n else None
+              for i, n in enumerate(list(node.input) + [""] * (5 - len(node.input)))]  # fmt: skip
+    starts, ends, axes, steps = inputs[1], inputs[2], inputs[3], inputs[4]
     if shape is None or starts is None or ends is None:
         return None
     axes = axes if axes is not None else list(range(len(starts)))
-    steps = steps or [1] * len(starts)
-    index = [slice(None)] * len(shape)
-    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
-        if step != 1:
-            return None
+    bounds = []
+    for start, end, axis, step in zip(starts, ends, axes, steps or [1] * len(starts), strict=True):
         size = shape[axis]
-        stop = None if size is not None and end >= size else end
-        index[axis] = slice(start if start != 0 else None, stop)
+        if step != 1 or size is None:
+            return None
+        start, end = (v + size if v < 0 else v for v in (start, end))
+        bounds.append((axis % len(shape), max(0, min(start, size)), max(0, min(end, size))))
+    return bounds
+
+
+def _slice(b: _Builder, node: onnx.NodeProto):
+    bounds = _slice_bounds(b, node)
+    if bounds is None:
+        return None
+    split = _as_split(b, node, bounds)
+    if split is not None:
+        return split
+    index = [slice(None)] * len(b.shapes[node.input[0]])
+    for axis, start, stop in bounds:
+        index[axis] = slice(start or None, None if stop == b.shapes[node.input[0]][axis] else stop)
     return b.call(operator.getitem, b.tensor_node(node.input[0]), tuple(index))
+
+
+def _as_split(b: _Builder, node: onnx.NodeProto, bounds) -> list[fx.Node] | None:
+    """Slices of one tensor along one axis that tile it exactly (what torch.chunk exports to) are
+    one torch.split: channel rules know a split, and pruning rewrites the pieces' sizes."""
+    if len(bounds) != 1:
+        return None
+    if node.output[0] in b.env:  # emitted with its siblings
+        return [b.env[node.output[0]]]
+    axis = bounds[0][0]
+    siblings = []
+    for other in b.users.get(node.input[0], []):
+        if other.op_type == "Slice" and other.input[0] == node.input[0]:
+            other_bounds = _slice_bounds(b, other)
+            if other_bounds is None or len(other_bounds) != 1 or other_bounds[0][0] != axis:
+                return None
+            siblings.append((other_bounds[0][1], other_bounds[0][2], other))
+    siblings.sort(key=lambda item: item[0])
+    size = b.shapes[node.input[0]][axis]
+    edges = [0] + [stop for _, stop, _ in siblings]
+    if len(siblings) < 2 or [start for start, _, _ in siblings] != edges[:-1] or edges[-1] != size:
+        return None
+    sizes = [stop - start for start, stop, _ in siblings]
+    pieces = b.graph.call_function(torch.split, (b.tensor_node(node.input[0]), sizes, axis))
+    b.mirror.sliced[pieces.name] = [other.name for _, _, other in siblings]
+    for i, (_, _, other) in enumerate(siblings):
+        b.env[other.output[0]] = b.graph.call_function(operator.getitem, (pieces, i))
+    return [b.env[node.output[0]]]
 
 
 def _reduce_mean(b: _Builder, node: onnx.NodeProto):

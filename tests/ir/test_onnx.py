@@ -47,10 +47,6 @@ def exported(name: str, tmp_path) -> tuple[torch.nn.Module, torch.Tensor, onnx.M
     return model, x, load(path)
 
 
-def sizes(an) -> list[tuple[int, bool]]:
-    return sorted((g.size, g.prunable) for g in an.groups)
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_zero_in_the_initializers_then_prune_in_place_give_the_same_outputs(name, tmp_path):
     model, x, proto = exported(name, tmp_path)
@@ -71,32 +67,31 @@ def test_zero_in_the_initializers_then_prune_in_place_give_the_same_outputs(name
             sum(t.dims and np.prod(t.dims) for t in p.graph.initializer) for p in (zeroed, pruned)
         ]
         assert weights[1] < weights[0], f"{what}: no initializer got smaller"
-        kept = {n.name for n in proto.graph.node if n.op_type != "Identity"}
-        assert kept <= {n.name for n in pruned.graph.node}, f"{what}: nodes lost"
+        layers = {n.name for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+        assert layers <= {n.name for n in pruned.graph.node}, f"{what}: layers renamed or lost"
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121"])
-def test_groups_of_the_onnx_export_match_the_torch_model(name, tmp_path):
+@pytest.mark.parametrize("name", [m for m in MODELS if m != "shufflenet_v2_x1_0"])
+def test_pruning_the_export_and_pruning_the_torch_model_agree(name, tmp_path):
+    """The same groups (in graph order; the export folded BN into the convs, so its groups lack the
+    BNs), and pruning the same channels in the file and in the model gives the same outputs."""
     model, x, proto = exported(name, tmp_path)
-    torch_groups = racc.analyze(model, (x,))
-    onnx_groups = racc.analyze(proto, (x,))
-    # the export folds BN into the convs: the same groups, with the BNs gone from their members
-    assert sizes(onnx_groups) == sizes(torch_groups)
-
-
-def test_pruning_the_onnx_file_and_the_torch_model_give_the_same_outputs(tmp_path):
-    model, x, proto = exported("resnet18", tmp_path)
     mirror = to_fx(proto)
     torch_an, onnx_an = racc.analyze(model, (x,)), racc.analyze(mirror.gm, (x,))
+    assert len(torch_an.groups) == len(onnx_an.groups)
+    pairs = list(zip(torch_an.groups, onnx_an.groups, strict=True))
+    for gt, go in pairs:
+        assert (go.size, go.prunable) == (gt.size, gt.prunable), (gt, go)
+    rng = np.random.default_rng(0)
+    prunable = [i for i, (gt, _) in enumerate(pairs) if gt.prunable and gt.size > 1]
     request_t, request_o = {}, {}
-    for gt, go in zip(torch_an.groups, onnx_an.groups, strict=True):  # both in graph order
-        assert (go.size, go.prunable) == (gt.size, gt.prunable)
-        if gt.prunable and gt.size > 1:
-            request_t[gt] = request_o[go] = list(range(0, gt.size, 3))
+    for i in rng.choice(prunable, size=min(4, len(prunable)), replace=False):
+        gt, go = pairs[i]
+        request_t[gt] = request_o[go] = sorted(rng.choice(gt.size, gt.size // 3, replace=False))
     pruned_torch = racc.prune_channels(model, request_t, (x,))
     pruned_onnx = write_back(mirror, racc.prune_channels(mirror.gm, request_o, (x,)))
     with torch.no_grad():
-        assert_close(ort_run(pruned_onnx, x), pruned_torch(x), RTOL, ATOL, what="torch vs ONNX")
+        assert_close(ort_run(pruned_onnx, x), pruned_torch(x), RTOL, ATOL, what=name)
 
 
 def test_compile_prunes_an_onnx_file_in_place_and_checks_it_in_ort(tmp_path):

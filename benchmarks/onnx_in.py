@@ -1,0 +1,68 @@
+"""prune-bn on an ONNX file vs on the torch model, at 50% of channels, in one process.
+
+For each model: the torch model is exported (racc.export_onnx: BNs folded into the convs, as a
+PyTorch user ships a file); `racc.compile("model.onnx", ...)` prunes the file in place (importance
+by weight norm: the file has no BN left) and `racc.compile(model, ...)` prunes the torch model
+(by BN gamma) which is then exported. Both prune per layer with multiples of 8 channels; MACs come
+from the fx mirror of each file, latency from three interleaved ONNX Runtime sessions (2 threads).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+import racc
+from benchmarks.common import latency_ratios, rounds_from_args, torchvision_model
+from racc.analysis.cost import measure_cost
+from racc.ir.onnx import load, to_fx
+from racc.timing import ort_session
+
+MODELS = ["resnet50", "mobilenet_v2"]
+PIPELINE = "prune-bn{ratio=0.5,scope=local,round_to=8}"
+
+
+def table(rounds: int) -> list[str]:
+    rows = [
+        "| model | path | params | MACs | ORT latency b1 | ORT latency b8 | prune-bn time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in MODELS:
+        model, x = torchvision_model(name), torch.randn(1, 3, 224, 224)
+        with tempfile.TemporaryDirectory() as folder:
+            original, from_onnx, from_torch = (
+                Path(folder) / f"{k}.onnx" for k in ("original", "onnx", "torch")
+            )
+            racc.export_onnx(model, original, (x,))
+            result = racc.compile(str(original), PIPELINE, (x,))
+            racc.export_onnx(result, from_onnx)
+            pruned = racc.compile(model, PIPELINE, (x,))
+            racc.export_onnx(pruned, from_torch, (x,))
+            costs = [
+                measure_cost(to_fx(load(p)).gm, (x,)) for p in (original, from_onnx, from_torch)
+            ]
+            times = [r.racc_report.rows[-1].seconds for r in (result, pruned)]
+            sessions = [ort_session(p, threads=2) for p in (original, from_onnx, from_torch)]
+            b1 = latency_ratios(sessions, 1, 224, rounds)
+            b8 = latency_ratios(sessions, 8, 224, max(3, rounds // 2))
+        for i, label in enumerate(("ONNX file, in place", "torch model, exported")):
+            params = costs[i + 1].params / costs[0].params
+            macs = costs[i + 1].macs / costs[0].macs
+            rows.append(f"| {name} | {label} | {params:.2f}x | {macs:.2f}x | {b1[i]:.2f}x | "
+                        f"{b8[i]:.2f}x | {times[i]:.1f} s |")  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    rounds = rounds_from_args(quick=5, full=15)
+    print("### prune-bn on ONNX input vs on the torch model (ratios to the original file)\n")
+    print(f"`{PIPELINE}`, input 224x224; medians of interleaved rounds ({rounds} at batch 1). "
+          "The ONNX path ranks channels by weight norm (the export folded the BNs), the torch "
+          "path by BN gamma: the same widths, other channels.\n")  # fmt: skip
+    print("\n".join(table(rounds)))
+
+
+if __name__ == "__main__":
+    main()
