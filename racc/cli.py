@@ -16,6 +16,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ def _from_factory(spec: str) -> nn.Module:
             module = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(module)
         else:
+            if os.getcwd() not in sys.path:  # a console script's path starts at its own folder
+                sys.path.insert(0, os.getcwd())
             module = importlib.import_module(where)
     except (ImportError, FileNotFoundError) as e:
         raise UnsupportedModelError(
@@ -256,7 +259,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
         progress=True,
     )
     report = opt.racc_report
-    report.model = f"{report.model} ({args.model})" if model.module is not None else report.model
+    if model.module is not None:  # an ONNX model's report already names the file
+        report.model = f"{report.model} ({args.model})"
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".onnx":
         racc.export_onnx(opt, out)

@@ -28,8 +28,6 @@ from torch import nn
 
 from racc.errors import ExportError, InputError, UnsupportedModelError
 
-_SYMBOL = "batch"  # a dimension whose size is not fixed: only the batch axis may be
-
 
 @dataclass
 class Mirror:
@@ -42,7 +40,6 @@ class Mirror:
     opaque: dict[str, str] = field(default_factory=dict)  # module name -> why it runs in ORT
     splits: dict[str, str] = field(default_factory=dict)  # fx torch.split node -> ONNX Split node
     sliced: dict[str, list[str]] = field(default_factory=dict)  # fx torch.split -> ONNX Slices
-    input_names: list[str] = field(default_factory=list)
 
 
 def load(model: str | os.PathLike | onnx.ModelProto | bytes) -> onnx.ModelProto:
@@ -54,7 +51,8 @@ def load(model: str | os.PathLike | onnx.ModelProto | bytes) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         proto, where = model, "the ONNX model"
     elif isinstance(model, bytes):
-        proto, where = _parse(lambda: onnx.load_from_string(model), "the ONNX bytes"), "the bytes"
+        where = "the ONNX bytes"
+        proto = _parse(lambda: onnx.load_from_string(model), where)
     else:
         where = f"'{os.fspath(model)}'"
         if not os.path.isfile(model):
@@ -69,9 +67,20 @@ def load(model: str | os.PathLike | onnx.ModelProto | bytes) -> onnx.ModelProto:
             "(onnx.checker.check_model says what is wrong)"
         ) from e
     try:
-        return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as e:
         raise ExportError(f"shape inference failed on {where}: {e}") from e
+    _name_nodes(proto)
+    return proto
+
+
+def _name_nodes(proto: onnx.ModelProto) -> None:
+    """Give every node a unique name (ONNX makes names optional; racc maps modules to nodes)."""
+    seen: set[str] = set()
+    for i, node in enumerate(proto.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.name or node.op_type}_racc{i}"
+        seen.add(node.name)
 
 
 def _parse(read: Callable[[], onnx.ModelProto], where: str) -> onnx.ModelProto:
@@ -209,7 +218,7 @@ class _Builder:
             for name in node.input:
                 self.users.setdefault(name, []).append(node)
         self.mirror = Mirror(proto, None)  # type: ignore[arg-type]
-        self.folded: set[str] = set()  # nodes already emitted as part of another (MatMul + Add)
+        self.folded: set[str] = set()  # outputs already emitted by another node (MatMul + Add)
         self.partial: dict[str, np.ndarray] = {}  # shape values with unknown (batch) entries
 
     # --- naming -------------------------------------------------------------------------------------
@@ -302,10 +311,15 @@ class _Builder:
                 if value is not None:
                     self.env[name] = value[0]
             else:
-                folded = _fold_shape_arithmetic(self, node)
-                if folded is not None:
-                    self.env.update(zip(node.output, folded, strict=True))
+                self.fold(node)
         return self.ints(name) if name in self.env or name in self.constants else None
+
+    def fold(self, node: onnx.NodeProto) -> bool:
+        """Whether `node` computed shape arithmetic known at build time (its outputs are set)."""
+        folded = _fold_shape_arithmetic(self, node)
+        if folded is not None:
+            self.env.update(zip(node.output, folded, strict=True))
+        return folded is not None
 
     def ints(self, name: str) -> list[int] | None:
         if not name or not self.is_constant(name):
@@ -320,13 +334,8 @@ class _Builder:
             if value.name not in initializers:
                 name = re.sub(r"\W+", "_", value.name).strip("_") or "input"
                 self.env[value.name] = self.graph.placeholder(name)
-                self.mirror.input_names.append(value.name)
         for node in self.proto.graph.node:
-            if node.name in self.folded:
-                continue
-            folded = _fold_shape_arithmetic(self, node)
-            if folded is not None:
-                self.env.update(zip(node.output, folded, strict=True))
+            if node.output[0] in self.folded or self.fold(node):
                 continue
             handler = _HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             outputs = handler(self, node) if handler else None
@@ -626,7 +635,7 @@ def _matmul(b: _Builder, node: onnx.NodeProto):
     add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
     other = add and next(n for n in add.input if n != node.output[0])
     if add is not None and b.is_constant(other) and np.asarray(b.value(other)).size == w.shape[0]:
-        b.folded.add(add.name)  # MatMul + Add(bias) is one Linear
+        b.folded.add(add.output[0])  # MatMul + Add(bias) is one Linear
         params["bias"] = other
         out = _linear(b, node, w, params, b.value(other))
         b.env[add.output[0]] = out[0]

@@ -205,3 +205,25 @@ def test_a_structural_pass_on_a_model_with_an_unmapped_op_says_why_not():
     proto = _hardmax_model()
     with pytest.raises(PassConfigError, match="cannot hold ops that run in ONNX Runtime: hard"):
         racc.compile(proto, "fuse-5x5", (torch.randn(1, 3, 8, 8),))
+
+
+def test_a_file_with_unnamed_nodes_is_pruned_in_place():
+    rng = np.random.default_rng(0)
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Relu", ["y"], ["r"]),
+        onnx.helper.make_node("Conv", ["r", "w2"], ["z"]),
+    ]  # no names: ONNX makes them optional
+    graph = onnx.helper.make_graph(
+        nodes, "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 2, 8, 8])],
+        [onnx.numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(rng.standard_normal((2, 8, 1, 1)).astype(np.float32), "w2")],
+    )  # fmt: skip
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    result = racc.compile(proto, "prune-bn{ratio=0.5}", (torch.randn(2, 3, 8, 8),))
+    dims = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert dims == {"w": [4, 3, 3, 3], "w2": [2, 4, 1, 1]}
+    assert ort_run(result.model, torch.randn(1, 3, 8, 8)).shape == (1, 2, 8, 8)
