@@ -77,3 +77,9 @@ def train(model, x, y, epochs, lr, batch, sparsity=None, max_batches=None, seed=
 def accuracy(model, x, y) -> float:
     model.eval()
     return float((model(x).argmax(1) == y).float().mean()) * 100
+
+
+def ort_predictions(session, x: torch.Tensor) -> np.ndarray:
+    """The classes an ONNX Runtime session predicts for `x`, in batches of 256."""
+    logits = [session.run(None, {"input": b.numpy()})[0] for b in x.split(256)]
+    return np.concatenate(logits).argmax(1)

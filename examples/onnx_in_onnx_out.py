@@ -21,21 +21,14 @@ import argparse
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
-from common import load_cifar10, load_digits_32, train  # examples/common.py
+from common import load_cifar10, load_digits_32, ort_predictions, train  # examples/common.py
 
 import racc
 from racc.ir.onnx import load as load_onnx
 from racc.sparsity import BnSparsity
 from racc.timing import interleaved, ort_call, ort_session
-
-
-def predictions(session, x: torch.Tensor) -> np.ndarray:
-    return np.concatenate(
-        [session.run(None, {"input": b.numpy()})[0] for b in x.split(256)]
-    ).argmax(1)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = racc.compile(str(given), pipeline, (x_test[:8],))
     racc.export_onnx(result, pruned_file)
     sessions = [ort_session(p, threads=2) for p in (given, pruned_file)]
-    before, after = (predictions(s, x_test) for s in sessions)
+    before, after = (ort_predictions(s, x_test) for s in sessions)
     labels = y_test.numpy()
     latency = {
         batch: interleaved([ort_call(s, x_test[:batch]) for s in sessions], 20).ratios[1]

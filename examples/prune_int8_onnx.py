@@ -18,20 +18,19 @@ import argparse
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
-from common import accuracy, load_cifar10, load_digits_32, train  # examples/common.py
+from common import (
+    accuracy,
+    load_cifar10,
+    load_digits_32,
+    ort_predictions,
+    train,
+)  # examples/common.py
 
 import racc
 from racc.sparsity import BnSparsity
 from racc.timing import interleaved, ort_call, ort_session
-
-
-def ort_predictions(session, x: torch.Tensor) -> np.ndarray:
-    return np.concatenate(
-        [session.run(None, {"input": b.numpy()})[0] for b in x.split(256)]
-    ).argmax(1)
 
 
 def main(argv: list[str] | None = None) -> dict:
