@@ -3,26 +3,16 @@ real file format (checked on batches this test writes)."""
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
-from pathlib import Path
 
+import fusion_pruning_vgg19 as example  # examples/ is on sys.path (tests/examples/conftest.py)
 import numpy as np
 import pytest
 from common import load_cifar10  # examples/ is on sys.path (tests/examples/conftest.py)
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fusion_pruning_vgg19.py"
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("fusion_pruning_vgg19", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_quick_run_prunes_fuses_and_keeps_accuracy_after_finetuning():
-    result = _example().main(["--quick"])
+    result = example.main(["--quick"])
     assert result["accuracy_before"] > 50  # the reduced training does learn the digits
     assert result["accuracy_after"] >= result["accuracy_before"] - 5
     assert result["params_after"] < 0.5 * result["params_before"]
@@ -32,7 +22,7 @@ def test_quick_run_prunes_fuses_and_keeps_accuracy_after_finetuning():
 
 
 def test_vgg19_has_the_papers_parameter_count():
-    model = _example().vgg19_bn(num_classes=10)
+    model = example.vgg19_bn(num_classes=10)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(20.04e6, rel=1e-3)
 
 

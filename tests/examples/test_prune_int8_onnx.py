@@ -3,17 +3,11 @@ its accuracy in ONNX Runtime, its file is over 10x smaller, and ONNX Runtime agr
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "prune_int8_onnx.py"
+import prune_int8_onnx as example  # examples/ is on sys.path (tests/examples/conftest.py)
 
 
 def test_quick_run_keeps_accuracy_and_shrinks_the_file(tmp_path):
-    spec = importlib.util.spec_from_file_location("prune_int8_onnx", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    r = module.main(["--quick", "--out", str(tmp_path)])
+    r = example.main(["--quick", "--out", str(tmp_path)])
     assert r["accuracy"] > 80 and r["accuracy_finetuned"] > 80  # chance is 10%
     assert abs(r["accuracy_fp32_ort"] - r["accuracy"]) < 0.5  # the fp32 export is the model
     assert r["accuracy_int8_ort"] > r["accuracy_finetuned"] - 3  # int8 costs little accuracy

@@ -3,17 +3,11 @@ smaller by exactly layer3's two conv2 swapped for one bank and two mixers."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "rac_resnet.py"
+import rac_resnet as example  # examples/ is on sys.path (tests/examples/conftest.py)
 
 
 def test_quick_run_trains_both_and_reports_the_saving():
-    spec = importlib.util.spec_from_file_location("rac_resnet", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main(["--quick"])
+    result = example.main(["--quick"])
     base, rac = result["resnet18"], result["rac_resnet18"]
     assert base["accuracy"] > 50 and rac["accuracy"] > 50  # chance is 10%
     replaced = 2 * 256 * 256 * 9
