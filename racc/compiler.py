@@ -6,7 +6,7 @@ import copy
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ def compile(
     explain: bool = False,
     calibration: Any = None,
     progress: bool = False,
-) -> fx.GraphModule:
+) -> fx.GraphModule | CompiledOnnx:
     """Transform a copy of `model` with `passes`, verifying each pass on `example_inputs`.
 
     Args:
@@ -66,7 +66,24 @@ def compile(
     pipeline = as_passes(passes)
     if is_onnx(model):
         return _compile_onnx(model, pipeline, example_inputs, explain, calibration, progress)
-    inputs = normalize_inputs(example_inputs)
+    return _compile_module(
+        model, pipeline, normalize_inputs(example_inputs), explain, calibration, progress
+    )
+
+
+AfterPass = Callable[[Pass, fx.GraphModule, Any], None]
+
+
+def _compile_module(
+    model: nn.Module,
+    pipeline: list[Pass],
+    inputs: tuple[torch.Tensor, ...],
+    explain: bool,
+    calibration: Any,
+    progress: bool,
+    after_pass: AfterPass | None = None,
+) -> fx.GraphModule:
+    """compile() for a torch module; `after_pass(pass, gm, outputs)` runs after each pass."""
     traced = trace(model)
     gm = traced.gm
     grid = block_grid(model)  # from the user's module classes, which the traced copy lacks
@@ -85,6 +102,8 @@ def compile(
         gm, outputs = _run_verified(
             p, gm, outputs, PassContext(inputs, explain, list(done), calibration), report, grid
         )
+        if after_pass is not None:
+            after_pass(p, gm, outputs)
         done.append(str(p))
     gm.racc_report = report
     gm.racc_example_inputs = tuple(x.detach().clone() for x in inputs)
@@ -106,9 +125,9 @@ class CompiledOnnx:
 
 
 def _compile_onnx(source, pipeline, example_inputs, explain, calibration, progress) -> CompiledOnnx:
-    """Mirror the ONNX model in fx, run the passes on the mirror (verified as for torch), then
-    write the result back into the ONNX graph in place (fold-bn, prune-bn) or export the mirror
-    again (passes that change the structure), and check it in ONNX Runtime."""
+    """Mirror the ONNX model in fx and run the passes on the mirror (verified as for torch); after
+    each pass, write the result back into the ONNX graph in place (fold-bn, prune-bn) or export
+    the mirror again (once a pass changed the structure), and check it in ONNX Runtime."""
     for p in pipeline:
         if p.name == "rac" and p.init != "fit":
             raise PassConfigError(
@@ -130,23 +149,36 @@ def _compile_onnx(source, pipeline, example_inputs, explain, calibration, progre
         if example_inputs is None
         else normalize_inputs(example_inputs)
     )
-    gm = compile(mirror.gm, pipeline, inputs, explain, calibration, progress)
+    lowered: list[onnx.ModelProto] = []
+    done: list[Pass] = []
+
+    def lower(p: Pass | None, gm: fx.GraphModule, outputs: Any) -> None:
+        """The ONNX model after pass `p`, checked in ONNX Runtime against the mirror's outputs."""
+        done.extend([p] if p is not None else [])
+        if any(q.name not in ONNX_IN_PLACE for q in done):
+            with tempfile.TemporaryDirectory() as folder:
+                lowered.append(export_onnx(gm, os.path.join(folder, "m.onnx"), inputs))  # checked
+            return
+        proto = write_back(mirror, gm)
+        try:
+            check_onnx_outputs(proto, inputs, outputs)
+        except RaccError as e:
+            raise type(e)(f"after pass '{p}', written back into the ONNX model: {e}") from e
+        lowered.append(proto)
+
+    gm = _compile_module(mirror.gm, pipeline, inputs, explain, calibration, progress, lower)
+    if not pipeline:
+        with torch.no_grad():
+            lower(None, gm, gm(*inputs))
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else proto.graph.name
     report = gm.racc_report
     report.model = f"ONNX model {name}"
     if structural:
-        with tempfile.TemporaryDirectory() as folder:
-            result = export_onnx(gm, os.path.join(folder, "model.onnx"), inputs)  # ORT-checked
         report.rows[-1].notes.append(
             f"written by exporting the mirror again ({', '.join(structural)} change the graph's "
             "structure): node names are the exporter's, not the input file's"
         )
-        return CompiledOnnx(result, report, inputs)
-    result = write_back(mirror, gm)
-    with torch.no_grad():
-        expected = gm(*inputs)
-    check_onnx_outputs(result, inputs, expected)
-    return CompiledOnnx(result, report, inputs)
+    return CompiledOnnx(lowered[-1], report, inputs)
 
 
 def _run_verified(

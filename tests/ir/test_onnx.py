@@ -222,3 +222,20 @@ def test_a_file_with_unnamed_nodes_is_pruned_in_place():
     dims = {t.name: list(t.dims) for t in result.model.graph.initializer}
     assert dims == {"w": [4, 3, 3, 3], "w2": [2, 4, 1, 1]}
     assert ort_run(result.model, torch.randn(1, 3, 8, 8)).shape == (1, 2, 8, 8)
+
+
+def test_every_pass_is_checked_in_ort_after_it_is_written_back(monkeypatch):
+    import racc.compiler
+
+    proto = _conv_middle_conv("Relu", 8)
+    honest = racc.compiler.write_back
+
+    def wrong(mirror, gm):  # a write-back that loses the second conv's weights
+        result = honest(mirror, gm)
+        weight = next(t for t in result.graph.initializer if t.name == "w2")
+        weight.CopyFrom(onnx.numpy_helper.from_array(np.zeros(weight.dims, np.float32), "w2"))
+        return result
+
+    monkeypatch.setattr(racc.compiler, "write_back", wrong)
+    with pytest.raises(ExportError, match="after pass 'prune-bn{ratio=0.5}', written back"):
+        racc.compile(proto, "prune-bn{ratio=0.5}", (torch.randn(2, 3, 8, 8),))
