@@ -220,6 +220,7 @@ class _Builder:
         self.mirror = Mirror(proto, None)  # type: ignore[arg-type]
         self.folded: set[str] = set()  # outputs already emitted by another node (MatMul + Add)
         self.partial: dict[str, np.ndarray] = {}  # shape values with unknown (batch) entries
+        self.sizes: dict[str, np.ndarray] = {}  # shape values as fx expressions on tensor sizes
 
     # --- naming -------------------------------------------------------------------------------------
 
@@ -412,6 +413,7 @@ def _fold_shape_arithmetic(b: _Builder, node: onnx.NodeProto) -> list[np.ndarray
     if node.op_type not in _SHAPE_OPS or len(node.output) != 1 or node.op_type == "Constant":
         return None
     a = _attrs(node)
+    _track_sizes(b, node, a)
     if node.op_type == "Shape":
         shape = b.shapes.get(node.input[0])
         if shape is None:
@@ -431,6 +433,37 @@ def _fold_shape_arithmetic(b: _Builder, node: onnx.NodeProto) -> list[np.ndarray
     return [result.astype(np.int64)]
 
 
+def _track_sizes(b: _Builder, node: onnx.NodeProto, a: dict) -> None:
+    """Follow shape arithmetic as fx expressions on the tensors' sizes (`b.sizes`), so that a
+    Reshape to a computed target keeps computing it: sizes the file reads from a tensor follow
+    that tensor when its channels are pruned, as torch's x.size() does."""
+    if node.op_type == "Shape":
+        source = b.value(node.input[0])
+        shape = b.shapes.get(node.input[0])
+        if not isinstance(source, fx.Node) or shape is None:
+            return
+        dims = range(len(shape))[a.get("start", 0) : a.get("end", len(shape))]
+        sizes = np.empty(len(dims), dtype=object)
+        for i, d in enumerate(dims):
+            sizes[i] = b.graph.call_method("size", (source, d))
+        b.sizes[node.output[0]] = sizes
+        return
+    if not any(n in b.sizes for n in node.input):
+        return
+    arrays = [b.sizes.get(n, _known(b, n)) if n else None for n in node.input]
+    if any(x is None for x, n in zip(arrays, node.input, strict=True) if n):
+        return
+
+    def emit(fn, p, q):
+        if isinstance(p, fx.Node) or isinstance(q, fx.Node):
+            return b.graph.call_function(fn, (p, q))
+        return fn(p, q)
+
+    result = _shape_op(node.op_type, a, arrays, emit)
+    if result is not None:
+        b.sizes[node.output[0]] = np.asarray(result, dtype=object)
+
+
 def _known(b: _Builder, name: str) -> np.ndarray | None:
     """An integer value known at build time (None entries: unknown), or None."""
     if not name:
@@ -444,7 +477,19 @@ def _known(b: _Builder, name: str) -> np.ndarray | None:
     return array.astype(object) if array.dtype.kind in "iu" else None
 
 
-def _shape_op(op: str, a: dict, arrays: list) -> np.ndarray | None:
+_ARITHMETIC = {
+    "Add": operator.add,
+    "Sub": operator.sub,
+    "Mul": operator.mul,
+    "Div": operator.floordiv,
+}
+
+
+def _known_arithmetic(fn, p, q):
+    return None if p is None or q is None else fn(p, q)
+
+
+def _shape_op(op: str, a: dict, arrays: list, arithmetic=_known_arithmetic) -> np.ndarray | None:
     x = arrays[0]
     if op == "Gather":
         return np.take(x, arrays[1].astype(np.int64), axis=a.get("axis", 0))
@@ -473,10 +518,9 @@ def _shape_op(op: str, a: dict, arrays: list) -> np.ndarray | None:
         for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
             index[int(axis)] = slice(int(start), int(end), int(step))
         return x[tuple(index)]
-    ops = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": operator.floordiv}
-    if op not in ops:
+    if op not in _ARITHMETIC:
         return None
-    fn = np.frompyfunc(lambda p, q: None if p is None or q is None else ops[op](p, q), 2, 1)
+    fn = np.frompyfunc(lambda p, q: arithmetic(_ARITHMETIC[op], p, q), 2, 1)
     return np.asarray(fn(x, arrays[1]), dtype=object)
 
 
@@ -765,6 +809,13 @@ def _transpose(b: _Builder, node: onnx.NodeProto):
 
 
 def _reshape(b: _Builder, node: onnx.NodeProto):
+    sizes = b.sizes.get(node.input[1])
+    if sizes is not None and sizes.ndim == 1 and not _attrs(node).get("allowzero", 0):
+        if all(
+            isinstance(v, fx.Node) or (isinstance(v, (int, np.integer)) and v != 0) for v in sizes
+        ):
+            target = tuple(v if isinstance(v, fx.Node) else int(v) for v in sizes)
+            return b.call(torch.reshape, b.tensor_node(node.input[0]), target)
     shape = b.ints(node.input[1])
     source = b.shapes.get(node.input[0])
     if shape is None or _attrs(node).get("allowzero", 0):

@@ -71,7 +71,7 @@ def test_zero_in_the_initializers_then_prune_in_place_give_the_same_outputs(name
         assert layers <= {n.name for n in pruned.graph.node}, f"{what}: layers renamed or lost"
 
 
-@pytest.mark.parametrize("name", [m for m in MODELS if m != "shufflenet_v2_x1_0"])
+@pytest.mark.parametrize("name", MODELS)
 def test_pruning_the_export_and_pruning_the_torch_model_agree(name, tmp_path):
     """The same groups (in graph order; the export folded BN into the convs, so its groups lack the
     BNs), and pruning the same channels in the file and in the model gives the same outputs."""
