@@ -19,6 +19,7 @@ __all__ = [
     "interleaved",
     "latency_ratios",
     "machine",
+    "models_from_args",
     "ort_call",
     "ort_file_session",
     "ort_session",
@@ -30,11 +31,23 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(2)
 
 
+def is_quick() -> bool:
+    """Whether the table runs with --quick: fewer rounds, and its first model only."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, the first model")
+    return parser.parse_args().quick
+
+
 def rounds_from_args(quick: int, full: int) -> int:
     """The table's rounds: `full`, or `quick` with --quick."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
-    return quick if parser.parse_args().quick else full
+    return quick if is_quick() else full
+
+
+def models_from_args(models):
+    """The table's models (a list, or a dict by model name): all, or the first with --quick."""
+    if not is_quick():
+        return models
+    return dict(list(models.items())[:1]) if isinstance(models, dict) else models[:1]
 
 
 def machine() -> str:

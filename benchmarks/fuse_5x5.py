@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import racc
-from benchmarks.common import interleaved, rounds_from_args, torchvision_model
+from benchmarks.common import interleaved, models_from_args, rounds_from_args, torchvision_model
 from racc.analysis.cost import measure_cost
 from racc.timing import runner
 
@@ -33,7 +33,7 @@ def _runs(models: list[nn.Module], x: torch.Tensor, folder: Path) -> list:
 def table(rounds: int) -> list[str]:
     rows = ["| model | policy | pairs fused | MACs | ORT latency b1 |", "|---|---|---|---|---|"]
     x = torch.randn(1, 3, 224, 224)
-    for name, more in MODELS.items():
+    for name, more in models_from_args(MODELS).items():
         model = torchvision_model(name)
         fused = [
             racc.compile(model, f"fuse-5x5{{policy={p},allow_nonlinear=true}}", (x,))

@@ -26,6 +26,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 import racc
 from benchmarks.common import (
     interleaved,
+    models_from_args,
     ort_call,
     ort_session,
     rounds_from_args,
@@ -75,7 +76,7 @@ def table(rounds: int) -> list[str]:
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(4, 3, 224, 224, generator=generator) for _ in range(8)]
     fresh = [torch.randn(8, 3, 224, 224, generator=generator) for _ in range(2)]
-    for name in MODELS:
+    for name in models_from_args(MODELS):
         with tempfile.TemporaryDirectory() as folder:
             paths = _files(name, Path(folder), batches)
             speedups = []

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import racc
-from benchmarks.common import latency_ratios, rounds_from_args, torchvision_model
+from benchmarks.common import latency_ratios, models_from_args, rounds_from_args, torchvision_model
 from racc.analysis.cost import measure_cost
 from racc.ir.onnx import load, to_fx
 from racc.timing import ort_session
@@ -29,7 +29,7 @@ def table(rounds: int) -> list[str]:
         "| model | path | params | MACs | ORT latency b1 | ORT latency b8 | prune-bn time |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in MODELS:
+    for name in models_from_args(MODELS):
         model, x = torchvision_model(name), torch.randn(1, 3, 224, 224)
         with tempfile.TemporaryDirectory() as folder:
             original, from_onnx, from_torch = (

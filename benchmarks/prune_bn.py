@@ -16,7 +16,13 @@ from pathlib import Path
 import torch
 
 import racc
-from benchmarks.common import latency_ratios, ort_file_session, rounds_from_args, torchvision_model
+from benchmarks.common import (
+    latency_ratios,
+    models_from_args,
+    ort_file_session,
+    rounds_from_args,
+    torchvision_model,
+)
 from racc.analysis.cost import measure_cost
 
 MODELS = {"resnet50": 224, "mobilenet_v2": 224, "vgg19_bn": 224}
@@ -41,7 +47,7 @@ def table(rounds: int) -> list[str]:
         "| latency / MACs b1 | latency / MACs b8 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, side in MODELS.items():
+    for name, side in models_from_args(MODELS).items():
         model, x = torchvision_model(name, side), torch.randn(1, 3, side, side)
         ours = racc.compile(model, "prune-bn{ratio=0.5,scope=local,round_to=8}", (x,))
         theirs = torch_pruning(model, x)

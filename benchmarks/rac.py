@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import racc
-from benchmarks.common import latency_ratios, ort_file_session, rounds_from_args
+from benchmarks.common import latency_ratios, models_from_args, ort_file_session, rounds_from_args
 from racc.analysis.cost import measure_cost
 
 MODELS = ["resnet18", "resnet50", "resnet101"]
@@ -31,7 +31,7 @@ def table(rounds: int) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     x = torch.randn(1, 3, 224, 224)
-    for name in MODELS:
+    for name in models_from_args(MODELS):
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(num_classes=10).eval()
         rac = [racc.compile(model, f"rac{{where={name},m={m},R={r}}}", (x,)) for m, r in SETTINGS]
