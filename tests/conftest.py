@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,3 +60,12 @@ def assert_close(actual, expected, rtol: float, atol: float, what: str = "output
     assert error <= atol + rtol * scale, (
         f"{what}: max abs error {error:.3g} > {atol:g} + {rtol:g} * {scale:.3g}"
     )
+
+
+def example(name: str):
+    """The example script examples/<name>.py as a module (examples/ goes on sys.path, as when the
+    script runs: the examples import their shared helpers from examples/common.py)."""
+    folder = str(Path(__file__).resolve().parents[1] / "examples")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)

@@ -14,7 +14,7 @@ from racc.errors import PassConfigError
 from racc.nn.border import BorderExactConv
 from racc.passes import FuseConv3x3PairInto5x5
 from racc.passes.fuse_5x5 import compose
-from tests.conftest import ZOO, assert_close, zoo_model
+from tests.conftest import ZOO, assert_close, example, zoo_model
 
 F64 = 1e-10  # the bar for an exact composition computed in float64
 
@@ -258,10 +258,8 @@ def test_real_vgg19_bn_fuses_nothing_without_allow_nonlinear():
 
 
 def test_policy_all_with_allow_nonlinear_is_the_papers_rewrite_and_trains():
-    from tests.examples.test_fusion_pruning_vgg19 import _example
-
     torch.manual_seed(0)
-    model = _example().vgg19_bn(num_classes=10, width=0.25).eval()
+    model = example("fusion_pruning_vgg19").vgg19_bn(num_classes=10, width=0.25).eval()
     x = torch.randn(8, 3, 32, 32)
     opt = racc.compile(model, "fuse-5x5{policy=all,allow_nonlinear=true}", (x,))
     row = opt.racc_report.rows[-1]
