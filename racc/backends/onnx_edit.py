@@ -66,6 +66,10 @@ def write_back(mirror: Mirror, gm: fx.GraphModule) -> onnx.ModelProto:
             piece = nodes[name]
             piece.inputs[1] = gs.Constant(f"{name}.starts", np.array([start], dtype=np.int64))
             piece.inputs[2] = gs.Constant(f"{name}.ends", np.array([stop], dtype=np.int64))
+    for fx_name, node_name in mirror.flattens.items():
+        width = fx_nodes[fx_name].meta["racc.example"].shape[1]
+        reshape = nodes[node_name]
+        reshape.inputs[1] = gs.Constant(f"{node_name}.shape", np.array([-1, width], np.int64))
     graph.cleanup().toposort()
     proto = gs.export_onnx(graph)
     del proto.graph.value_info[:]  # channel counts changed: infer the shapes again

@@ -40,6 +40,7 @@ class Mirror:
     opaque: dict[str, str] = field(default_factory=dict)  # module name -> why it runs in ORT
     splits: dict[str, str] = field(default_factory=dict)  # fx torch.split node -> ONNX Split node
     sliced: dict[str, list[str]] = field(default_factory=dict)  # fx torch.split -> ONNX Slices
+    flattens: dict[str, str] = field(default_factory=dict)  # fx torch.flatten -> ONNX Reshape
 
 
 def load(model: str | os.PathLike | onnx.ModelProto | bytes) -> onnx.ModelProto:
@@ -826,7 +827,21 @@ def _reshape(b: _Builder, node: onnx.NodeProto):
         shape = [source[i] if s == 0 and source[i] is not None else s for i, s in enumerate(shape)]
     if 0 in shape or sum(s == -1 for s in shape) > 1:
         return None
-    return b.call(torch.reshape, b.tensor_node(node.input[0]), tuple(shape))
+    x = b.tensor_node(node.input[0])
+    if source is not None and _flattens(source, shape):
+        # (N, C, H, W) -> (-1, C*H*W) is torch.flatten(x, 1), which pruning may narrow; the
+        # write-back then gives the Reshape its new width
+        out = b.graph.call_function(torch.flatten, (x, 1))
+        b.mirror.flattens[out.name] = node.name
+        return [out]
+    return b.call(torch.reshape, x, tuple(shape))
+
+
+def _flattens(source: list[int | None], shape: list[int]) -> bool:
+    rest = source[1:]
+    if len(shape) != 2 or len(source) < 2 or any(d is None for d in rest):
+        return False
+    return shape[0] in (-1, source[0]) and shape[1] == int(np.prod(rest))
 
 
 def _static_shape(b: _Builder, node: onnx.NodeProto) -> list[int] | None:

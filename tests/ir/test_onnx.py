@@ -239,3 +239,23 @@ def test_every_pass_is_checked_in_ort_after_it_is_written_back(monkeypatch):
     monkeypatch.setattr(racc.compiler, "write_back", wrong)
     with pytest.raises(ExportError, match="after pass 'prune-bn{ratio=0.5}', written back"):
         racc.compile(proto, "prune-bn{ratio=0.5}", (torch.randn(2, 3, 8, 8),))
+
+
+def test_a_dynamo_export_has_the_torch_models_groups(tmp_path):
+    model, x = zoo_model("mobilenet_v2")
+    path = tmp_path / "dynamo.onnx"
+    batch = torch.export.Dim("batch")
+    torch.onnx.export(
+        model, (x,), path, dynamo=True, dynamic_shapes={"x": {0: batch}}, verbose=False
+    )
+    proto = load(path)
+    mirror = to_fx(proto)
+    assert not mirror.opaque
+    with torch.no_grad():
+        assert_close(mirror.gm(x), ort_run(proto, x), RTOL, ATOL, what="dynamo export")
+    torch_an, onnx_an = racc.analyze(model, (x,)), racc.analyze(mirror.gm, (x,))
+    assert [(g.size, g.prunable) for g in onnx_an.groups] == [
+        (g.size, g.prunable) for g in torch_an.groups
+    ]
+    result = racc.compile(str(path), "prune-bn{ratio=0.5}", (x,))
+    assert result.racc_report.rows[-1].cost.params < 0.5 * result.racc_report.rows[0].cost.params
