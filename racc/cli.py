@@ -18,7 +18,7 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,30 +142,54 @@ def _from_factory(spec: str) -> nn.Module:
 
 
 def _load_weights(module: nn.Module, path: str) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise ExportError(f"option --weights: no such file '{path}'") from e
-    except Exception as e:
-        raise ExportError(
-            f"option --weights: '{path}' is not a readable state_dict ({type(e).__name__}: {e})"
-        ) from e
+    state = _read_file(
+        path, "--weights", "a file written by torch.save(model.state_dict(), path)",
+        ExportError, _torch_load,
+    )  # fmt: skip
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise ExportError(
-            f"option --weights: '{path}' holds a {type(state).__name__}, not a state_dict"
+            f"option --weights: '{path}' holds a {type(state).__name__}, not a state_dict; save "
+            "it with torch.save(model.state_dict(), path)"
         )
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise ExportError(
             f"option --weights: '{path}' does not fit {type(module).__name__}: "
             f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
             f"(e.g. {unexpected[:3]}); save the weights with model.state_dict() of this model"
         )
-    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    wrong = [k for k, v in state.items() if hasattr(v, "shape") and tuple(v.shape) != shapes[k]]
+    wrong = [
+        f"{k} {tuple(getattr(v, 'shape', ()))} (the model has {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if tuple(getattr(v, "shape", ())) != tuple(own[k].shape)
+    ]
     if wrong:
-        raise ExportError(f"option --weights: shapes differ for {wrong[:3]}")
+        raise ExportError(
+            f"option --weights: '{path}' has tensors of other shapes than "
+            f"{type(module).__name__}: {'; '.join(wrong[:3])}; build the model with the "
+            "arguments the weights were trained with (e.g. num_classes) through module:factory"
+        )
+    module.load_state_dict(state)
+
+
+def _read_file(path: str, option: str, what: str, error: type[RaccError], read: Callable):
+    """`read(path)`, with one-line errors that name the option and say what to give."""
+    try:
+        return read(path)
+    except FileNotFoundError as e:
+        raise error(f"option {option}: no such file '{path}'") from e
+    except Exception as e:
+        raise error(
+            f"option {option}: cannot read '{path}' ({type(e).__name__}: {str(e)[:200]}); "
+            f"give {what}"
+        ) from e
+
+
+def _torch_load(path: str):
+    return torch.load(path, map_location="cpu", weights_only=True)  # data only, never code
 
 
 # --- inputs -----------------------------------------------------------------------------------------
@@ -203,22 +227,15 @@ def calibration_batches(args: argparse.Namespace, shape: tuple[int, ...]) -> lis
 
 
 def _read_array(path: str) -> torch.Tensor:
-    try:
-        if path.endswith(".npy"):
-            import numpy as np
+    import numpy as np
 
-            return torch.from_numpy(np.load(path))
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise InputError(f"option --calib-data: no such file '{path}'") from e
-    except Exception as e:
-        raise InputError(
-            f"option --calib-data: cannot read '{path}' ({type(e).__name__}: {e}); give an .npy "
-            "file or a torch.save'd tensor of inputs, N x C x H x W"
-        ) from e
+    what = "an .npy file or a torch.save'd tensor of inputs, N x C x H x W"
+    read = (lambda p: torch.from_numpy(np.load(p))) if path.endswith(".npy") else _torch_load
+    data = _read_file(path, "--calib-data", what, InputError, read)
     if not isinstance(data, torch.Tensor):
         raise InputError(
-            f"option --calib-data: '{path}' holds a {type(data).__name__}, not a tensor"
+            f"option --calib-data: '{path}' holds a {type(data).__name__}, not a tensor; give "
+            f"{what}"
         )
     return data
 

@@ -186,6 +186,9 @@ def test_models_from_a_factory_a_py_file_and_a_state_dict(capsys, tmp_path):
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pt")
     with pytest.raises(ExportError, match="does not fit ResNet: 0 missing keys.*unexpected"):
         load_model("torchvision:resnet18", 64, weights=str(tmp_path / "r34.pt"))
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r10.pt")
+    with pytest.raises(ExportError, match=r"fc.weight \(10, 512\) \(the model has \(1000, 512\)\)"):
+        load_model("torchvision:resnet18", 64, weights=str(tmp_path / "r10.pt"))
 
 
 def test_calibration_data_from_a_file(capsys, tmp_path):
