@@ -98,7 +98,7 @@ def bench(
                 export_onnx(model.module, path, example_inputs=(x,))  # checked against torch
             else:
                 path = model.onnx
-                entry.params, entry.bytes = _initializer_sizes(path)
+                entry.params, entry.bytes = _initializer_sizes(model.proto(), path.parent)
                 mirror = model.graph_module()
                 if not mirror.racc_leaves:  # an op run by ORT node by node has no MAC count
                     entry.macs = measure_cost(mirror, (x,)).macs
@@ -123,16 +123,8 @@ def bench(
     return BenchResult(measured, threads, rounds)
 
 
-def _initializer_sizes(path: Path) -> tuple[int, int]:
-    try:
-        proto = onnx.load(str(path))
-    except Exception as e:
-        raise ExportError(
-            f"'{path}' is not a readable ONNX file ({type(e).__name__}: {e}); export it again"
-        ) from e
-    arrays = [
-        onnx.numpy_helper.to_array(t, base_dir=str(path.parent)) for t in proto.graph.initializer
-    ]
+def _initializer_sizes(proto: onnx.ModelProto, folder: Path) -> tuple[int, int]:
+    arrays = [onnx.numpy_helper.to_array(t, base_dir=str(folder)) for t in proto.graph.initializer]
     return sum(int(np.prod(a.shape)) for a in arrays), sum(a.nbytes for a in arrays)
 
 

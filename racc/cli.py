@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,7 +45,16 @@ class Model:
     module: nn.Module | None = None
     onnx: Path | None = None
     random_weights: bool = False
+    _proto: Any = None
     _mirror: nn.Module | None = None
+
+    def proto(self):
+        """The ONNX file, read and checked once (racc.ir.onnx.load)."""
+        if self._proto is None:
+            from racc.ir import onnx as onnx_ir
+
+            self._proto = onnx_ir.load(self.onnx)
+        return self._proto
 
     def graph_module(self) -> nn.Module:
         """The torch module, or the fx mirror of the ONNX file (racc.ir.onnx) for analyses."""
@@ -53,7 +63,7 @@ class Model:
         if self._mirror is None:
             from racc.ir import onnx as onnx_ir
 
-            self._mirror = onnx_ir.to_fx(onnx_ir.load(self.onnx)).gm
+            self._mirror = onnx_ir.to_fx(self.proto()).gm
         return self._mirror
 
     def source(self):
@@ -65,7 +75,7 @@ class Model:
         if text is None and self.onnx is not None:
             from racc.ir import onnx as onnx_ir
 
-            inputs = onnx_ir.example_inputs_for(onnx_ir.load(self.onnx))
+            inputs = onnx_ir.example_inputs_for(self.proto())
             if len(inputs) != 1:
                 raise InputError(f"'{self.spec}' has {len(inputs)} inputs; racc takes one")
             return tuple(inputs[0].shape)
