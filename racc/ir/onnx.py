@@ -143,9 +143,10 @@ def example_inputs_for(proto: onnx.ModelProto, batch: int = 1, seed: int = 0) ->
 class OnnxNode(nn.Module):
     """One ONNX node that racc has no torch mapping for, run by ONNX Runtime on CPU."""
 
-    def __init__(self, node: onnx.NodeProto, proto: onnx.ModelProto, constants: dict):
+    def __init__(
+        self, node: onnx.NodeProto, proto: onnx.ModelProto, constants: dict, types: dict[str, int]
+    ):
         super().__init__()
-        types = {v.name: v.type.tensor_type.elem_type for v in _value_infos(proto)}
         self.output_types = [types.get(n) or onnx.TensorProto.FLOAT for n in node.output]
         self.op_type = node.op_type
         self.node_bytes = node.SerializeToString()
@@ -213,6 +214,7 @@ class _Builder:
         self.env: dict[str, Any] = {}  # ONNX tensor name -> fx.Node, or a numpy constant
         self.constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
         self.shapes = _shapes(proto)
+        self.types = _types(proto)
         self.producer = {o: n for n in proto.graph.node for o in n.output}
         self.users: dict[str, list[onnx.NodeProto]] = {}
         for node in proto.graph.node:
@@ -271,7 +273,8 @@ class _Builder:
         return name == "" or not isinstance(self.value(name), fx.Node)
 
     def tensor_node(self, name: str) -> fx.Node:
-        """`name` as an fx node; a constant becomes a buffer of the root module."""
+        """`name` as an fx node; a constant becomes an attribute of the root module (a parameter
+        for a float initializer, a buffer otherwise)."""
         value = self.value(name)
         if isinstance(value, fx.Node):
             return value
@@ -370,7 +373,7 @@ class _Builder:
         if any(self.is_constant(n) for n in feeds):
             constants.update({n: np.asarray(self.value(n)) for n in feeds if self.is_constant(n)})
             feeds = [n for n in feeds if n not in constants]
-        module = OnnxNode(node, self.proto, constants)
+        module = OnnxNode(node, self.proto, constants, self.types)
         name = self.add_module(node, module, {})
         self.mirror.opaque[name] = f"{why}; it runs in ONNX Runtime and its channels are walls"
         out = self.graph.call_module(name, tuple(self.tensor_node(n) for n in feeds))
@@ -545,7 +548,7 @@ def _run_shapes(proto: onnx.ModelProto, batch: int) -> dict[str, list[int]]:
     """The shape of every tensor the graph's inputs and nodes produce, from one ORT run."""
     import onnxruntime as ort
 
-    types = {v.name: v.type.tensor_type.elem_type for v in _value_infos(proto)}
+    types = _types(proto)
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     known = {o.name for o in probe.graph.output}
@@ -560,6 +563,11 @@ def _run_shapes(proto: onnx.ModelProto, batch: int) -> dict[str, list[int]]:
     outputs = [o.name for o in session.get_outputs()]
     values = session.run(None, feeds)
     return shapes | {n: list(np.shape(v)) for n, v in zip(outputs, values, strict=True)}
+
+
+def _types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Each tensor's ONNX element type, where known (0 where not)."""
+    return {v.name: v.type.tensor_type.elem_type for v in _value_infos(proto)}
 
 
 def _value_infos(proto: onnx.ModelProto):
@@ -696,6 +704,24 @@ def _binary(op):
         return b.call(op, left, right)
 
     return handler
+
+
+def _divide(b: _Builder, node: onnx.NodeProto):
+    """ONNX Div truncates on integer tensors (shape arithmetic left to run time), torch's `/` does
+    not; on floats it is `/`, which the channel rules know."""
+    integer = b.types.get(node.output[0]) in _INTEGER_TYPES
+    return _binary(_integer_divide if integer else operator.truediv)(b, node)
+
+
+def _integer_divide(a, b):
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+_INTEGER_TYPES = {
+    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32,
+    onnx.TensorProto.UINT64,
+}  # fmt: skip
 
 
 def _unary(fn, **fixed):
@@ -945,7 +971,7 @@ def _layer_norm(b: _Builder, node: onnx.NodeProto):
     axis = int(a.get("axis", -1))
     if shape is None or len(node.output) > 1 or not all(b.is_constant(n) for n in node.input[1:]):
         return None
-    normalized = [d for d in shape[axis:]]
+    normalized = list(shape[axis:])
     if any(d is None for d in normalized):
         return None
     weight = b.tensor_node(node.input[1])
@@ -969,7 +995,7 @@ _HANDLERS: dict[str, Callable[[_Builder, onnx.NodeProto], Any]] = {
     "Add": _binary(operator.add),
     "Sub": _binary(operator.sub),
     "Mul": _binary(operator.mul),
-    "Div": _binary(operator.truediv),
+    "Div": _divide,
     "Relu": _unary(F.relu),
     "Sigmoid": _unary(torch.sigmoid),
     "Tanh": _unary(torch.tanh),

@@ -259,3 +259,24 @@ def test_a_dynamo_export_has_the_torch_models_groups(tmp_path):
     ]
     result = racc.compile(str(path), "prune-bn{ratio=0.5}", (x,))
     assert result.racc_report.rows[-1].cost.params < 0.5 * result.racc_report.rows[0].cost.params
+
+
+def test_integer_division_at_run_time_truncates_as_onnx_does():
+    # the batch size halved: shape arithmetic that cannot be folded, so the mirror computes it
+    nodes = [
+        onnx.helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        onnx.helper.make_node("Gather", ["s", "zero"], ["n"], name="batch", axis=0),
+        onnx.helper.make_node("Div", ["n", "two"], ["half"], name="half"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes, "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("half", onnx.TensorProto.INT64, [])],
+        [onnx.numpy_helper.from_array(np.array(0, np.int64), "zero"),
+         onnx.numpy_helper.from_array(np.array(2, np.int64), "two")],
+    )  # fmt: skip
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    mirror = to_fx(load(proto))
+    x = torch.randn(3, 4)
+    assert mirror.gm(x).item() == ort_run(proto, x).item() == 1
