@@ -121,7 +121,6 @@ class CompiledOnnx:
 
     model: onnx.ModelProto
     racc_report: Report
-    racc_example_inputs: tuple[torch.Tensor, ...]
 
 
 def _compile_onnx(source, pipeline, example_inputs, explain, calibration, progress) -> CompiledOnnx:
@@ -178,7 +177,7 @@ def _compile_onnx(source, pipeline, example_inputs, explain, calibration, progre
             f"written by exporting the mirror again ({', '.join(structural)} change the graph's "
             "structure): node names are the exporter's, not the input file's"
         )
-    return CompiledOnnx(lowered[-1], report, inputs)
+    return CompiledOnnx(lowered[-1], report)
 
 
 def _run_verified(
