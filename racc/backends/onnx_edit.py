@@ -83,20 +83,19 @@ def write_back(mirror: Mirror, gm: fx.GraphModule) -> onnx.ModelProto:
 
 def _set(tensors: dict, name: str, value: torch.Tensor, owner: gs.Node | None) -> None:
     """Give the tensor `name` the new value, for `owner` (the node of the module it belongs to)
-    alone: an initializer other nodes share, or an exporter's Identity alias of one, is replaced
-    by a new initializer in the owner's inputs."""
+    alone: an initializer other nodes share, or a constant another node makes (an exporter's
+    Identity alias of an initializer, a Constant node), is replaced by a new initializer in the
+    owner's inputs."""
     tensor = tensors.get(name)
-    array = np.ascontiguousarray(value.detach().cpu().numpy())
-    alias = isinstance(tensor, gs.Variable) and [n.op for n in tensor.inputs] == ["Identity"]
-    if alias and isinstance(tensor.inputs[0].inputs[0], gs.Constant):
-        source = tensor.inputs[0].inputs[0]
-    elif isinstance(tensor, gs.Constant):
-        source = tensor
-    else:
-        raise ExportError(f"'{name}' is not an initializer of the ONNX graph")
-    array = array.astype(source.values.dtype, copy=False)
+    source = _constant_behind(tensor)
+    if source is None:
+        raise ExportError(
+            f"'{name}' is not a constant of the ONNX graph (no initializer, Constant node or "
+            "Identity of one), so its new value cannot be written back; report the file"
+        )
+    array = np.ascontiguousarray(value.detach().cpu().numpy()).astype(source.values.dtype)
     users = [n for n in tensor.outputs if owner is None or n is owner] or list(tensor.outputs)
-    if not alias and len(tensor.outputs) == len(users):
+    if source is tensor and len(tensor.outputs) == len(users):
         tensor.values = array  # its own initializer: replaced in place, name kept
         return
     fresh = gs.Constant(f"{name}.racc", array)
@@ -104,6 +103,20 @@ def _set(tensors: dict, name: str, value: torch.Tensor, owner: gs.Node | None) -
         for i, t in enumerate(node.inputs):
             if t is tensor:
                 node.inputs[i] = fresh
+
+
+def _constant_behind(tensor: gs.Tensor | None) -> gs.Constant | None:
+    """The constant `tensor` is: itself, a Constant node's value, or what an Identity passes on."""
+    if isinstance(tensor, gs.Constant):
+        return tensor
+    if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
+        return None
+    producer = tensor.inputs[0]
+    if producer.op == "Constant" and isinstance(producer.attrs.get("value"), gs.Constant):
+        return producer.attrs["value"]
+    if producer.op == "Identity":
+        return _constant_behind(producer.inputs[0])
+    return None
 
 
 def _bypass(graph: gs.Graph, node: gs.Node, module: str) -> None:

@@ -280,3 +280,16 @@ def test_integer_division_at_run_time_truncates_as_onnx_does():
     mirror = to_fx(load(proto))
     x = torch.randn(3, 4)
     assert mirror.gm(x).item() == ort_run(proto, x).item() == 1
+
+
+def test_weights_held_by_constant_nodes_are_pruned_in_place():
+    """Some exporters store weights as Constant nodes instead of initializers."""
+    proto = _conv_middle_conv("Relu", 8)
+    for init in list(proto.graph.initializer):
+        proto.graph.node.insert(0, onnx.helper.make_node("Constant", [], [init.name], value=init))
+    del proto.graph.initializer[:]
+    result = racc.compile(proto, "prune-bn{ratio=0.5}", (torch.randn(2, 3, 8, 8),))
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    widths = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert [widths[c.input[1]] for c in convs] == [[4, 3, 3, 3], [2, 4, 1, 1]]
+    assert ort_run(result.model, torch.randn(1, 3, 8, 8)).shape == (1, 2, 8, 8)
