@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,12 +17,13 @@ from tqdm.auto import tqdm
 
 from racc.analysis.blocks import block_grid, block_params
 from racc.analysis.cost import layer_widths, measure_cost
-from racc.backends.onnx import check_onnx_outputs, export_onnx
-from racc.backends.onnx_edit import write_back
+from racc.backends.onnx import check_onnx_outputs
+from racc.backends.onnx_edit import WrittenBack, write_back
 from racc.errors import EquivalenceError, PassConfigError, RaccError
 from racc.ir import onnx as onnx_ir
 from racc.ir.fx import node_values, normalize_inputs, record_examples, trace
 from racc.ir.onnx import is_onnx
+from racc.nn.quant import is_quantized
 from racc.passes.base import Pass, PassContext
 from racc.passes.pipeline import as_passes
 from racc.report import OutputError, PassRow, Report
@@ -42,8 +42,8 @@ def compile(
     Args:
         model: the model; it is never changed. An ONNX model (a path ending in .onnx or a
             ModelProto) is mirrored in fx, passes run on the mirror, and the result is written
-            back into the ONNX graph in place (fold-bn, prune-bn) or exported again (the passes
-            that change its structure); see docs/onnx.md.
+            into the ONNX graph in place: unchanged nodes keep their names, the nodes a pass
+            made are spliced in; see docs/onnx.md.
         passes: a pipeline string such as "fold-bn" or a list of pass objects.
         example_inputs: a tensor or tuple of tensors the model accepts (for an ONNX model with
             fixed input shapes apart from the batch, None makes random ones).
@@ -110,11 +110,6 @@ def _compile_module(
     return gm
 
 
-# Passes whose result on the ONNX mirror is written back into the ONNX graph in place; the others
-# change the graph's structure, and the mirror is exported again (racc.export_onnx) instead.
-ONNX_IN_PLACE = ("fold-bn", "prune-bn")
-
-
 @dataclass
 class CompiledOnnx:
     """What `compile` returns for an ONNX model: the new ONNX model and the report."""
@@ -125,8 +120,8 @@ class CompiledOnnx:
 
 def _compile_onnx(source, pipeline, example_inputs, explain, calibration, progress) -> CompiledOnnx:
     """Mirror the ONNX model in fx and run the passes on the mirror (verified as for torch); after
-    each pass, write the result back into the ONNX graph in place (fold-bn, prune-bn) or export
-    the mirror again (once a pass changed the structure), and check it in ONNX Runtime."""
+    each pass, write the result into the ONNX graph in place (racc.backends.onnx_edit) and check
+    it in ONNX Runtime."""
     for p in pipeline:
         if p.name == "rac" and p.init != "fit":
             raise PassConfigError(
@@ -135,35 +130,21 @@ def _compile_onnx(source, pipeline, example_inputs, explain, calibration, progre
             )
     proto = onnx_ir.load(source)
     mirror = onnx_ir.to_fx(proto)
-    structural = [str(p) for p in pipeline if p.name not in ONNX_IN_PLACE]
-    if structural and mirror.opaque:
-        raise PassConfigError(
-            f"{', '.join(structural)} change the graph's structure, so racc exports the ONNX "
-            f"model again from its mirror, which cannot hold ops that run in ONNX Runtime: "
-            f"{'; '.join(f'{k}: {v}' for k, v in mirror.opaque.items())}. Run only "
-            f"{', '.join(ONNX_IN_PLACE)} on this file, or compile the PyTorch model"
-        )
     inputs = (
         onnx_ir.example_inputs_for(proto)
         if example_inputs is None
         else normalize_inputs(example_inputs)
     )
-    lowered: list[onnx.ModelProto] = []
-    done: list[Pass] = []
+    lowered: list[WrittenBack] = []
 
     def lower(p: Pass | None, gm: fx.GraphModule, outputs: Any) -> None:
         """The ONNX model after pass `p`, checked in ONNX Runtime against the mirror's outputs."""
-        done.extend([p] if p is not None else [])
-        if any(q.name not in ONNX_IN_PLACE for q in done):
-            with tempfile.TemporaryDirectory() as folder:
-                lowered.append(export_onnx(gm, os.path.join(folder, "m.onnx"), inputs))  # checked
-            return
-        proto = write_back(mirror, gm)
         try:
-            check_onnx_outputs(proto, inputs, outputs)
+            written = write_back(mirror, gm)
+            check_onnx_outputs(written.proto, inputs, outputs, quantized=is_quantized(gm))
         except RaccError as e:
-            raise type(e)(f"after pass '{p}', written back into the ONNX model: {e}") from e
-        lowered.append(proto)
+            raise type(e)(f"after pass '{p}', written into the ONNX model: {e}") from e
+        lowered.append(written)
 
     gm = _compile_module(mirror.gm, pipeline, inputs, explain, calibration, progress, lower)
     if not pipeline:
@@ -172,12 +153,9 @@ def _compile_onnx(source, pipeline, example_inputs, explain, calibration, progre
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else proto.graph.name
     report = gm.racc_report
     report.model = f"ONNX model {name}"
-    if structural:
-        report.rows[-1].notes.append(
-            f"written by exporting the mirror again ({', '.join(structural)} change the graph's "
-            "structure): node names are the exporter's, not the input file's"
-        )
-    return CompiledOnnx(lowered[-1], report)
+    for row, written in zip(report.rows[1:], lowered, strict=False):
+        row.notes.append(written.summary())
+    return CompiledOnnx(lowered[-1].proto, report)
 
 
 def _run_verified(

@@ -61,7 +61,7 @@ def export_onnx(
     with torch.no_grad():
         expected = model(*inputs)
     outputs = [f"output{i}" for i in range(len(torch.utils._pytree.tree_leaves(expected)))]
-    _write(model, inputs, path, opset, names, outputs)
+    torch_export(model, inputs, path, opset, names, outputs)
     quantized = is_quantized(model)
     if quantized:
         lower_qdq(path)
@@ -74,7 +74,7 @@ def export_onnx(
     return proto
 
 
-def _write(model, inputs, path, opset, names, outputs) -> None:
+def torch_export(model, inputs, path, opset, names, outputs) -> None:
     """The TorchScript exporter first (fast); the dynamo exporter for what it cannot express
     (e.g. adaptive pooling to a size that does not divide the input)."""
     axes = {n: {0: "batch"} for n in (*names, *outputs)}
@@ -106,11 +106,16 @@ def _write(model, inputs, path, opset, names, outputs) -> None:
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
 
 
-def check_onnx_outputs(proto: onnx.ModelProto, inputs: tuple, expected: Any) -> None:
-    """Raise ExportError unless ONNX Runtime runs `proto` on `inputs` to `expected`."""
+def check_onnx_outputs(
+    proto: onnx.ModelProto, inputs: tuple, expected: Any, quantized: bool = False
+) -> None:
+    """Raise ExportError unless ONNX Runtime runs `proto` on `inputs` to `expected` (within float
+    rounding; for an int8 model, quantization steps, and every planned QLinearConv fused)."""
     initializers = {t.name for t in proto.graph.initializer}
     names = [i.name for i in proto.graph.input if i.name not in initializers]
-    _compare_with_ort(proto.SerializeToString(), names, inputs, expected, quantized=False)
+    _compare_with_ort(proto.SerializeToString(), names, inputs, expected, quantized)
+    if quantized:
+        check_int8_kernels(proto)
 
 
 def _compare_with_ort(path, names, inputs, expected, quantized: bool) -> None:

@@ -1,13 +1,25 @@
-"""Writing a changed ONNX mirror back into its ONNX model, in place, with onnx-graphsurgeon.
+"""Writing a compiled ONNX mirror back into its ONNX model, in place, with onnx-graphsurgeon.
 
-A pass that only changes parameters and their sizes (prune-bn slices them, zeroing changes their
-values) or folds BatchNormalization away (fold-bn) leaves the mirror's structure one-to-one with
-the ONNX graph: each initializer is replaced by the mirror's tensor (sliced), a Conv's `group`
-and a Split's sizes follow, a folded BN node is bypassed, and the graph is cleaned up, sorted,
-shape-inferred again and checked. Node names, other nodes and the opset stay as they were.
+Each fx node of the mirror remembers the ONNX node(s) it implements, the tensor it computes and the
+tensors it reads (racc.ir.onnx). After the passes, a node whose op is unchanged (its function, or
+its layer's class and geometry: `structure_key`) is *kept*: its ONNX node stays under its name,
+with the layer's parameters written into its initializers (sliced where channels were pruned), a
+Conv's group and bias, a Split's sizes, Slice bounds and a flatten's width updated, and its inputs
+rewired where the mirror now feeds it another value.
+
+The nodes the passes made (a fused 5x5 conv, RAC banks and mixers, quantize-dequantize pairs and
+int8 layers) are exported together with torch.onnx as one small model whose inputs are the kept
+tensors they read; it is lowered like any racc export (QDQ for int8) and spliced into the graph
+with its node and tensor names prefixed 'racc/'. ONNX nodes that no kept node needs any more (a
+folded BN, the convs a fusion replaced) are removed by cleanup; the graph is sorted, its shapes
+inferred again, and onnx.checker run on it. The opset, the other nodes and their names stay.
 """
 
 from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -16,20 +28,243 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from racc.backends.onnx import torch_export
+from racc.backends.qdq import constant_behind, drop_redundant_clamps, lower_qdq, replace_uses
 from racc.errors import ExportError
-from racc.ir.onnx import Mirror
+from racc.ir.fx import TensorSpec
+from racc.ir.onnx import (
+    ONNX_INPUTS,
+    ONNX_NODES,
+    ONNX_TENSOR,
+    STRUCTURE,
+    Mirror,
+    structure_key,
+    tensor_args,
+)
+from racc.nn.quant import is_quantized
+
+_CALLS = ("call_module", "call_function", "call_method")
 
 
-def write_back(mirror: Mirror, gm: fx.GraphModule) -> onnx.ModelProto:
-    """`mirror.proto` with the parameters of `gm` (the mirror after channel edits) written in.
+@dataclass
+class WrittenBack:
+    """The ONNX model with a compiled mirror written in, and what changed in its graph."""
+
+    proto: onnx.ModelProto
+    kept: int  # ONNX nodes still there, under their names
+    removed: int  # ONNX nodes no longer needed (folded, replaced)
+    added: int  # nodes the passes made, spliced in with names starting `prefix`
+    prefix: str
+
+    def summary(self) -> str:
+        added = f", added {self.added} named '{self.prefix}...'" if self.added else ""
+        return (
+            f"written into the ONNX graph in place: {self.kept} nodes kept with their names, "
+            f"{self.removed} removed{added}"
+        )
+
+
+def write_back(mirror: Mirror, gm: fx.GraphModule) -> WrittenBack:
+    """`mirror.proto` with `gm` (the mirror after passes) written in; see the module docstring.
 
     Raises:
-        ExportError: `gm` changed the graph's structure in a way that cannot be written back.
+        ExportError: a node the passes made reads a value the ONNX graph has no tensor for, or
+            the result is not a valid ONNX model.
     """
     graph = gs.import_onnx(mirror.proto)
+    before = {n.name for n in graph.nodes}
+    prefix = _free_prefix(graph)
+    kept = _kept(gm)
+    made = [n for n in gm.graph.nodes if n.op in _CALLS and n not in kept]
     tensors = graph.tensors()
+    names: dict[fx.Node, str] = {}  # fx node -> the ONNX tensor holding its value
+
+    def tensor_of(value: fx.Node) -> str | None:
+        if value in names:
+            return names[value]
+        if value.op == "placeholder" or value in kept:
+            return value.meta.get(ONNX_TENSOR)
+        if value.op == "get_attr":  # a constant a pass made: a new initializer
+            name = f"{prefix}{value.target}"
+            array = getattr(gm, value.target).detach().cpu().numpy()
+            tensors[name] = gs.Constant(name, np.ascontiguousarray(array))
+            names[value] = name
+            return name
+        return None
+
+    if made:
+        made_graph = _export_made(gm, made, tensor_of, prefix, _opset(mirror.proto))
+        outputs = _splice(graph, made_graph, prefix)
+        tensors.update(outputs)
+        names.update({n: f"{prefix}{n.name}" for n in made if f"{prefix}{n.name}" in outputs})
+    _rewire(gm, kept, graph, tensors, tensor_of)
+    _write_outputs(gm, graph, tensors, tensor_of, prefix)
+    _write_parameters(mirror, gm, kept, graph, tensors)
+    graph.cleanup()  # the nodes no kept node reads any more
+    if is_quantized(gm):
+        drop_redundant_clamps(graph)
+        graph.cleanup()
+    if not _in_order(graph):  # spliced nodes were appended; an unchanged order is kept
+        graph.toposort()
+    proto = gs.export_onnx(graph)
+    del proto.graph.value_info[:]  # channel counts changed: infer the shapes again
+    proto.ir_version = mirror.proto.ir_version
+    del proto.opset_import[:]
+    proto.opset_import.extend(mirror.proto.opset_import)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise ExportError(
+            f"the ONNX graph written back is not valid: {type(e).__name__}: {e}; report this with "
+            "the model"
+        ) from e
+    after = {n.name for n in proto.graph.node}
+    return WrittenBack(proto, len(before & after), len(before - after), len(after - before), prefix)
+
+
+def _kept(gm: fx.GraphModule) -> set[fx.Node]:
+    """The call nodes of the mirror that the passes left doing what their ONNX node does."""
+    claimed: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if ONNX_TENSOR in n.meta:
+            claimed[n.meta[ONNX_TENSOR]] = claimed.get(n.meta[ONNX_TENSOR], 0) + 1
+    return {
+        n
+        for n in gm.graph.nodes
+        if n.op in (*_CALLS, "get_attr")
+        and n.meta.get(STRUCTURE) == structure_key(gm, n)
+        and len(n.meta[ONNX_INPUTS]) == len(tensor_args(n))
+        and claimed.get(n.meta.get(ONNX_TENSOR), 1) == 1  # a copy of a node is a new node
+    }
+
+
+def _free_prefix(graph: gs.Graph) -> str:
+    """'racc/', or 'racc2/' ... when the graph already has names starting so (a racc output)."""
+    taken = [*(n.name for n in graph.nodes), *graph.tensors()]
+    for i in range(1, 1000):
+        prefix = "racc/" if i == 1 else f"racc{i}/"
+        if not any(name.startswith(prefix) for name in taken):
+            return prefix
+    raise ExportError("no free name prefix for the nodes racc adds")  # pragma: no cover
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _export_made(gm, made, tensor_of, prefix, opset) -> gs.Graph:
+    """The nodes the passes made, exported as one ONNX model: its inputs are named after the
+    kept tensors they read, its outputs `prefix + fx name` for the values the rest reads."""
+    inside = set(made)
+    reads: list[fx.Node] = []
+    for n in made:
+        for a in tensor_args(n):
+            if a not in inside and a.op != "get_attr" and a not in reads:
+                if tensor_of(a) is None:
+                    raise ExportError(
+                        f"'{n.name}', which a pass made, reads '{a.name}' (shape arithmetic of "
+                        "the ONNX graph, not a tensor of it), so it cannot be written into the "
+                        "ONNX graph; compile the PyTorch model instead"
+                    )
+                reads.append(a)
+    graph = fx.Graph()
+    env = {a: graph.placeholder(f"input_{i}") for i, a in enumerate(reads)}
+
+    def value(a: fx.Node) -> fx.Node:
+        if a not in env:
+            env[a] = graph.get_attr(a.target)
+        return env[a]
+
+    for n in made:
+        env[n] = graph.node_copy(n, value)
+    results = [n for n in made if any(user not in inside for user in n.users)]
+    graph.output(tuple(env[n] for n in results))
+    module = fx.GraphModule(gm, graph).eval()
+    generator = torch.Generator().manual_seed(0)
+    examples = tuple(_example(a.meta["racc.example"], generator) for a in reads)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "made.onnx")
+        outputs = [f"{prefix}{n.name}" for n in results]
+        torch_export(module, examples, path, opset, [tensor_of(a) for a in reads], outputs)
+        if is_quantized(module):
+            lower_qdq(path)
+        return gs.import_onnx(onnx.load(path))
+
+
+def _example(spec: TensorSpec, generator: torch.Generator) -> torch.Tensor:
+    if spec.dtype.is_floating_point:
+        return torch.randn(spec.shape, generator=generator).to(spec.dtype)
+    return torch.zeros(spec.shape, dtype=spec.dtype)
+
+
+def _splice(graph: gs.Graph, made: gs.Graph, prefix: str) -> dict[str, gs.Tensor]:
+    """Add the nodes of `made` to `graph`, reading the graph's tensors its inputs name, with its
+    inner names prefixed. Returns its outputs by name."""
+    outputs = {t.name: t for t in made.outputs}
+    inputs = {t.name for t in made.inputs}
+    for name, t in made.tensors().items():
+        if name and name not in inputs and name not in outputs:
+            t.name = prefix + name.lstrip("/")
+    for i, node in enumerate(made.nodes):
+        node.name = prefix + (node.name.lstrip("/") or f"{node.op}_{i}")
+    tensors = graph.tensors()
+    for t in made.inputs:
+        replace_uses(t, tensors[t.name])
+    graph.nodes.extend(made.nodes)
+    return outputs
+
+
+def _rewire(gm, kept, graph, tensors, tensor_of) -> None:
+    """Point each kept ONNX node's inputs at the tensors its fx node now reads."""
+    nodes = {n.name: n for n in graph.nodes}
+    for k in gm.graph.nodes:
+        if k not in kept or k.op == "get_attr":
+            continue
+        for old, a in zip(k.meta[ONNX_INPUTS], tensor_args(k), strict=True):
+            new = tensor_of(a)
+            if new in old or (not old and new is None):
+                continue
+            hits = 0
+            for onnx_node in (nodes[name] for name in k.meta[ONNX_NODES]):
+                for i, t in enumerate(onnx_node.inputs):
+                    if new is not None and t.name in old:
+                        onnx_node.inputs[i] = tensors[new]
+                        hits += 1
+            if not hits:
+                raise ExportError(
+                    f"'{k.name}' (ONNX {', '.join(k.meta[ONNX_NODES])}) now reads '{a.name}', "
+                    "which cannot be wired into the ONNX graph; report this with the model"
+                )
+
+
+def _write_outputs(gm, graph, tensors, tensor_of, prefix) -> None:
+    """A graph output the passes now compute elsewhere keeps its name: the tensor that holds it
+    takes the name (or, when it is an input or another output too, an Identity of it)."""
+    output = gm.graph.output_node()
+    for i, (old, a) in enumerate(zip(output.meta[ONNX_INPUTS], tensor_args(output), strict=True)):
+        new = tensor_of(a)
+        if new in old:
+            continue
+        previous, tensor = graph.outputs[i], tensors[new]
+        name = previous.name
+        previous.name = f"{prefix}replaced/{name}"
+        if tensor in graph.inputs or tensor in graph.outputs:
+            fresh = gs.Variable(name, dtype=previous.dtype, shape=previous.shape)
+            graph.nodes.append(
+                gs.Node("Identity", f"{prefix}output_{i}", inputs=[tensor], outputs=[fresh])
+            )
+            tensor = fresh
+        tensor.name = name
+        graph.outputs[i] = tensor
+
+
+def _write_parameters(mirror: Mirror, gm, kept, graph, tensors) -> None:
+    """Each kept layer's parameters into its initializers; groups, split sizes, slice bounds and
+    flatten widths after channel edits."""
     nodes = {n.name: n for n in graph.nodes}
     modules = dict(gm.named_modules())
+    layers = {n.target for n in kept if n.op == "call_module"}
     tensors_of_root = dict(gm.named_parameters())
     for qualified, initializer in mirror.params.items():
         module_name, _, param = qualified.rpartition(".")
@@ -37,48 +272,61 @@ def write_back(mirror: Mirror, gm: fx.GraphModule) -> onnx.ModelProto:
             if qualified in tensors_of_root:
                 _set(tensors, initializer, tensors_of_root[qualified], None)
             continue
-        module = modules.get(module_name)
-        if module is None:
-            continue  # folded away; its node is bypassed below
-        value = getattr(module, param.removesuffix("^T"))
+        if module_name not in layers:
+            continue  # replaced or removed by a pass; its node is no longer needed
+        value = getattr(modules[module_name], param.removesuffix("^T"))
         value = value.T if param.endswith("^T") else value
         _set(tensors, initializer, value, nodes.get(mirror.origin.get(module_name, "")))
     for name, node_name in mirror.origin.items():
-        node, module = nodes[node_name], modules.get(name)
-        if module is None:
-            _bypass(graph, node, name)
-        elif isinstance(module, nn.modules.conv._ConvNd):
+        module = modules.get(name)
+        if name in layers and isinstance(module, nn.modules.conv._ConvNd):
+            node = nodes[node_name]
             node.attrs["group"] = module.groups
             if module.bias is not None and len(node.inputs) < 3:
                 bias = gs.Constant(f"{name}.bias", module.bias.detach().numpy().copy())
                 node.inputs.append(bias)
-    fx_nodes = {n.name: n for n in gm.graph.nodes}
+    # sizes the passes changed (computed sizes that still hold are left to the graph)
+    before = {n.name: _args(n) for n in mirror.gm.graph.nodes}
+    fx_nodes = {n.name: n for n in kept if _args(n) != before.get(n.name)}
+    kept_names = {n.name: n for n in kept}
     for fx_name, node_name in mirror.splits.items():
-        sizes = np.array(fx_nodes[fx_name].args[1], dtype=np.int64)
-        split = nodes[node_name]
-        if len(split.inputs) > 1:
-            split.inputs[1] = gs.Constant(f"{node_name}.split", sizes)
-        else:
-            split.attrs["split"] = sizes.tolist()
+        if fx_name in fx_nodes:
+            sizes = np.array(fx_nodes[fx_name].args[1], dtype=np.int64)
+            split = nodes[node_name]
+            if len(split.inputs) > 1:
+                split.inputs[1] = gs.Constant(f"{node_name}.split", sizes)
+            else:
+                split.attrs["split"] = sizes.tolist()
     for fx_name, slice_names in mirror.sliced.items():
-        edges = np.cumsum([0, *fx_nodes[fx_name].args[1]])
-        for name, start, stop in zip(slice_names, edges[:-1], edges[1:], strict=True):
-            piece = nodes[name]
-            piece.inputs[1] = gs.Constant(f"{name}.starts", np.array([start], dtype=np.int64))
-            piece.inputs[2] = gs.Constant(f"{name}.ends", np.array([stop], dtype=np.int64))
+        if fx_name in fx_nodes:
+            edges = np.cumsum([0, *fx_nodes[fx_name].args[1]])
+            for name, start, stop in zip(slice_names, edges[:-1], edges[1:], strict=True):
+                piece = nodes[name]
+                piece.inputs[1] = gs.Constant(f"{name}.starts", np.array([start], np.int64))
+                piece.inputs[2] = gs.Constant(f"{name}.ends", np.array([stop], np.int64))
     for fx_name, node_name in mirror.flattens.items():
-        width = fx_nodes[fx_name].meta["racc.example"].shape[1]
-        reshape = nodes[node_name]
-        reshape.inputs[1] = gs.Constant(f"{node_name}.shape", np.array([-1, width], np.int64))
-    graph.cleanup().toposort()
-    proto = gs.export_onnx(graph)
-    del proto.graph.value_info[:]  # channel counts changed: infer the shapes again
-    proto.ir_version = mirror.proto.ir_version
-    del proto.opset_import[:]
-    proto.opset_import.extend(mirror.proto.opset_import)
-    proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
+        if fx_name in kept_names:
+            width = kept_names[fx_name].meta["racc.example"].shape[1]
+            reshape = nodes[node_name]
+            shape = constant_behind(reshape.inputs[1])
+            if shape is None or list(shape.values) != [-1, width]:
+                target = np.array([-1, width], np.int64)
+                reshape.inputs[1] = gs.Constant(f"{node_name}.shape", target)
+
+
+def _in_order(graph: gs.Graph) -> bool:
+    """Whether every node comes after the nodes that make its inputs."""
+    made = {id(t) for t in graph.inputs}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Variable) and t.name and id(t) not in made:
+                return False
+        made.update(id(t) for t in node.outputs)
+    return True
+
+
+def _args(node: fx.Node) -> tuple:
+    return fx.node.map_arg(node.args, lambda a: a.name)
 
 
 def _set(tensors: dict, name: str, value: torch.Tensor, owner: gs.Node | None) -> None:
@@ -87,13 +335,15 @@ def _set(tensors: dict, name: str, value: torch.Tensor, owner: gs.Node | None) -
     Identity alias of an initializer, a Constant node), is replaced by a new initializer in the
     owner's inputs."""
     tensor = tensors.get(name)
-    source = _constant_behind(tensor)
+    source = constant_behind(tensor)
     if source is None:
         raise ExportError(
             f"'{name}' is not a constant of the ONNX graph (no initializer, Constant node or "
             "Identity of one), so its new value cannot be written back; report the file"
         )
     array = np.ascontiguousarray(value.detach().cpu().numpy()).astype(source.values.dtype)
+    if array.shape == source.values.shape and np.array_equal(array, source.values):
+        return  # unchanged: the graph keeps it as it is
     users = [n for n in tensor.outputs if owner is None or n is owner] or list(tensor.outputs)
     if source is tensor and len(tensor.outputs) == len(users):
         tensor.values = array  # its own initializer: replaced in place, name kept
@@ -103,35 +353,3 @@ def _set(tensors: dict, name: str, value: torch.Tensor, owner: gs.Node | None) -
         for i, t in enumerate(node.inputs):
             if t is tensor:
                 node.inputs[i] = fresh
-
-
-def _constant_behind(tensor: gs.Tensor | None) -> gs.Constant | None:
-    """The constant `tensor` is: itself, a Constant node's value, or what an Identity passes on."""
-    if isinstance(tensor, gs.Constant):
-        return tensor
-    if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
-        return None
-    producer = tensor.inputs[0]
-    if producer.op == "Constant" and isinstance(producer.attrs.get("value"), gs.Constant):
-        return producer.attrs["value"]
-    if producer.op == "Identity":
-        return _constant_behind(producer.inputs[0])
-    return None
-
-
-def _bypass(graph: gs.Graph, node: gs.Node, module: str) -> None:
-    if node.op != "BatchNormalization":
-        raise ExportError(
-            f"the pass removed '{module}' (ONNX {node.op} '{node.name}'), which cannot be written "
-            "back into the ONNX graph in place"
-        )
-    source, result = node.inputs[0], node.outputs[0]
-    for consumer in list(result.outputs):
-        for i, tensor in enumerate(consumer.inputs):
-            if tensor is result:
-                consumer.inputs[i] = source
-    for i, output in enumerate(graph.outputs):
-        if output is result:
-            source.dtype, source.shape = result.dtype, result.shape
-            graph.outputs[i] = source
-    node.outputs.clear()

@@ -40,8 +40,7 @@ def lower_qdq(path: str | os.PathLike) -> None:
             _store_quantized(node)
     for node in [n for n in graph.nodes if n.op in _WEIGHTED]:
         _quantize_bias(graph, node)
-    for node in [n for n in graph.nodes if n.op in ("Relu", "Clip")]:
-        _drop_redundant_clamp(graph, node)
+    drop_redundant_clamps(graph)
     graph.cleanup().toposort()
     onnx.save(gs.export_onnx(graph), os.fspath(path))
 
@@ -55,7 +54,7 @@ def _store_quantized(node: gs.Node) -> None:
     constant = gs.Constant(
         f"{node.outputs[0].name}_int", np.clip(q, info.min, info.max).astype(zero.dtype)
     )
-    _replace_uses(node.outputs[0], constant)
+    replace_uses(node.outputs[0], constant)
     node.outputs.clear()
 
 
@@ -68,11 +67,25 @@ def _along(values: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return values.astype(np.float64).reshape(shape)
 
 
-def _replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
     for user in list(old.outputs):
         for i, t in enumerate(user.inputs):
             if t is old:
                 user.inputs[i] = new
+
+
+def constant_behind(tensor: gs.Tensor | None) -> gs.Constant | None:
+    """The constant `tensor` is: itself, a Constant node's value, or what an Identity passes on."""
+    if isinstance(tensor, gs.Constant):
+        return tensor
+    if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
+        return None
+    producer = tensor.inputs[0]
+    if producer.op == "Constant" and isinstance(producer.attrs.get("value"), gs.Constant):
+        return producer.attrs["value"]
+    if producer.op == "Identity":
+        return constant_behind(producer.inputs[0])
+    return None
 
 
 def _dequantized(t: gs.Tensor) -> gs.Node | None:
@@ -112,6 +125,12 @@ def _quantize_bias(graph: gs.Graph, node: gs.Node) -> None:
     node.inputs[2] = dequantized
 
 
+def drop_redundant_clamps(graph: gs.Graph) -> None:
+    """Remove each Relu or Clip(0, c) whose only user is a QuantizeLinear that clamps the same."""
+    for node in [n for n in graph.nodes if n.op in ("Relu", "Clip")]:
+        _drop_redundant_clamp(graph, node)
+
+
 def _drop_redundant_clamp(graph: gs.Graph, node: gs.Node) -> None:
     """Relu / Clip(0, c) -> Q whose range is [0, <= c]: the Q alone clamps the same way."""
     users = node.outputs[0].outputs
@@ -128,8 +147,8 @@ def _drop_redundant_clamp(graph: gs.Graph, node: gs.Node) -> None:
     if int(zero) != info.min:
         return  # the quantizer's range does not start at 0
     if node.op == "Clip":
-        bounds = [t for t in node.inputs[1:3] if t is not None and t.name]
-        if len(bounds) != 2 or not all(isinstance(t, gs.Constant) for t in bounds):
+        bounds = [constant_behind(t) for t in node.inputs[1:3] if t is not None and t.name]
+        if len(bounds) != 2 or any(t is None for t in bounds):
             return
         low, high = (float(t.values) for t in bounds)
         if low != 0 or scale * (info.max - info.min) > high * (1 + 1e-6):
@@ -138,13 +157,19 @@ def _drop_redundant_clamp(graph: gs.Graph, node: gs.Node) -> None:
     node.outputs.clear()
 
 
-def ort_optimized_ops(path: str | os.PathLike) -> Counter:
+def _where(model: str | os.PathLike | onnx.ModelProto) -> str:
+    return "the model" if isinstance(model, onnx.ModelProto) else f"'{os.fspath(model)}'"
+
+
+def ort_optimized_ops(model: str | os.PathLike | onnx.ModelProto) -> Counter:
     """Op types in the graph ONNX Runtime's CPU provider runs after its fusions."""
-    return Counter(n.op_type for n in _optimized_nodes(path))
+    return Counter(n.op_type for n in _optimized_nodes(model))
 
 
-def _optimized_nodes(path: str | os.PathLike) -> list[onnx.NodeProto]:
+def _optimized_nodes(model: str | os.PathLike | onnx.ModelProto) -> list[onnx.NodeProto]:
     import onnxruntime as ort
+
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
 
     with tempfile.TemporaryDirectory() as folder:
         optimized = Path(folder) / "optimized.onnx"
@@ -152,24 +177,25 @@ def _optimized_nodes(path: str | os.PathLike) -> list[onnx.NodeProto]:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(optimized)
         options.log_severity_level = 3
-        ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         return list(onnx.load(str(optimized)).graph.node)
 
 
-def check_int8_kernels(path: str | os.PathLike) -> None:
+def check_int8_kernels(model: str | os.PathLike | onnx.ModelProto) -> None:
     """Raise if a Conv with quantized input and weight did not become a QLinearConv in ORT."""
-    graph = gs.import_onnx(onnx.load(os.fspath(path)))
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
+    graph = gs.import_onnx(proto)
     planned = sum(
         1
         for n in graph.nodes
         if n.op == "Conv" and _dequantized(n.inputs[0]) and _dequantized(n.inputs[1])
     )
-    nodes = _optimized_nodes(path)
+    nodes = _optimized_nodes(model)
     fused = sum(n.op_type == "QLinearConv" for n in nodes)
     if fused < planned:
         floats = ", ".join(n.name for n in nodes if n.op_type in ("Conv", "FusedConv"))
         raise ExportError(
-            f"'{path}': {planned} Convs have int8 inputs and weights but ONNX Runtime fused only "
+            f"{_where(model)}: {planned} Convs have int8 inputs and weights but ONNX Runtime fused only "
             f"{fused} into QLinearConv; still float in its optimized graph: {floats}. Those "
             "Convs would run in float: report this with the model; export with check=False to "
             "write the file anyway"

@@ -28,6 +28,35 @@ from torch import nn
 
 from racc.errors import ExportError, InputError, UnsupportedModelError
 
+# What each fx node of a mirror remembers of the ONNX graph (set by `to_fx`; passes that keep a
+# node keep its meta, and a node a pass makes has none):
+ONNX_NODES = "racc.onnx_nodes"  # the ONNX node(s) it implements
+ONNX_TENSOR = "racc.onnx_tensor"  # the ONNX tensor it computes (absent for size arithmetic)
+ONNX_INPUTS = "racc.onnx_inputs"  # for each tensor_args entry, the ONNX names of that value
+STRUCTURE = "racc.structure"  # structure_key when the mirror was built
+
+
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    """The nodes `node` reads, in argument order (repeats kept)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
+def structure_key(gm: fx.GraphModule, node: fx.Node) -> tuple:
+    """What a node computes, up to its parameters and channel counts: its function, or its
+    layer's class and geometry. A node whose key a pass changed is a new node."""
+    if node.op != "call_module":
+        target = node.target if isinstance(node.target, str) else _qualname(node.target)
+        return (node.op, target)
+    module = gm.get_submodule(node.target)
+    geometry = ("kernel_size", "stride", "padding", "dilation", "padding_mode")
+    return (node.op, _qualname(type(module)), *(getattr(module, k, None) for k in geometry))
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"
+
 
 @dataclass
 class Mirror:
@@ -321,7 +350,9 @@ class _Builder:
 
     def fold(self, node: onnx.NodeProto) -> bool:
         """Whether `node` computed shape arithmetic known at build time (its outputs are set)."""
+        last = self._last()
         folded = _fold_shape_arithmetic(self, node)
+        self._made_by(node, last)  # the size expressions it emitted
         if folded is not None:
             self.env.update(zip(node.output, folded, strict=True))
         return folded is not None
@@ -342,12 +373,14 @@ class _Builder:
         for node in self.proto.graph.node:
             if node.output[0] in self.folded or self.fold(node):
                 continue
+            last = self._last()
             handler = _HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
             outputs = handler(self, node) if handler else None
             if outputs is None:
                 outputs = self.opaque(
                     node, f"racc has no torch mapping for ONNX op '{node.op_type}'"
                 )
+            self._made_by(node, last)
             for name, out in zip(node.output, outputs, strict=False):
                 self.env[name] = out
         results = [self.tensor_node(v.name) for v in self.proto.graph.output]
@@ -356,6 +389,7 @@ class _Builder:
         gm.graph.eliminate_dead_code()  # shape arithmetic a folded Reshape no longer reads
         gm.delete_all_unused_submodules()
         gm.recompile()
+        self._remember_tensors(gm)
         used = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         for table in (self.mirror.opaque, self.mirror.origin):
             for name in [k for k in table if k not in used]:
@@ -363,6 +397,31 @@ class _Builder:
         gm.racc_leaves = dict(self.mirror.opaque)
         self.mirror.gm = gm
         return self.mirror
+
+    def _last(self) -> fx.Node | None:
+        return next(iter(reversed(self.graph.nodes)), None)
+
+    def _made_by(self, node: onnx.NodeProto, last: fx.Node | None) -> None:
+        """The fx nodes emitted after `last` implement ONNX `node` (those an inner step has not
+        claimed for another ONNX node already)."""
+        for n in reversed(self.graph.nodes):
+            if n is last:
+                break
+            n.meta.setdefault(ONNX_NODES, (node.name,))
+
+    def _remember_tensors(self, gm: fx.GraphModule) -> None:
+        """Record in each fx node's meta what the ONNX write-back needs (racc.backends.onnx_edit):
+        the ONNX tensor it computes, the tensors each of its inputs is known by, and what it does
+        (`structure_key`), to tell later whether a pass kept it or made it."""
+        names: dict[fx.Node, list[str]] = {}
+        for name, value in self.env.items():
+            if isinstance(value, fx.Node):
+                names.setdefault(value, []).append(name)
+        for n in gm.graph.nodes:
+            if n in names:
+                n.meta[ONNX_TENSOR] = names[n][0]
+            n.meta[ONNX_INPUTS] = tuple(tuple(names.get(a, ())) for a in tensor_args(n))
+            n.meta[STRUCTURE] = structure_key(gm, n)
 
     def call(self, target, *args, **kwargs) -> list[fx.Node]:
         return [self.graph.call_function(target, args, kwargs)]
@@ -935,6 +994,7 @@ def _as_split(b: _Builder, node: onnx.NodeProto, bounds) -> list[fx.Node] | None
     sizes = [stop - start for start, stop, _ in siblings]
     pieces = b.graph.call_function(torch.split, (b.tensor_node(node.input[0]), sizes, axis))
     b.mirror.sliced[pieces.name] = [other.name for _, _, other in siblings]
+    pieces.meta[ONNX_NODES] = tuple(b.mirror.sliced[pieces.name])
     for i, (_, _, other) in enumerate(siblings):
         b.env[other.output[0]] = b.graph.call_function(operator.getitem, (pieces, i))
     return [b.env[node.output[0]]]

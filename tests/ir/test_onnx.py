@@ -53,14 +53,21 @@ def test_zero_in_the_initializers_then_prune_in_place_give_the_same_outputs(name
     mirror = to_fx(proto)
     with torch.no_grad():
         assert_close(mirror.gm(x), ort_run(proto, x), RTOL, ATOL, what=f"{name} mirror vs ORT")
+    unchanged = write_back(mirror, mirror.gm).proto  # nothing to write: the graph stays
+    assert [(n.name, n.op_type) for n in unchanged.graph.node] == [
+        (n.name, n.op_type) for n in proto.graph.node
+    ]
+    assert sorted(t.name for t in unchanged.graph.initializer) == sorted(
+        t.name for t in proto.graph.initializer
+    )
     an = racc.analyze(mirror.gm, (x,))
     prunable = [g for g in an.groups if g.prunable and g.size > 1]
     assert len(prunable) >= 3, f"{name}: {len(prunable)} prunable groups"
     rng = np.random.default_rng(0)
     for group in rng.choice(prunable, size=3, replace=False):
         idxs = sorted(rng.choice(group.size, size=max(1, group.size // 4), replace=False).tolist())
-        zeroed = write_back(mirror, racc.zero_channels(mirror.gm, {group: idxs}))
-        pruned = write_back(mirror, racc.prune_channels(mirror.gm, {group: idxs}, (x,)))
+        zeroed = write_back(mirror, racc.zero_channels(mirror.gm, {group: idxs})).proto
+        pruned = write_back(mirror, racc.prune_channels(mirror.gm, {group: idxs}, (x,))).proto
         what = f"{name} {group.details(idxs)}"
         assert_close(ort_run(pruned, x), ort_run(zeroed, x), RTOL, ATOL, what=what)
         weights = [
@@ -89,7 +96,7 @@ def test_pruning_the_export_and_pruning_the_torch_model_agree(name, tmp_path):
         gt, go = pairs[i]
         request_t[gt] = request_o[go] = sorted(rng.choice(gt.size, gt.size // 3, replace=False))
     pruned_torch = racc.prune_channels(model, request_t, (x,))
-    pruned_onnx = write_back(mirror, racc.prune_channels(mirror.gm, request_o, (x,)))
+    pruned_onnx = write_back(mirror, racc.prune_channels(mirror.gm, request_o, (x,))).proto
     with torch.no_grad():
         assert_close(ort_run(pruned_onnx, x), pruned_torch(x), RTOL, ATOL, what=name)
 
@@ -186,19 +193,35 @@ def test_bad_onnx_inputs(tmp_path):
         racc.compile(proto, "rac", (x,))
 
 
+def _replaced(result, source: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    """The names of the source's nodes that are gone, and of the nodes that are new."""
+    before = {n.name for n in source.graph.node}
+    after = {n.name for n in result.model.graph.node}
+    return before - after, after - before
+
+
 @pytest.mark.parametrize(
-    ("pipeline", "check"),
+    ("pipeline", "gone", "check"),
     [
-        ("int8", lambda p, ops: ops["QLinearConv"] == 20),
-        ("fuse-5x5{policy=all,allow_nonlinear=true}", lambda p, ops: ops["Conv"] < 20),
+        # every Conv and the Gemm become Q/DQ int8 layers; Relus before a uint8 quantizer whose
+        # range starts at 0 are dropped (the quantizer clamps the same); Add, pools, Flatten stay
+        ("int8", {"Conv", "Relu", "Gemm"}, lambda p, ops: ops["QLinearConv"] == 20),
+        # the 5 residual pairs a 5x5 pays for (the report's rows) become one Conv each
+        (
+            "fuse-5x5{policy=all,allow_nonlinear=true}",
+            {"Conv", "Relu"},
+            lambda p, ops: ops["Conv"] + ops["FusedConv"] == 15,
+        ),
+        # two 3x3 convs become RAC subgraphs sharing one pair of bank initializers
         (
             "rac{init=fit,where=layer3.*.conv2}",
+            {"Conv"},
             lambda p, ops: sum("bank" in t.name for t in p.graph.initializer) == 2,
         ),
     ],
 )
-def test_passes_that_change_the_structure_export_the_mirror_again(tmp_path, pipeline, check):
-    _, x, _ = exported("resnet18", tmp_path)
+def test_passes_that_change_the_structure_are_written_in_place(tmp_path, pipeline, gone, check):
+    _, x, source = exported("resnet18", tmp_path)
     calibration = [
         torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)
     ]
@@ -206,14 +229,59 @@ def test_passes_that_change_the_structure_export_the_mirror_again(tmp_path, pipe
     path = tmp_path / "out.onnx"
     racc.export_onnx(result, path)
     assert check(result.model, ort_optimized_ops(path)), dict(ort_optimized_ops(path))
-    assert "exporting the mirror again" in result.racc_report.rows[-1].notes[-1]
+    removed, added = _replaced(result, source)
+    ops = {n.name: n.op_type for n in source.graph.node}
+    assert removed and {ops[n] for n in removed} <= gone, {ops[n] for n in removed}
+    assert added and all(n.startswith("racc/") for n in added)
+    assert [i.name for i in result.model.graph.input] == [i.name for i in source.graph.input]
+    assert [o.name for o in result.model.graph.output] == [o.name for o in source.graph.output]
+    note = result.racc_report.rows[-1].notes[-1]
+    assert f"{len(removed)} removed, added {len(added)} named 'racc/...'" in note
+    with torch.no_grad():  # what compile checked: ORT runs the file to the mirror's outputs
+        y = ort_run(result.model, x)
     assert result.racc_report.rows[-1].error.cosine > (0.99 if pipeline == "int8" else 0.0)
+    assert y.shape == (len(x), 1000) and torch.isfinite(y).all()
 
 
-def test_a_structural_pass_on_a_model_with_an_unmapped_op_says_why_not():
+@pytest.mark.parametrize(
+    ("name", "pipeline"),
+    [
+        ("resnet18", "int8"),
+        ("mobilenet_v2", "int8"),
+        ("efficientnet_b0", "int8"),
+        ("resnet18", "fuse-5x5{policy=all,allow_nonlinear=true}"),
+        ("resnet18", "rac{init=fit,where=layer3.*.conv2}"),
+    ],
+)
+def test_a_pass_on_the_file_and_on_the_torch_model_give_the_same_onnx_model(
+    tmp_path, name, pipeline
+):
+    model, x, _ = exported(name, tmp_path)
+    calibration = [
+        torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(i)) for i in range(2)
+    ]
+    on_file = racc.compile(str(tmp_path / f"{name}.onnx"), pipeline, (x,), calibration=calibration)
+    # the exporter folded the BNs into the convs; rac fits its banks to the weights it finds
+    on_torch = racc.compile(model, f"fold-bn,{pipeline}", (x,), calibration=calibration)
+    racc.export_onnx(on_torch, tmp_path / "torch.onnx")
+    # the same kernels where ONNX Runtime runs them: for int8, Q/DQ placed as the torch path
+    # places them (the torch graph has a few more, around identity ops such as eval Dropout,
+    # which quantize a value twice with the same scale and fuse away)
+    assert ort_optimized_ops(on_file.model) == ort_optimized_ops(tmp_path / "torch.onnx")
+    # and the same numbers: the mirror computes what torch does, up to float rounding
+    expected = ort_run(onnx.load(tmp_path / "torch.onnx"), x)
+    assert_close(ort_run(on_file.model, x), expected, RTOL, ATOL, what=f"{name} {pipeline}")
+
+
+def test_int8_on_a_model_with_an_unmapped_op_keeps_that_op_in_place():
     proto = _hardmax_model()
-    with pytest.raises(PassConfigError, match="cannot hold ops that run in ONNX Runtime: middle"):
-        racc.compile(proto, "fuse-5x5", (torch.randn(1, 3, 8, 8),))
+    calibration = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))]
+    result = racc.compile(proto, "int8", (torch.randn(2, 3, 8, 8),), calibration=calibration)
+    nodes = {n.name: n.op_type for n in result.model.graph.node}
+    assert nodes["middle"] == "Hardmax"  # runs in ORT as it did, under its name
+    assert sum(op == "Conv" for op in nodes.values()) == 2 and "conv" not in nodes
+    assert sum(op == "DequantizeLinear" for op in nodes.values()) >= 4  # weights and inputs
+    assert ort_optimized_ops(result.model)["QLinearConv"] == 2
 
 
 def test_a_file_with_unnamed_nodes_is_pruned_in_place():
@@ -232,12 +300,12 @@ def test_every_pass_is_checked_in_ort_after_it_is_written_back(monkeypatch):
 
     def wrong(mirror, gm):  # a write-back that loses the second conv's weights
         result = honest(mirror, gm)
-        weight = next(t for t in result.graph.initializer if t.name == "w2")
+        weight = next(t for t in result.proto.graph.initializer if t.name == "w2")
         weight.CopyFrom(onnx.numpy_helper.from_array(np.zeros(weight.dims, np.float32), "w2"))
         return result
 
     monkeypatch.setattr(racc.compiler, "write_back", wrong)
-    with pytest.raises(ExportError, match="after pass 'prune-bn{ratio=0.5}', written back"):
+    with pytest.raises(ExportError, match="after pass 'prune-bn{ratio=0.5}', written into"):
         racc.compile(proto, "prune-bn{ratio=0.5}", (torch.randn(2, 3, 8, 8),))
 
 
@@ -257,8 +325,12 @@ def test_a_dynamo_export_has_the_torch_models_groups(tmp_path):
     assert [(g.size, g.prunable) for g in onnx_an.groups] == [
         (g.size, g.prunable) for g in torch_an.groups
     ]
-    result = racc.compile(str(path), "prune-bn{ratio=0.5}", (x,))
-    assert result.racc_report.rows[-1].cost.params < 0.5 * result.racc_report.rows[0].cost.params
+    calibration = [torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))]
+    result = racc.compile(str(path), "prune-bn{ratio=0.5},int8", (x,), calibration=calibration)
+    rows = result.racc_report.rows
+    assert rows[1].cost.params < 0.5 * rows[0].cost.params
+    ops = ort_optimized_ops(result.model)  # the dynamo exporter's names and opset 18
+    assert ops["QLinearConv"] == 52 and ops["Conv"] + ops["FusedConv"] == 0, dict(ops)
 
 
 def test_integer_division_at_run_time_truncates_as_onnx_does():
@@ -293,3 +365,31 @@ def test_weights_held_by_constant_nodes_are_pruned_in_place():
     widths = {t.name: list(t.dims) for t in result.model.graph.initializer}
     assert [widths[c.input[1]] for c in convs] == [[4, 3, 3, 3], [2, 4, 1, 1]]
     assert ort_run(result.model, torch.randn(1, 3, 8, 8)).shape == (1, 2, 8, 8)
+
+
+def test_a_new_node_reading_shape_arithmetic_cannot_be_written_in_place():
+    # x -> Reshape(x, Shape(x)) -> Relu: the mirror computes the target from x.size()
+    nodes = [
+        onnx.helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        onnx.helper.make_node("Reshape", ["x", "s"], ["r"], name="reshape"),
+        onnx.helper.make_node("Relu", ["r"], ["y"], name="relu"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 2, 4, 4])],
+    )
+    mirror = to_fx(
+        load(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    )
+    gm = mirror.gm
+    size = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "size")
+    relu = next(n for n in gm.graph.nodes if n.target is torch.nn.functional.relu)
+    with gm.graph.inserting_after(relu):  # what a pass could make: y * x.size(0)
+        scaled = gm.graph.call_function(torch.mul, (relu, size))
+    relu.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+    gm.recompile()
+    racc.ir.fx.record_examples(gm, (torch.randn(2, 2, 4, 4),))
+    with pytest.raises(ExportError, match=r"reads 'size.*shape arithmetic.*compile the PyTorch"):
+        write_back(mirror, gm)
