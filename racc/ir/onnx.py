@@ -5,8 +5,10 @@ weight become torch layers holding the initializers (so every analysis and chann
 for torch applies), other known ops become the torch functions the channel rules know (relu, add,
 cat, flatten, pools ...). An op racc has no mapping for becomes an `OnnxNode` leaf that runs that
 one node in ONNX Runtime: the model still loads and computes the same outputs, and the channels
-touching the op are walls. `Mirror.origin` maps each module back to its ONNX node, so that edits of
-the mirror's parameters can be written back into the ONNX initializers (racc.backends.onnx_edit).
+touching the op are walls. `Mirror.origin` maps each module back to its ONNX node and
+`Mirror.params` its parameters to initializers, and each fx node's meta records the ONNX node it
+implements, the tensor it computes and the tensors it reads, so that the mirror after passes can
+be written into the ONNX graph in place (racc.backends.onnx_edit).
 """
 
 from __future__ import annotations
