@@ -186,7 +186,14 @@ def _export_made(gm, made, tensor_of, prefix, opset) -> gs.Graph:
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "made.onnx")
         outputs = [f"{prefix}{n.name}" for n in results]
-        torch_export(module, examples, path, opset, [tensor_of(a) for a in reads], outputs)
+        try:
+            torch_export(module, examples, path, opset, [tensor_of(a) for a in reads], outputs)
+        except ExportError as e:
+            raise ExportError(
+                f"the nodes the passes made cannot be exported at the file's opset {opset}: {e}. "
+                "Convert the file to a newer opset (onnx.version_converter.convert_version) and "
+                "compile it again"
+            ) from e
         if is_quantized(module):
             lower_qdq(path)
         return gs.import_onnx(onnx.load(path))

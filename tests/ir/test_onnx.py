@@ -393,3 +393,14 @@ def test_a_new_node_reading_shape_arithmetic_cannot_be_written_in_place():
     racc.ir.fx.record_examples(gm, (torch.randn(2, 2, 4, 4),))
     with pytest.raises(ExportError, match=r"reads 'size.*shape arithmetic.*compile the PyTorch"):
         write_back(mirror, gm)
+
+
+def test_int8_on_a_file_at_an_old_opset_says_to_convert_it():
+    proto = _conv_middle_conv("Relu", 8)
+    proto.opset_import[0].version = 11  # per-channel QuantizeLinear needs opset 13
+    x, calibration = torch.randn(2, 3, 8, 8), [torch.randn(4, 3, 8, 8)]
+    with pytest.raises(ExportError, match="at the file's opset 11.*version_converter"):
+        racc.compile(proto, "int8", (x,), calibration=calibration)
+    fused = racc.compile(proto, "fuse-5x5{policy=all,allow_nonlinear=true}", (x,))
+    assert [n.op_type for n in fused.model.graph.node] == ["Conv"]  # conv-relu-conv: one 3x3
+    assert fused.model.opset_import[0].version == 11
