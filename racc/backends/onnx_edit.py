@@ -233,15 +233,17 @@ def _rewire(gm, kept, graph, tensors, tensor_of) -> None:
             if new in old or (not old and new is None):
                 continue
             hits = 0
-            for onnx_node in (nodes[name] for name in k.meta[ONNX_NODES]):
+            for onnx_node in (nodes[name] for name in k.meta[ONNX_NODES]) if new else ():
                 for i, t in enumerate(onnx_node.inputs):
-                    if new is not None and t.name in old:
+                    if t.name in old:
                         onnx_node.inputs[i] = tensors[new]
                         hits += 1
             if not hits:
+                was = f"'{old[0]}'" if old else "shape arithmetic"
                 raise ExportError(
-                    f"'{k.name}' (ONNX {', '.join(k.meta[ONNX_NODES])}) now reads '{a.name}', "
-                    "which cannot be wired into the ONNX graph; report this with the model"
+                    f"'{k.name}' (ONNX {', '.join(k.meta[ONNX_NODES])}) read {was} and now reads "
+                    f"'{a.name}', which no input of that ONNX node can be pointed at; compile the "
+                    "PyTorch model instead, or report this with the model"
                 )
 
 
