@@ -50,7 +50,9 @@ def _store_quantized(node: gs.Node) -> None:
     values, scale, zero = (t.values for t in node.inputs)
     axis = node.attrs.get("axis", 1)
     info = np.iinfo(zero.dtype)
-    q = np.rint(values / _along(scale, values.ndim, axis)) + _along(zero, values.ndim, axis)
+    # torch's fake-quant rounds x * (1 / scale) in float32; x / scale differs at rare ties
+    inverse = np.float32(1) / _along(scale, values.ndim, axis).astype(np.float32)
+    q = np.rint(values.astype(np.float32) * inverse) + _along(zero, values.ndim, axis)
     constant = gs.Constant(
         f"{node.outputs[0].name}_int", np.clip(q, info.min, info.max).astype(zero.dtype)
     )

@@ -1,4 +1,7 @@
-"""Fake-quant modules: what ONNX Runtime's int8 kernels compute, written in float torch ops.
+"""Fake-quant modules: ONNX Runtime's int8 ops written in float torch ops, for QAT and export.
+
+In eval mode the int8 pass's result runs these modules' integers through ONNX Runtime's own
+arithmetic instead (racc.nn.ort_int8), which rounds where the kernels round.
 
 - `FakeQuant`: per-tensor affine quantize -> dequantize of an activation (QuantizeLinear then
   DequantizeLinear in ONNX). Gradients pass straight through inside the range, so the model
@@ -58,7 +61,7 @@ def weight_scale(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """Symmetric int8 scale of each output channel (axis 0), or one for the whole tensor; an
     all-zero channel gets scale 1 (any scale stores its zeros exactly)."""
     w = weight.detach().abs()
-    amax = w.reshape(w.shape[0], -1).amax(dim=1) if per_channel else w.amax().reshape(1)
+    amax = w.reshape(w.shape[0] if per_channel else 1, -1).amax(dim=1)
     return torch.where(amax > 0, amax / 127, torch.ones_like(amax))
 
 
@@ -82,7 +85,7 @@ class QuantizedLayer(nn.Module):
         if bias is None:
             return scale
         need = bias.detach().abs() / (self.input_scale * _INT32_MAX)
-        return torch.maximum(scale, need if scale.numel() > 1 else need.amax().reshape(1))
+        return torch.maximum(scale, need if self.per_channel else need.amax(dim=0, keepdim=True))
 
     def quantized_weight(self) -> torch.Tensor:
         w, scale = self.layer.weight, self.weight_scale()
@@ -98,11 +101,23 @@ class QuantizedLayer(nn.Module):
         step = self.input_scale * self.weight_scale()
         return b + (torch.round(b / step) * step - b).detach()  # straight-through for QAT
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.quantized_weight(), self.quantized_bias()
+    def integers(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The int8 weight and int32 bias the file stores (as float64), and the weight scale."""
+        scale = self.weight_scale().detach()
+        shaped = scale.reshape(-1, *([1] * (self.layer.weight.dim() - 1)))
+        weight = torch.round(self.quantized_weight().detach() / shaped).double()
+        bias = self.quantized_bias()
+        if bias is not None:
+            bias = torch.round(bias.detach().double() / (self.input_scale * scale).double())
+        return weight, bias, scale
+
+    def apply_layer(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
         if isinstance(self.layer, nn.Linear):
             return F.linear(x, w, b)
         return self.layer._conv_forward(x, w, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply_layer(x, self.quantized_weight(), self.quantized_bias())
 
     def extra_repr(self) -> str:
         return f"int8 weights {'per channel' if self.per_channel else 'per tensor'}"

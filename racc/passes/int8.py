@@ -16,8 +16,9 @@ DequantizeLinear and a QuantizeLinear. SiLU is written as x * sigmoid(x) so both
 Dynamic mode quantizes only Linear weights (int8, stored as int8) and each Linear's input per call
 from its own range, as ONNX Runtime's DynamicQuantizeMatMul does: for Linear-heavy nets.
 
-The torch result computes what the ONNX file computes (racc.nn.quant); it evaluates and, in
-static mode, fine-tunes (QAT). Exactness: approximate, with the error reported.
+The torch result (static mode) fine-tunes as a fake-quant graph (racc.nn.quant, QAT) and in eval
+mode computes what the ONNX file computes in ONNX Runtime, bit for bit (racc.nn.ort_int8).
+Exactness: approximate, with the error reported.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 from racc.errors import InputError, PassConfigError
 from racc.ir.fx import TensorSpec, module_call_counts, node_values, record_examples
 from racc.ir.ops import CONVS
+from racc.nn.ort_int8 import QuantizedGraphModule
 from racc.nn.quant import (
     RANGES,
     DynamicQuantLinear,
@@ -150,7 +152,10 @@ class QuantizeInt8(Pass):
         quantizer = (_Static if self.mode == "static" else _Dynamic)(self, gm, batches)
         result = PassResult(gm, modified=True, skipped=quantizer.skipped + _rac_blocks(gm))
         enabled, why = quantizer.within_budget(self.error_budget)
-        result.gm = quantizer.build(enabled)
+        built = quantizer.build(enabled)
+        if self.mode == "static":  # eval mode computes ONNX Runtime's integer kernels exactly
+            built = QuantizedGraphModule(built, built.graph, type(built).__name__)
+        result.gm = built
         result.matched = [quantizer.label(u) for u in enabled]
         result.skipped += [Skip(u, f"kept fp32: {reason}") for u, reason in why.items()]
         result.table = quantizer.table(enabled, why)

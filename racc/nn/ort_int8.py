@@ -1,0 +1,216 @@
+"""What ONNX Runtime's integer kernels compute, evaluated on racc's fake-quant graph.
+
+The fake-quant graph (racc.nn.quant) computes each int8 op in float: dequantized inputs, the float
+op, then a quantizer. ONNX Runtime fuses the same Q/DQ pattern into integer kernels that round
+elsewhere: an exact int32 sum, then one float32 multiply by a combined scale. A value near a
+rounding tie lands one step apart, and a deep network carries such steps to its outputs (up to 4
+output steps on a random-weight ResNet-18). `OrtInt8Interpreter` runs the graph with the kernels'
+own arithmetic (MLAS, x86), so the numbers are the file's:
+
+- QLinearConv / QGemm, a `QuantizedLayer` whose output goes to a quantizer: the int32 sum of
+  (q_x - z_x) * q_w plus the int32 bias (exact in float64), then
+  round(float32(acc) * (s_x * s_w / s_y)) + z_y, clamped. A Linear with no quantizer after it is
+  QGemm with a float output: float32(acc) * (s_x * s_w).
+- QLinearAdd (the AVX2 kernel): round(fma(q_a, s_a/s_c, fma(q_b, s_b/s_c, z_c - (s_a/s_c * z_a +
+  s_b/s_c * z_b)))).
+- QLinearMul: round(float32((q_a - z_a) * (q_b - z_b)) * (s_a * s_b / s_c) + z_c).
+- QLinearGlobalAveragePool: round(float32(sum(q_x) - z_x * n) * (s_x / (s_y * n))) + z_y.
+- QuantizeLinear: round(x / s) + z (torch's fake-quant rounds x * (1 / s), which differs at ties).
+
+Every product and quotient of scales is float32, in the kernels' order. A ReLU or ReLU6 between a
+kernel and its quantizer is the quantizer's own clamp, as in the file (racc.backends.qdq drops it).
+Sigmoid, Concat, MaxPool and reshapes need no kernel: ONNX Runtime's lookup tables and copies
+dequantize, apply the float op and quantize by division, as the graph does here. (A sigmoid code
+may still differ where torch's and MLAS's logistic straddle a rounding tie.) Everything else runs as
+the fake-quant graph does.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from racc.nn.quant import FakeQuant, QuantizedLayer
+
+_ADD = {operator.add, torch.add, "add"}
+_MUL = {operator.mul, torch.mul, "mul"}
+_RELU = {F.relu, torch.relu, "relu"}
+_RELU6 = {F.relu6}
+_GLOBAL_POOL = {F.adaptive_avg_pool2d}
+
+
+class OrtInt8Interpreter(fx.Interpreter):
+    """Run a static int8 fake-quant GraphModule with ONNX Runtime's integer arithmetic."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.modules = dict(gm.named_modules())
+        self.kernels: dict[fx.Node, Callable] = {}
+        for node in gm.graph.nodes:
+            kernel = self._kernel(node)
+            if kernel is not None:
+                self.kernels[node] = kernel
+
+    def run_node(self, n: fx.Node) -> Any:
+        kernel = self.kernels.get(n)
+        if kernel is None:
+            return super().run_node(n)
+        args, _ = self.fetch_args_kwargs_from_env(n)
+        return kernel(*args)
+
+    def _kernel(self, node: fx.Node) -> Callable | None:
+        this = self._quantizer(node)
+        if this is not None:
+            return functools.partial(_quantize, this)
+        inputs = [self._quantizer(a) for a in node.args if isinstance(a, fx.Node)]
+        if not inputs or None in inputs or node.kwargs:
+            return None
+        out = self._requantizer(node)
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, QuantizedLayer):
+            linear = isinstance(module.layer, nn.Linear)
+            return functools.partial(_layer, module, inputs[0], out) if out or linear else None
+        if out is None:
+            return None
+        op = module if module is not None else node.target
+        if op in _ADD and len(inputs) == 2:
+            return functools.partial(_add, *inputs, out)
+        if op in _MUL and len(inputs) == 2:
+            return functools.partial(_mul, *inputs, out)
+        if isinstance(module, nn.AdaptiveAvgPool2d):
+            size = module.output_size
+        else:
+            size = node.args[1] if op in _GLOBAL_POOL and len(node.args) == 2 else None
+        if size in (1, (1, 1)):
+            return functools.partial(_global_average_pool, inputs[0], out)
+        return None
+
+    def _quantizer(self, node: Any) -> FakeQuant | None:
+        if isinstance(node, fx.Node) and node.op == "call_module":
+            module = self.modules[node.target]
+            return module if isinstance(module, FakeQuant) else None
+        return None
+
+    def _requantizer(self, node: fx.Node) -> FakeQuant | None:
+        """The quantizer a kernel writes into: its only user, or behind a clamp it makes redundant
+        (a ReLU/ReLU6 before a quantizer whose range starts at 0 and, for ReLU6, ends by 6)."""
+        if len(node.users) != 1:
+            return None
+        (user,) = node.users
+        out = self._quantizer(user)
+        if out is not None:
+            return out
+        op = self.modules.get(user.target) if user.op == "call_module" else user.target
+        upper = None
+        if isinstance(op, nn.ReLU) or op in _RELU:
+            upper = float("inf")
+        elif isinstance(op, nn.ReLU6) or op in _RELU6:
+            upper = 6.0
+        if upper is None or len(user.users) != 1:
+            return None
+        out = self._quantizer(next(iter(user.users)))
+        if out is None or int(out.zero_point) != out.qmin:
+            return None
+        return out if float(out.scale) * (out.qmax - out.qmin) <= upper * (1 + 1e-6) else None
+
+
+def _codes(x: torch.Tensor, q: FakeQuant) -> torch.Tensor:
+    """The stored integers of a dequantized tensor (as float32)."""
+    return torch.round(x / q.scale) + q.zero_point.float()
+
+
+def _dequantize(codes: torch.Tensor, q: FakeQuant) -> torch.Tensor:
+    codes = torch.clamp(codes, q.qmin, q.qmax)
+    return (codes - q.zero_point.float()) * q.scale
+
+
+def _quantize(q: FakeQuant, x: torch.Tensor) -> torch.Tensor:
+    """QuantizeLinear then DequantizeLinear: MLAS divides by the scale."""
+    return _dequantize(_codes(x, q), q)
+
+
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 a * b + c rounded once: exact in float64 for 8-bit a and float32 b, c."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def _layer(
+    layer: QuantizedLayer, x_q: FakeQuant, out: FakeQuant | None, x: torch.Tensor
+) -> torch.Tensor:
+    weight, bias, weight_scale = layer.integers()
+    acc = layer.apply_layer(torch.round(x / x_q.scale).double(), weight, bias)
+    scale = (x_q.scale * weight_scale).reshape(-1, *([1] * (acc.dim() - 2)))
+    if isinstance(layer.layer, nn.Linear):
+        scale = scale.reshape(-1)
+    if out is None:
+        return acc.float() * scale
+    codes = torch.round(acc.float() * (scale / out.scale)) + out.zero_point.float()
+    return _dequantize(codes, out)
+
+
+def _add(a_q: FakeQuant, b_q: FakeQuant, out: FakeQuant, a: torch.Tensor, b: torch.Tensor):
+    ratio_a, ratio_b = a_q.scale / out.scale, b_q.scale / out.scale
+    fixed = out.zero_point.float() - _fma(ratio_a, a_q.zero_point, ratio_b * b_q.zero_point)
+    value = _fma(_codes(a, a_q), ratio_a, _fma(_codes(b, b_q), ratio_b, fixed))
+    return _dequantize(torch.round(value), out)
+
+
+def _mul(a_q: FakeQuant, b_q: FakeQuant, out: FakeQuant, a: torch.Tensor, b: torch.Tensor):
+    product = torch.round(a / a_q.scale) * torch.round(b / b_q.scale)  # exact below 2**24
+    value = product * (a_q.scale * b_q.scale / out.scale) + out.zero_point.float()
+    return _dequantize(torch.round(value), out)
+
+
+def _global_average_pool(x_q: FakeQuant, out: FakeQuant, x: torch.Tensor, *_) -> torch.Tensor:
+    count = x.shape[-1] * x.shape[-2]
+    acc = torch.round(x / x_q.scale).double().sum(dim=(-2, -1), keepdim=True)
+    scale = x_q.scale / (out.scale * float(count))
+    return _dequantize(torch.round(acc.float() * scale) + out.zero_point.float(), out)
+
+
+def _tracing() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    symbolic = getattr(fx._symbolic_trace, "is_fx_symbolic_tracing", None)
+    return (
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+        or exporting()
+        or (symbolic or fx._symbolic_trace.is_fx_tracing)()
+    )
+
+
+class QuantizedGraphModule(fx.GraphModule):
+    """The static int8 result: a fake-quant graph that trains (QAT) in train mode and, in eval
+    mode, computes what ONNX Runtime's integer kernels compute (`OrtInt8Interpreter`). Tracing and
+    export see the fake-quant graph, which `racc.export_onnx` lowers to QDQ;
+    `fake_quant_forward(*inputs)` runs it in any mode."""
+
+    def recompile(self):
+        code = super().recompile()
+        cls = type(self)
+        fake_quant = cls.forward
+
+        @functools.wraps(fake_quant)  # the generated signature, for torch.export
+        def forward(self, *args):
+            if self.training or _tracing():
+                return fake_quant(self, *args)
+            return OrtInt8Interpreter(self).run(*args)
+
+        cls.forward, cls.fake_quant_forward = forward, fake_quant
+        return code
+
+    def __reduce__(self):
+        return (_rebuild, super().__reduce__())
+
+
+def _rebuild(load: Callable, args: tuple) -> QuantizedGraphModule:
+    gm = load(*args)
+    return QuantizedGraphModule(gm, gm.graph, gm.__class__.__name__)
