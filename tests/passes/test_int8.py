@@ -279,6 +279,8 @@ def test_report_lists_sensitivity_sizes_and_error():
     opt = racc.compile(model, "int8", (x,), calibration=_batches(64, count=2))
     row = opt.racc_report.rows[-1]
     assert row.exactness == "approximate" and row.error.cosine > 0.98
+    with torch.no_grad():  # the error of the module as called: in eval mode, ORT's kernels
+        assert row.error == OutputError.between(model(x), opt(x))
     assert len(row.table) == _convs(model) + 1  # every conv and the classifier
     assert all(math.isfinite(r["SQNR dB (alone)"]) and r["SQNR dB (alone)"] > 10 for r in row.table)
     text = str(opt.racc_report)
