@@ -146,9 +146,9 @@ def _layer(
 ) -> torch.Tensor:
     weight, bias, weight_scale = layer.integers()
     acc = layer.apply_layer(torch.round(x / x_q.scale).double(), weight, bias)
-    scale = (x_q.scale * weight_scale).reshape(-1, *([1] * (acc.dim() - 2)))
-    if isinstance(layer.layer, nn.Linear):
-        scale = scale.reshape(-1)
+    scale = x_q.scale * weight_scale  # per output channel: the last dim of a linear's output
+    if not isinstance(layer.layer, nn.Linear):  # dim 1 of a conv's
+        scale = scale.reshape(-1, *([1] * (acc.dim() - 2)))
     if out is None:
         return acc.float() * scale
     codes = torch.round(acc.float() * (scale / out.scale)) + out.zero_point.float()
