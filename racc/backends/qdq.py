@@ -14,6 +14,7 @@ Numbers do not change: every rewrite computes the same values the fake-quant gra
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections import Counter
@@ -25,6 +26,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from racc.errors import ExportError
+from racc.nn.quant import clamp_absorbed
 
 _WEIGHTED = ("Conv", "Gemm", "MatMul")
 
@@ -144,17 +146,16 @@ def _drop_redundant_clamp(graph: gs.Graph, node: gs.Node) -> None:
     q = users[0]
     if not all(isinstance(t, gs.Constant) for t in q.inputs[1:]) or q.inputs[1].values.size != 1:
         return
-    scale, zero = float(q.inputs[1].values), q.inputs[2].values
-    info = np.iinfo(zero.dtype)
-    if int(zero) != info.min:
-        return  # the quantizer's range does not start at 0
+    low, high = 0.0, math.inf
     if node.op == "Clip":
         bounds = [constant_behind(t) for t in node.inputs[1:3] if t is not None and t.name]
         if len(bounds) != 2 or any(t is None for t in bounds):
             return
         low, high = (float(t.values) for t in bounds)
-        if low != 0 or scale * (info.max - info.min) > high * (1 + 1e-6):
-            return
+    scale, zero = float(q.inputs[1].values), q.inputs[2].values
+    info = np.iinfo(zero.dtype)
+    if not clamp_absorbed(scale, int(zero), info.min, info.max, low, high):
+        return
     q.inputs[0] = node.inputs[0]
     node.outputs.clear()
 

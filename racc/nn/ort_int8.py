@@ -28,6 +28,7 @@ the fake-quant graph does.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +38,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from racc.nn.quant import FakeQuant, QuantizedLayer
+from racc.nn.quant import FakeQuant, QuantizedLayer, clamp_absorbed
 
 _ADD = {operator.add, torch.add, "add"}
 _MUL = {operator.mul, torch.mul, "mul"}
@@ -76,7 +77,9 @@ class OrtInt8Interpreter(fx.Interpreter):
         module = self.modules.get(node.target) if node.op == "call_module" else None
         if isinstance(module, QuantizedLayer):
             linear = isinstance(module.layer, nn.Linear)
-            return functools.partial(_layer, module, inputs[0], out) if out or linear else None
+            if out is None and not linear:
+                return None  # a conv with a float output stays a float Conv in ORT
+            return functools.partial(_layer, module, inputs[0], out)
         if out is None:
             return None
         op = module if module is not None else node.target
@@ -99,8 +102,8 @@ class OrtInt8Interpreter(fx.Interpreter):
         return None
 
     def _requantizer(self, node: fx.Node) -> FakeQuant | None:
-        """The quantizer a kernel writes into: its only user, or behind a clamp it makes redundant
-        (a ReLU/ReLU6 before a quantizer whose range starts at 0 and, for ReLU6, ends by 6)."""
+        """The quantizer a kernel writes into: its only user, or behind a ReLU/ReLU6 that the
+        quantizer absorbs (racc.nn.quant.clamp_absorbed, the rule the QDQ lowering drops it by)."""
         if len(node.users) != 1:
             return None
         (user,) = node.users
@@ -108,17 +111,17 @@ class OrtInt8Interpreter(fx.Interpreter):
         if out is not None:
             return out
         op = self.modules.get(user.target) if user.op == "call_module" else user.target
-        upper = None
         if isinstance(op, nn.ReLU) or op in _RELU:
-            upper = float("inf")
+            high = math.inf
         elif isinstance(op, nn.ReLU6) or op in _RELU6:
-            upper = 6.0
-        if upper is None or len(user.users) != 1:
+            high = 6.0
+        else:
             return None
-        out = self._quantizer(next(iter(user.users)))
-        if out is None or int(out.zero_point) != out.qmin:
+        out = self._quantizer(next(iter(user.users))) if len(user.users) == 1 else None
+        if out is None:
             return None
-        return out if float(out.scale) * (out.qmax - out.qmin) <= upper * (1 + 1e-6) else None
+        zero = int(out.zero_point)
+        return out if clamp_absorbed(float(out.scale), zero, out.qmin, out.qmax, 0, high) else None
 
 
 def _codes(x: torch.Tensor, q: FakeQuant) -> torch.Tensor:

@@ -38,6 +38,13 @@ def affine_qparams(lo: float, hi: float, dtype: str) -> tuple[float, int]:
     return scale, zero_point
 
 
+def clamp_absorbed(scale: float, zero: int, qmin: int, qmax: int, low: float, high: float) -> bool:
+    """Whether a clamp to [low, high] right before a quantizer changes nothing: the quantizer's
+    range starts at 0 (zero point qmin) and ends by `high`. The QDQ file drops such a clamp
+    (racc.backends.qdq) and ONNX Runtime's kernel clamps through its quantizer (racc.nn.ort_int8)."""
+    return low == 0 and zero == qmin and scale * (qmax - qmin) <= high * (1 + 1e-6)
+
+
 class FakeQuant(nn.Module):
     """x -> (clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale."""
 

@@ -93,14 +93,14 @@ def test_eval_mode_computes_what_the_integer_kernels_compute(tmp_path):
     for op in ("QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearGlobalAveragePool", "QGemm"):
         assert ops[op] >= 1, ops
     assert ops["QLinearConv"] == 3 and ops["Conv"] == 0, ops
-    trained_apart = 0.0
+    float_graph_apart = 0.0
     for batch in _batches(20, count=3, seed=7):
         got = _ort(path, batch)
         with torch.no_grad():
             assert torch.equal(opt(batch), got)  # the same float32 numbers, bit for bit
-            trained_apart += float((opt.fake_quant_forward(batch) - got).abs().max())
+            float_graph_apart += float((opt.fake_quant_forward(batch) - got).abs().max())
     # the float fake-quant graph rounds elsewhere: it is close, not the same
-    assert 0 < trained_apart / 3 <= QDQ_STEPS * output_step(got)
+    assert 0 < float_graph_apart / 3 <= QDQ_STEPS * output_step(got)
 
 
 def test_saved_and_copied_int8_models_still_compute_the_integer_kernels(tmp_path):
