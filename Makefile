@@ -2,21 +2,26 @@
 #   make demo   installs what is missing, compiles a torchvision ResNet-18 (prune-bn, int8), exports
 #               ONNX, prints the report, writes plots, and times the result against the original
 #   make test   installs what is missing and runs the test suite
-# torch and torchvision are installed together, as the pair the registry builds against each other.
+# Both install from requirements.lock: every package at the version CI tested, nothing resolved.
+#   make test-latest   the suite against the newest versions the registry serves (.venv-latest)
+#   make lock          then rewrite requirements.lock from what make test-latest installed
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.racc-installed
-TORCH := torch==2.14.1 torchvision==0.29.2
+LOCK := requirements.lock
+LATEST := .venv-latest
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean test-latest lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH) -e ".[dev]"
+	$(PY) -m pip install --quiet "$$(grep '^pip==' $(LOCK))"
+	$(PY) -m pip install --quiet --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -31,8 +36,23 @@ test: $(STAMP)
 bench: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m benchmarks
 
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
+		torch torchvision -e ".[dev]"
+	mkdir -p out
+	$(LATEST)/bin/python -m pip freeze --all --exclude-editable > out/requirements.latest.txt
+	@echo "versions that differ from $(LOCK):"; grep -v '^#' $(LOCK) | diff - out/requirements.latest.txt || true
+	RACC_UNLOCKED=1 OMP_WAIT_POLICY=PASSIVE $(LATEST)/bin/python -m pytest -n 2 tests
+
+lock:
+	test -x $(LATEST)/bin/python || { echo "run make test-latest first"; exit 1; }
+	{ sed -n '/^#/p' $(LOCK); $(LATEST)/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+
 lint: $(STAMP)
 	$(PY) -m ruff check racc tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(LATEST) out
