@@ -1,5 +1,5 @@
-"""Zero-invariant channel groups (DESIGN.md): sets of parameter slices whose removal, once they are all
-zero, leaves the model's outputs unchanged.
+"""Zero-invariant channel groups (docs/analysis.md): sets of parameter slices whose removal, once
+they are all zero, leaves the model's outputs unchanged.
 
 The channel rules (rules.py, movement.py) walk the graph once and tie channel ids together; the
 connected components of those ties are the removable units. Units that appear in exactly the same

@@ -1,5 +1,5 @@
 """Reusable adaptive convolution (RAC): a stage's 3x3 convs replaced by one shared pair of
-directional filter banks plus a light 1x1 mixer per block (../shared/papers, the RAC paper).
+directional filter banks plus a light 1x1 mixer per block (Nguyen Viet Hung et al., the RAC paper).
 
     U = conv(x, W_row, stride, padding=(0, k//2))      W_row: m x C x 1 x k   (shared by the stage)
     V = conv(x, W_col, stride, padding=(k//2, 0))      W_col: m x C x k x 1   (shared by the stage)
