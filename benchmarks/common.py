@@ -1,4 +1,5 @@
-"""Timing the way DESIGN.md asks: 2 threads, passive waiting, interleaved A/B rounds, median ratio."""
+"""Timing: 2 threads, passive waiting (spin-waiting threads on 2 shared cores made 2-thread forwards
+7-25x slower), interleaved A/B rounds, the median of the per-round ratios."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import onnxruntime as ort
 import torch
 
 import racc
+from racc.cpu import INT8_FLAGS, this_cpu
 from racc.timing import Timing, interleaved, ort_call, ort_session
 from racc.zoo import torchvision_model
 
@@ -59,10 +61,14 @@ def machine() -> str:
         pass
     import onnxruntime
 
+    int8 = this_cpu()
+    flags = " ".join(sorted(int8.flags)) or "none of " + " ".join(sorted(INT8_FLAGS))
     return (
         f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
-        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}\n"
+        f"- CPU flags that pick ONNX Runtime's int8 kernel: {flags}; the kernel: {int8.kernel}"
+        f"{', which saturates 16-bit pair sums' if int8.saturates else ''}"
     )
 
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from racc.analysis.cost import measure_cost
 from racc.backends.onnx import export_onnx
+from racc.cpu import this_cpu
 from racc.errors import ExportError, InputError
 from racc.text import mib, si
 from racc.timing import interleaved, ort_call, ort_session, torch_call
@@ -39,6 +40,7 @@ class BenchResult:
     models: list[Measured]
     threads: int
     rounds: int
+    cpu: str = field(default_factory=lambda: str(this_cpu()))
 
     def rows(self) -> list[tuple[str, list[float | None]]]:
         first = self.models[0]
@@ -62,12 +64,14 @@ class BenchResult:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         footer = f"\nmedians of {self.rounds} interleaved rounds, {self.threads} threads"
         lines.append(footer + ("; ratio = second / first" if ratio else ""))
+        lines.append(f"CPU: {self.cpu}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {
             "threads": self.threads,
             "rounds": self.rounds,
+            "cpu": self.cpu,
             "models": [vars(m) for m in self.models],
         }
 
@@ -95,7 +99,9 @@ def bench(
                 cost = measure_cost(model.module.eval(), (x,))
                 entry.params, entry.macs, entry.bytes = cost.params, cost.macs, cost.bytes
                 path = Path(folder) / f"model{i}.onnx"
-                export_onnx(model.module, path, example_inputs=(x,))  # checked against torch
+                # the graph checked against torch; whether this CPU computes an int8 file's
+                # integers is compile's and export's check (the CPU line says which kernel ran)
+                export_onnx(model.module, path, example_inputs=(x,), check="graph")
             else:
                 path = model.onnx
                 entry.params, entry.bytes = _initializer_sizes(model.proto(), path.parent)

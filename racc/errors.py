@@ -29,3 +29,12 @@ class EquivalenceError(RaccError):
 
 class ExportError(RaccError):
     """Saving, loading or exporting a model failed."""
+
+
+class TargetError(ExportError):
+    """The file cannot be checked on this CPU: its int8 kernels compute other integers here than
+    on the CPUs the file was compiled for."""
+
+
+class BudgetError(RaccError):
+    """A pass could not meet the error budget the user set."""

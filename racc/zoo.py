@@ -1,8 +1,11 @@
 """torchvision classification models by name, with seeded random weights and warmed-up BN.
 
 No pretrained weights are downloaded: a model's BN statistics are warmed up on random batches so
-that its outputs are not near-constant, the way a trained model's are not. The demo, the `racc`
-command, the tests and the benchmarks all build their models here.
+that its outputs are not near-constant, the way a trained model's are not. With `trained_like`,
+each BN's per-channel scales are first spread over decades, as training leaves them (channels that
+matter little shrink): that is what makes per-tensor activation ranges hard for int8, and what an
+int8 quality figure must be measured on. The demo, the `racc` command, the tests and the
+benchmarks all build their models here.
 """
 
 from __future__ import annotations
@@ -29,10 +32,17 @@ def names() -> list[str]:
 
 
 def torchvision_model(
-    name: str, side: int = 224, seed: int = 0, batches: int = 2, batch: int = 4, warm: bool = True
+    name: str,
+    side: int = 224,
+    seed: int = 0,
+    batches: int = 2,
+    batch: int = 4,
+    warm: bool = True,
+    trained_like: bool = False,
 ) -> nn.Module:
     """An eval-mode torchvision model with weights seeded by `seed`; with `warm`, its BN
-    statistics are first updated on `batches` random batches of `batch` images of `side` pixels.
+    statistics are first updated on `batches` random batches of `batch` images of `side` pixels;
+    with `trained_like`, its BN scales are spread over decades first (`spread_bn_gammas`).
 
     Raises:
         UnsupportedModelError: torchvision is missing, or it has no classification model `name`.
@@ -51,9 +61,30 @@ def torchvision_model(
         raise UnsupportedModelError(f"torchvision has no classification model '{name}'; {hint}")
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(**KWARGS.get(name, {}))
+    if trained_like:
+        spread_bn_gammas(model, seed=seed)
     if warm:
-        with torch.no_grad():
-            model.train()
-            for _ in range(batches):
-                model(torch.randn(batch, 3, side, side))
+        warm_up_bn(model, side, batches, batch)
     return model.eval()
+
+
+def warm_up_bn(model: nn.Module, side: int, batches: int = 2, batch: int = 4) -> nn.Module:
+    """Update the BN statistics of `model` on random batches of 3 x side x side images."""
+    with torch.no_grad():
+        model.train()
+        for _ in range(batches):
+            model(torch.randn(batch, 3, side, side))
+    return model.eval()
+
+
+def spread_bn_gammas(model: nn.Module, decades: float = 3.0, seed: int = 0) -> nn.Module:
+    """Give every affine BatchNorm per-channel scales log-uniform over `decades` decades up to 1,
+    and small random shifts, as a trained network has them."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                n = m.num_features
+                m.weight.copy_(10 ** (-decades * torch.rand(n, generator=generator)))
+                m.bias.copy_(0.1 * torch.randn(n, generator=generator))
+    return model

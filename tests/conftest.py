@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from racc.zoo import torchvision_model
+from racc.zoo import spread_bn_gammas, torchvision_model, warm_up_bn
 
 torch.set_num_threads(1)
 
@@ -47,6 +48,42 @@ def zoo_model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return _zoo_model(name), torch.randn(2, 3, side, side, generator=generator)
 
 
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+    )  # fmt: skip
+
+
+class UNet(nn.Module):
+    """A small U-Net: two conv-BN-ReLU blocks per level, max-pool down, ConvTranspose up, and the
+    encoder's features concatenated back in on the way up."""
+
+    def __init__(self, widths: tuple[int, ...] = (8, 16, 32), classes: int = 3):
+        super().__init__()
+        ins = (3, *widths[:-1])
+        self.down = nn.ModuleList(_block(a, b) for a, b in zip(ins, widths, strict=True))
+        self.pool = nn.MaxPool2d(2)
+        pairs = list(zip(widths[:0:-1], widths[-2::-1], strict=True))  # (32, 16), (16, 8)
+        self.up = nn.ModuleList(nn.ConvTranspose2d(a, b, 2, stride=2) for a, b in pairs)
+        self.merge = nn.ModuleList(_block(2 * b, b) for _, b in pairs)
+        self.head = nn.Conv2d(widths[0], classes, 1)
+
+    def forward(self, x):
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        for up, merge, skip in zip(self.up, self.merge, skips[-2::-1], strict=True):
+            x = merge(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+def trained_like(model: nn.Module, side: int) -> nn.Module:
+    """`model` with BN scales spread over decades and BN statistics warmed up, eval mode."""
+    return warm_up_bn(spread_bn_gammas(model), side)
+
+
 def assert_close(actual, expected, rtol: float, atol: float, what: str = "outputs") -> None:
     """Compare shape, then dtype, then values: |a - e| <= atol + rtol * max|e|, saying which failed."""
     actual = actual if isinstance(actual, torch.Tensor) else torch.as_tensor(actual)
@@ -60,6 +97,14 @@ def assert_close(actual, expected, rtol: float, atol: float, what: str = "output
     assert error <= atol + rtol * scale, (
         f"{what}: max abs error {error:.3g} > {atol:g} + {rtol:g} * {scale:.3g}"
     )
+
+
+def checkable(target: str) -> bool | str:
+    """export_onnx's check for an int8 file of `target`: full where this CPU computes the target's
+    integers, else "graph" (ONNX Runtime without its integer kernels)."""
+    from racc.cpu import TARGETS
+
+    return True if TARGETS[target].exact_here() else "graph"
 
 
 def example(name: str):

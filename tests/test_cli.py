@@ -16,8 +16,10 @@ import pytest
 import torch
 
 import racc
+from racc.backends import qdq
 from racc.backends.qdq import ort_optimized_ops
 from racc.cli import load_model, main
+from racc.cpu import classify, this_cpu
 from racc.errors import ExportError
 from racc.timing import ort_session
 
@@ -154,6 +156,7 @@ def test_bench_two_models_gives_every_row_and_ratios(capsys, tmp_path):
     assert 0.1 < ratio < 0.4  # pruned at ratio 0.5: about a quarter of the params
     data = json.loads((tmp_path / "bench.json").read_text())
     assert all(m["latency_ms"]["ORT b8"] > 0 for m in data["models"])
+    assert f"CPU: {this_cpu()}" in out and data["cpu"] == str(this_cpu())  # which int8 kernel
     code, out, _ = run(capsys, "bench", str(onnx_file), *SHAPE, "--rounds", "2", "--threads", "1")
     assert code == 0
     assert "| torch b1 latency (ms) | - |" in out
@@ -276,3 +279,21 @@ def test_the_installed_console_script(tmp_path):
         timeout=300,
     )
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_the_report_is_written_before_the_export_and_kept_when_its_check_fails(
+    capsys, tmp_path, monkeypatch
+):
+    """A full-range int8 file on an AVX2 machine: the check fails, the report says why."""
+    monkeypatch.setattr(qdq, "this_cpu", lambda: classify("x86_64", {"avx2", "fma"}, "AVX2 box"))
+    out = tmp_path / "r18.onnx"
+    argv = ["compile", "torchvision:resnet18", "-p", "int8{target=x86-vnni}", "-o", str(out)]
+    code, stdout, err = run(capsys, *argv, *SHAPE, "--calib", "2")
+    assert code == 1 and "int8{target=portable}" in err and "--check graph" in err
+    assert not out.exists()
+    report = (tmp_path / "r18.report.md").read_text()
+    assert "SQNR dB (alone)" in report and "target x86-vnni" in report  # the per-layer table
+    assert (tmp_path / "r18.report.json").exists() and "SQNR dB (alone)" in stdout
+    code, stdout, err = run(capsys, *argv, *SHAPE, "--calib", "2", "--check", "graph")
+    assert code == 0, err
+    assert out.exists() and "its graph checked in ONNX Runtime" in stdout

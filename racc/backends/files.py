@@ -1,8 +1,12 @@
-"""File checks shared by the backends."""
+"""File checks shared by the backends, and writing a file so that a failure leaves none."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 from racc.errors import ExportError
 
@@ -17,3 +21,19 @@ def check_writable(path: str | os.PathLike) -> None:
         )
     if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise ExportError(f"cannot write '{path}': permission denied; choose a writable path")
+
+
+@contextlib.contextmanager
+def written_aside(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh path beside `path` to write and check the file at. It is renamed to `path` when
+    the block ends (atomically: same folder), and removed if the block raises, so `path` only
+    ever holds a complete, checked file, and an earlier file there survives a failed write."""
+    check_writable(path)
+    final = Path(path)
+    aside = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:8]}.partial{final.suffix}")
+    try:
+        yield aside
+        os.replace(aside, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -12,8 +12,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from racc.backends.files import check_writable
-from racc.backends.qdq import check_int8_kernels, lower_qdq
+from racc.backends.files import written_aside
+from racc.backends.qdq import check_int8_kernels, check_target, lower_qdq
+from racc.cpu import this_cpu
 from racc.errors import ExportError
 from racc.ir.fx import normalize_inputs
 from racc.nn.quant import is_quantized
@@ -21,8 +22,9 @@ from racc.report import OutputError, output_step
 
 # ORT and torch kernels differ by rounding; compared against the output's largest value.
 ONNX_RTOL, ONNX_ATOL = 1e-4, 1e-4
-# int8 files against their fake-quant model: rounding flips propagate (see _compare_with_ort).
+# int8 files against their fake-quant model: rounding flips propagate (see _compare).
 QDQ_STEPS = 8
+Check = bool | Literal["graph"]
 
 
 def export_onnx(
@@ -30,9 +32,12 @@ def export_onnx(
     path: str | os.PathLike,
     example_inputs: Any = None,
     opset: int = 17,
-    check: bool = True,
+    check: Check = True,
 ) -> onnx.ModelProto:
     """Export `model` to ONNX at `path` and check ONNX Runtime agrees with torch on the inputs.
+
+    The file is written beside `path` and renamed to it only once checked: a failed export leaves
+    no file at `path` (and an earlier file there is kept).
 
     Args:
         model: a compiled model (its example inputs are used when none are given), any module,
@@ -40,41 +45,48 @@ def export_onnx(
         path: where to write the .onnx file.
         example_inputs: inputs to trace the export with and to compare outputs on.
         opset: ONNX opset, at least 17.
-        check: run onnx.checker and compare ONNX Runtime's outputs with torch's.
+        check: True: onnx.checker, ONNX Runtime's outputs against torch's, and for int8 every
+            planned QLinearConv fused; an int8 file whose integers this CPU's kernels do not
+            compute (a full-range file on a CPU that saturates) raises TargetError. "graph":
+            the same, but ONNX Runtime runs an int8 file without its integer kernels (Q/DQ
+            around float ops), which any CPU can check. False: no check.
+
+    Raises:
+        ExportError: the export failed or its check did (TargetError: this CPU cannot check it).
 
     Example:
         >>> racc.export_onnx(opt, "model.onnx")
     """
+    if check not in (True, False, "graph"):
+        raise ExportError(f"check must be True, False or 'graph', got {check!r}")
     proto = model if isinstance(model, onnx.ModelProto) else getattr(model, "model", None)
     if isinstance(proto, onnx.ModelProto):  # an ONNX model (what compile returns for ONNX input)
-        check_writable(path)
-        onnx.save(proto, os.fspath(path))
+        with written_aside(path) as aside:
+            onnx.save(proto, os.fspath(aside))
         return proto
     if example_inputs is None:
         example_inputs = getattr(model, "racc_example_inputs", None)
     inputs = normalize_inputs(example_inputs)
     if not isinstance(opset, int) or opset < 17:
         raise ExportError(f"opset must be an int >= 17, got {opset!r}")
-    check_writable(path)
     names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     model = model.eval()
     with torch.no_grad():
         expected = model(*inputs)
     outputs = [f"output{i}" for i in range(len(torch.utils._pytree.tree_leaves(expected)))]
-    torch_export(model, inputs, path, opset, names, outputs)
     quantized = is_quantized(model)
-    if quantized:
-        lower_qdq(path)
-    proto = onnx.load(os.fspath(path))
-    if check:
-        onnx.checker.check_model(proto, full_check=True)
-        _compare_with_ort(path, names, inputs, expected, quantized)
+    with written_aside(path) as aside:
+        torch_export(model, inputs, aside, opset, names, outputs, where=path)
         if quantized:
-            check_int8_kernels(path)
+            lower_qdq(aside)
+        proto = onnx.load(os.fspath(aside))
+        if check:
+            onnx.checker.check_model(proto, full_check=True)
+            check_onnx_outputs(proto, inputs, expected, quantized, check, where=f"'{path}'")
     return proto
 
 
-def torch_export(model, inputs, path, opset, names, outputs) -> None:
+def torch_export(model, inputs, path, opset, names, outputs, where=None) -> None:
     """The TorchScript exporter first (fast); the dynamo exporter for what it cannot express
     (e.g. adaptive pooling to a size that does not divide the input)."""
     axes = {n: {0: "batch"} for n in (*names, *outputs)}
@@ -100,31 +112,45 @@ def torch_export(model, inputs, path, opset, names, outputs) -> None:
                 )
     except OSError as e:
         raise ExportError(
-            f"cannot write '{path}': {e.strerror or e}; choose a writable path"
+            f"cannot write '{where or path}': {e.strerror or e}; choose a writable path"
         ) from e
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
 
 
 def check_onnx_outputs(
-    proto: onnx.ModelProto, inputs: tuple, expected: Any, quantized: bool = False
+    proto: onnx.ModelProto,
+    inputs: tuple,
+    expected: Any,
+    quantized: bool = False,
+    check: Check = True,
+    where: str = "the model",
 ) -> None:
     """Raise ExportError unless ONNX Runtime runs `proto` on `inputs` to `expected` (within float
-    rounding; for an int8 model, quantization steps, and every planned QLinearConv fused)."""
+    rounding; for an int8 model, quantization steps, and every planned QLinearConv fused). With
+    check=True an int8 model must compute its integers on this CPU (else TargetError); with
+    "graph" ONNX Runtime runs it without its integer kernels."""
+    kernels = check is True
+    if quantized and kernels:
+        check_target(proto, where)
     initializers = {t.name for t in proto.graph.initializer}
     names = [i.name for i in proto.graph.input if i.name not in initializers]
-    _compare_with_ort(proto.SerializeToString(), names, inputs, expected, quantized)
-    if quantized:
-        check_int8_kernels(proto)
-
-
-def _compare_with_ort(path, names, inputs, expected, quantized: bool) -> None:
-    """Raise ExportError unless ONNX Runtime on `path` (a file, or a model's bytes) gives
-    `expected` for `inputs`, within float rounding (or quantization steps for int8)."""
-    model = path if isinstance(path, bytes) else os.fspath(path)
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not kernels:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, inputs, strict=True)}
     got = [torch.from_numpy(np.asarray(y)) for y in session.run(None, feeds)]
+    _compare(expected, got, quantized, where)
+    if quantized:
+        check_int8_kernels(proto, where)
+
+
+def _compare(expected: Any, got: list[torch.Tensor], quantized: bool, where: str) -> None:
+    """Raise ExportError unless ONNX Runtime's outputs `got` are `expected`, within float rounding
+    (or quantization steps for int8)."""
     error = OutputError.between(expected, got)
     if quantized:
         # Each integer kernel lands within one step of fake-quant, but a value on a rounding
@@ -136,9 +162,14 @@ def _compare_with_ort(path, names, inputs, expected, quantized: bool) -> None:
     else:
         ok, allowed = error.within(ONNX_RTOL, ONNX_ATOL), "float rounding"
     if not ok:
+        cpu = (
+            f"; if the model's own ops run here at all differently (this CPU: {this_cpu()}), "
+            "export with check='graph' to check the graph without ONNX Runtime's integer kernels"
+            if quantized
+            else ""
+        )
         raise ExportError(
-            f"ONNX Runtime's outputs for {'the model' if isinstance(path, bytes) else repr(str(path))} "
-            f"differ from torch's by more than {allowed}: "
+            f"ONNX Runtime's outputs for {where} differ from torch's by more than {allowed}: "
             f"max abs error {error.max_abs:.3g} (outputs up to {error.scale:.3g}); the exported "
-            "graph is wrong"
+            f"graph is wrong: report this with the model{cpu}"
         )

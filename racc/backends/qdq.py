@@ -2,7 +2,7 @@
 
 torch.onnx writes a fake-quant model as float weights -> QuantizeLinear -> DequantizeLinear, with
 the weight scales and rounded biases as small constant subgraphs. This rewrite (onnx-graphsurgeon)
-makes the file what ONNX Runtime's QDQ fusions expect (../shared/ORT-INT8.md):
+makes the file what ONNX Runtime's QDQ fusions expect (docs/ort-int8.md):
 - constant subgraphs folded, except DequantizeLinear;
 - QuantizeLinear of a constant weight -> an int8 initializer (4x smaller) read by its DQ;
 - the float bias of a Conv/Gemm with quantized input and weight -> an int32 initializer with
@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from racc.errors import ExportError
+from racc.cpu import pairs_fit_int16, this_cpu
+from racc.errors import ExportError, TargetError
 from racc.nn.quant import clamp_absorbed
 
 _WEIGHTED = ("Conv", "Gemm", "MatMul")
@@ -164,6 +166,58 @@ def _where(model: str | os.PathLike | onnx.ModelProto) -> str:
     return "the model" if isinstance(model, onnx.ModelProto) else f"'{os.fspath(model)}'"
 
 
+def widest_weight_pair(proto: onnx.ModelProto) -> tuple[str, int]:
+    """The layer whose int8 weight has the two largest codes (in magnitude) adding up to the most,
+    and that sum: 255 times it bounds any pair of uint8 x int8 products a kernel adds."""
+    readers = {name: node for node in proto.graph.node for name in node.input}
+    widest = ("", 0)
+    for tensor in proto.graph.initializer:
+        if tensor.data_type != onnx.TensorProto.INT8 or len(tensor.dims) < 2:
+            continue  # weights only; zero points are scalars or vectors
+        layer = _layer_reading(tensor.name, readers)
+        if _depthwise(layer, tensor):
+            continue  # summed in 32 bits on every CPU
+        codes = np.abs(numpy_helper.to_array(tensor).astype(np.int32)).ravel()
+        pair = int(np.partition(codes, -2)[-2:].sum()) if codes.size > 1 else int(codes.sum())
+        name = layer.name if layer is not None and layer.name else tensor.name
+        widest = max(widest, (name, pair), key=lambda w: w[1])
+    return widest
+
+
+def _layer_reading(name: str, readers: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
+    """The node that reads a weight, through its DequantizeLinear."""
+    node = readers.get(name)
+    if node is not None and node.op_type == "DequantizeLinear":
+        node = readers.get(node.output[0], node)
+    return node
+
+
+def _depthwise(layer: onnx.NodeProto | None, weight: onnx.TensorProto) -> bool:
+    """A Conv with one input and one output channel per group (MLAS's depthwise kernel)."""
+    if layer is None or layer.op_type != "Conv":
+        return False
+    group = next((a.i for a in layer.attribute if a.name == "group"), 1)
+    return weight.dims[1] == 1 and group == weight.dims[0]
+
+
+def check_target(proto: onnx.ModelProto, where: str = "the model") -> None:
+    """Raise TargetError if this CPU's int8 kernels compute other integers than the file's: its
+    weight codes let a pair of products leave 16 bits, and this CPU saturates such pairs."""
+    name, pair = widest_weight_pair(proto)
+    cpu = this_cpu()
+    if pairs_fit_int16(pair) or not cpu.saturates:
+        return
+    raise TargetError(
+        f"{where}: the int8 weights of '{name}' have two codes adding up to {pair}, so a pair of products "
+        f"reaches 255 * {pair} > 32767; only CPUs that sum int8 products in 32 bits compute such a "
+        f"file exactly (int8 target x86-vnni), and this one saturates the sum: {cpu}. ONNX "
+        "Runtime here computes other integers, so the file cannot be checked here. Compile with "
+        "int8{target=portable} (7-bit weights: the same integers on every CPU), export on a CPU "
+        "with AVX-512 VNNI, AVX-VNNI, AMX or ARM64, or export with check='graph' (racc compile "
+        "--check graph) to check it without the integer kernels"
+    )
+
+
 def ort_optimized_ops(model: str | os.PathLike | onnx.ModelProto) -> Counter:
     """Op types in the graph ONNX Runtime's CPU provider runs after its fusions."""
     return Counter(n.op_type for n in _optimized_nodes(model))
@@ -184,7 +238,7 @@ def _optimized_nodes(model: str | os.PathLike | onnx.ModelProto) -> list[onnx.No
         return list(onnx.load(str(optimized)).graph.node)
 
 
-def check_int8_kernels(model: str | os.PathLike | onnx.ModelProto) -> None:
+def check_int8_kernels(model: str | os.PathLike | onnx.ModelProto, where: str = "") -> None:
     """Raise if a Conv with quantized input and weight did not become a QLinearConv in ORT."""
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
     graph = gs.import_onnx(proto)
@@ -198,7 +252,7 @@ def check_int8_kernels(model: str | os.PathLike | onnx.ModelProto) -> None:
     if fused < planned:
         floats = ", ".join(n.name for n in nodes if n.op_type in ("Conv", "FusedConv"))
         raise ExportError(
-            f"{_where(model)}: {planned} Convs have int8 inputs and weights but ONNX Runtime fused only "
+            f"{where or _where(model)}: {planned} Convs have int8 inputs and weights but ONNX Runtime fused only "
             f"{fused} into QLinearConv; still float in its optimized graph: {floats}. Those "
             "Convs would run in float: report this with the model; export with check=False to "
             "write the file anyway"

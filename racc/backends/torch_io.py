@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from racc.backends.files import check_writable
+from racc.backends.files import check_writable, written_aside
 from racc.errors import ExportError
 from racc.ir.fx import trace
 
@@ -24,6 +24,7 @@ _IMPORTABLE = ("torch.", "torchvision.", "racc.")
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Save a compiled (or any traceable) model to `path`; `racc.load` restores it anywhere.
+    A failed save leaves no file at `path`.
 
     Example:
         >>> racc.save(opt, "model.racc")
@@ -40,7 +41,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             )
     payload = {"format": FORMAT, "version": VERSION, "module": gm}
     try:
-        torch.save(payload, path)
+        with written_aside(path) as aside:  # a failed save leaves no half-written file
+            torch.save(payload, aside)
     except OSError as e:
         raise ExportError(
             f"cannot write '{path}': {e.strerror or e}; choose a writable path"

@@ -31,3 +31,8 @@ BINARY_FUNCTIONS: tuple = (
 
 CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A conv with one input and one output channel per group."""
+    return isinstance(module, CONVS) and module.in_channels == module.out_channels == module.groups

@@ -6,10 +6,11 @@ arithmetic instead (racc.nn.ort_int8), which rounds where the kernels round.
 - `FakeQuant`: per-tensor affine quantize -> dequantize of an activation (QuantizeLinear then
   DequantizeLinear in ONNX). Gradients pass straight through inside the range, so the model
   fine-tunes (QAT).
-- `QuantizedLayer`: a conv or linear whose weight is quantized to symmetric int8 (per output
-  channel or per tensor) and whose bias is rounded to the int32 grid of input_scale * weight_scale,
-  which is how QLinearConv / QGemm add it. The float weight stays a trainable Parameter; its
-  scale follows it.
+- `QuantizedLayer`: a conv or linear whose weight is quantized to symmetric int8 codes within
+  +-weight_max (per output channel or per tensor) and whose bias is rounded to the int32 grid of
+  input_scale * weight_scale, which is how QLinearConv / QGemm add it. The float weight stays a
+  trainable Parameter; its scale follows it. weight_max is the deploy target's (racc.cpu): 63 for
+  `portable`, where no pair of uint8 x int8 products can saturate 16 bits, 127 for full range.
 - `DynamicQuantLinear`: a linear with int8 weights stored as int8, its input quantized per call
   from its own range (DynamicQuantizeLinear + MatMulInteger in ONNX). For inference.
 
@@ -22,8 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from racc.cpu import TARGETS
+
 RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
-WEIGHT_RANGE = (-128, 127)  # symmetric: scales use 127, so -128 is never produced
+# The codes fake-quant may produce (what ONNX's int8 holds); a symmetric scale of
+# max|w| / weight_max keeps them within +-weight_max, so -128 is never produced.
+WEIGHT_RANGE = (-128, 127)
+PORTABLE_WEIGHT_MAX = TARGETS["portable"].weight_max
 _INT32_MAX = 2**31 - 1
 
 
@@ -64,31 +70,45 @@ class FakeQuant(nn.Module):
         return f"{self.dtype}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
 
 
-def weight_scale(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """Symmetric int8 scale of each output channel (axis 0), or one for the whole tensor; an
-    all-zero channel gets scale 1 (any scale stores its zeros exactly)."""
+def weight_scale(
+    weight: torch.Tensor, per_channel: bool, weight_max: int = PORTABLE_WEIGHT_MAX
+) -> torch.Tensor:
+    """Symmetric scale of each output channel (axis 0), or one for the whole tensor, that maps
+    max|w| to the code weight_max; an all-zero channel gets scale 1 (any scale stores its zeros
+    exactly)."""
     w = weight.detach().abs()
     amax = w.reshape(w.shape[0] if per_channel else 1, -1).amax(dim=1)
-    return torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return torch.where(amax > 0, amax / weight_max, torch.ones_like(amax))
 
 
 class QuantizedLayer(nn.Module):
     """A conv (1d/2d/3d) or linear computing with int8 weights and an int32-grid bias.
 
     `input_scale` is the scale of the FakeQuant in front of the layer: the bias is rounded to
-    multiples of input_scale * weight_scale, as the integer kernel adds it.
+    multiples of input_scale * weight_scale, as the integer kernel adds it. Weight codes lie
+    within +-weight_max.
     """
 
-    def __init__(self, layer: nn.Module, input_scale: float, per_channel: bool = True):
+    weight_max: int = 127  # what files saved before deploy targets existed used
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        input_scale: float,
+        per_channel: bool = True,
+        weight_max: int = PORTABLE_WEIGHT_MAX,
+    ):
         super().__init__()
         self.layer = layer
         self.per_channel = per_channel
+        self.weight_max = weight_max
         self.register_buffer("input_scale", torch.tensor(input_scale, dtype=torch.float32))
 
     def weight_scale(self) -> torch.Tensor:
         """The weight's int8 scale, widened where the bias would not fit int32 at
         input_scale * scale."""
-        scale, bias = weight_scale(self.layer.weight, self.per_channel), self.layer.bias
+        scale = weight_scale(self.layer.weight, self.per_channel, self.weight_max)
+        bias = self.layer.bias
         if bias is None:
             return scale
         need = bias.detach().abs() / (self.input_scale * _INT32_MAX)
@@ -127,7 +147,8 @@ class QuantizedLayer(nn.Module):
         return self.apply_layer(x, self.quantized_weight(), self.quantized_bias())
 
     def extra_repr(self) -> str:
-        return f"int8 weights {'per channel' if self.per_channel else 'per tensor'}"
+        per = "per channel" if self.per_channel else "per tensor"
+        return f"int8 weights within +-{self.weight_max}, {per}"
 
 
 class _DynamicLinear(torch.autograd.Function):
@@ -156,10 +177,12 @@ def dynamic_linear(x, qweight_t, scale, bias):
 class DynamicQuantLinear(nn.Module):
     """nn.Linear with int8 weights (stored as int8) and run-time uint8 quantization of its input."""
 
-    def __init__(self, linear: nn.Linear, per_channel: bool = True):
+    def __init__(
+        self, linear: nn.Linear, per_channel: bool = True, weight_max: int = PORTABLE_WEIGHT_MAX
+    ):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        scale = weight_scale(linear.weight, per_channel)
+        scale = weight_scale(linear.weight, per_channel, weight_max)
         shaped = scale[:, None] if per_channel else scale
         qweight = torch.round(linear.weight.detach() / shaped).clamp(*WEIGHT_RANGE)
         # int8 Parameters cannot train; they count as parameters and store one byte each

@@ -6,12 +6,17 @@ minimises the expected squared error). Weights are symmetric int8, s_w = max|w| 
 channel; a bias is rounded to int32 multiples of s_x * s_w, as the integer kernel adds it. BN is
 folded into the convs first.
 
-Placement follows what ONNX Runtime's CPU provider fuses (../shared/ORT-INT8.md): uint8
-activations on x86 (its fast u8s8 path); one quantizer on every conv output, after a ReLU/ReLU6
+Placement follows what ONNX Runtime's CPU provider fuses (docs/ort-int8.md): uint8 activations
+(its fast u8s8 path); one quantizer on every conv output, after a ReLU/ReLU6
 that follows it (the clamp is then the quantizer's own range); quantized inputs and output for
 Add, Mul, Concat, Sigmoid and average pools (QLinear ops); MaxPool, Flatten and reshapes reuse
 their input's parameters so they run on uint8. Everything else stays float between a
 DequantizeLinear and a QuantizeLinear. SiLU is written as x * sigmoid(x) so both halves run int8.
+
+Weight codes lie within +-64 for the `portable` target (no pair of uint8 x int8 products can
+saturate the 16-bit sums of ONNX Runtime's AVX2 kernels, so every CPU computes the same integers)
+or +-127 for `x86-vnni` (CPUs that sum in 32 bits); depthwise convs, which no CPU sums in pairs,
+keep +-127 under both (racc.cpu).
 
 Dynamic mode quantizes only Linear weights (int8, stored as int8) and each Linear's input per call
 from its own range, as ONNX Runtime's DynamicQuantizeMatMul does: for Linear-heavy nets.
@@ -26,7 +31,6 @@ from __future__ import annotations
 import copy
 import math
 import operator
-import platform
 from collections.abc import Callable, Iterable
 from dataclasses import field
 from fnmatch import fnmatchcase
@@ -38,9 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from racc.errors import InputError, PassConfigError
+from racc.cpu import TARGETS, this_cpu
+from racc.errors import BudgetError, InputError, PassConfigError
 from racc.ir.fx import TensorSpec, module_call_counts, node_values, record_examples
-from racc.ir.ops import CONVS
+from racc.ir.ops import CONVS, is_depthwise
 from racc.nn.ort_int8 import QuantizedGraphModule
 from racc.nn.quant import (
     RANGES,
@@ -101,13 +106,18 @@ class QuantizeInt8(Pass):
         method: activation ranges from `minmax`, the `percentile` (0.01% .. 99.99%), or `mse`
             (the clipped range with the least expected squared quantization error).
         per_channel: one weight scale per output channel (default) or one per tensor.
-        activations: `auto` (uint8 on x86, where ONNX Runtime's fast kernels are u8s8; int8
-            elsewhere), `uint8` or `int8`.
+        target: where the file runs. `portable` (7-bit weight codes: the same integers on every
+            CPU) or `x86-vnni` (full 8-bit weights: exact only where int8 products are summed
+            in 32 bits, i.e. x86 with VNNI or AMX, and ARM64; AVX2-only CPUs saturate).
+        activations: `auto` (uint8: ONNX Runtime's fast u8s8 kernels), `uint8` or `int8`.
         mode: `static` (weights and activations) or `dynamic` (Linear weights only; activations
             quantized at run time).
         skip: module or node name patterns (fnmatch) kept in fp32.
         error_budget: largest relative L2 error of the outputs vs fp32 on the calibration data;
             the layers with the lowest SQNR fall back to fp32, one at a time, until it holds.
+            A budget that holds only with every layer fp32, or not at all, is a BudgetError.
+        allow_unmet_budget: keep the closest result instead of raising when the budget cannot
+            be met (the report says what was reached).
 
     Example:
         >>> opt = racc.compile(model, [QuantizeInt8(calibration=batches)], example_inputs=(x,))
@@ -119,10 +129,12 @@ class QuantizeInt8(Pass):
     calibration: Iterable | None = field(default=None, repr=False)
     method: Literal["minmax", "percentile", "mse"] = "minmax"
     per_channel: bool = True
+    target: Literal["portable", "x86-vnni"] = "portable"
     activations: Literal["auto", "uint8", "int8"] = "auto"
     mode: Literal["static", "dynamic"] = "static"
     skip: tuple[str, ...] = ()
     error_budget: float | None = None
+    allow_unmet_budget: bool = False
 
     def validate(self) -> None:
         if self.error_budget is not None and not 0 < self.error_budget:
@@ -138,9 +150,13 @@ class QuantizeInt8(Pass):
 
     @property
     def dtype(self) -> str:
-        if self.activations != "auto":
-            return self.activations
-        return "uint8" if platform.machine().lower() in ("x86_64", "amd64", "i686") else "int8"
+        """The activations' type; never the compiling machine's choice, since the file is
+        deployed elsewhere."""
+        return "uint8" if self.activations == "auto" else self.activations
+
+    def weight_max(self, layer: nn.Module) -> int:
+        """The bound of `layer`'s weight codes under this pass's target."""
+        return TARGETS[self.target].weight_max_for(is_depthwise(layer))
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         batches = self._batches(ctx)
@@ -152,20 +168,20 @@ class QuantizeInt8(Pass):
         quantizer = (_Static if self.mode == "static" else _Dynamic)(self, gm, batches)
         result = PassResult(gm, modified=True, skipped=quantizer.skipped + _rac_blocks(gm))
         enabled, why = quantizer.within_budget(self.error_budget)
-        built = quantizer.build(enabled)
-        if self.mode == "static":  # eval mode computes ONNX Runtime's integer kernels exactly
-            built = QuantizedGraphModule(built, built.graph, type(built).__name__)
-        result.gm = built
+        result.gm = quantizer.build(enabled)
         result.matched = [quantizer.label(u) for u in enabled]
         result.skipped += [Skip(u, f"kept fp32: {reason}") for u, reason in why.items()]
         result.table = quantizer.table(enabled, why)
         error = quantizer.output_error(result.gm)
+        if self.error_budget is not None:
+            self._check_budget(quantizer, enabled, error)
         before, after = deployed_bytes(gm), deployed_bytes(result.gm)
         result.notes = [
             f"mode {self.mode}"
             + (f", activations {self.dtype} ({self.method})" if self.mode == "static" else "")
             + f", weights int8 {'per channel' if self.per_channel else 'per tensor'}; "
             f"{len(folded.matched)} BNs folded first",
+            *self._target_notes(),
             f"{len(enabled)} of {len(quantizer.units)} layers int8; weights and biases "
             f"{mib(before)} -> {mib(after)} as deployed ({before / after:.2f}x smaller)",
             f"outputs vs fp32 on {_measured_on(batches, ctx)}: max abs "
@@ -173,13 +189,51 @@ class QuantizeInt8(Pass):
             f"cosine {error.cosine:.5f}",
         ]
         if self.error_budget is not None:
-            met = "met" if error.rel_l2 <= self.error_budget else "NOT met even so"
+            met = (
+                "met"
+                if _budget_met(self.error_budget, quantizer, enabled, error)
+                else "NOT met (allowed)"
+            )
             names = ", ".join(quantizer.label(u) for u, r in why.items() if r == "error budget")
             names = names or "none"
             result.notes.append(
                 f"error budget rel L2 <= {self.error_budget:g} {met}; fell back to fp32: {names}"
             )
         return result
+
+    def _target_notes(self) -> list[str]:
+        target, cpu = TARGETS[self.target], this_cpu()
+        notes = [f"target {target.name}: the file computes the same integers on {target.exact_on}"]
+        if target.exact_here(cpu):
+            notes.append(f"this CPU computes them too: {cpu}")
+            if cpu.saturates:
+                notes[-1] += ", a limit no pair of this file's products can reach"
+        else:
+            notes.append(
+                f"NOT checkable here: {cpu}, so ONNX Runtime on this CPU computes other integers "
+                f"for this file; eval mode computes the target's; export it on a CPU of the "
+                "target, or compile for target=portable"
+            )
+        return notes
+
+    def _check_budget(self, quantizer: _Quantizer, enabled: list[str], error: OutputError):
+        """Raise BudgetError unless the budget holds with some layer int8 (or it may be unmet)."""
+        if self.allow_unmet_budget or _budget_met(self.error_budget, quantizer, enabled, error):
+            return
+        first = quantizer.budget_trail[0] if quantizer.budget_trail else error.rel_l2
+        reached = (
+            "it holds only with every layer fp32"
+            if error.rel_l2 <= self.error_budget
+            else f"with {len(quantizer.units) - len(enabled)} most sensitive layers fp32 the "
+            f"error is still {error.rel_l2:.3g}"
+        )
+        raise BudgetError(
+            f"pass 'int8': option 'error_budget' {self.error_budget:g} (relative L2 error vs fp32 "
+            f"on {len(quantizer.batches)} calibration batches) cannot be met: with all "
+            f"{len(quantizer.units)} layers int8 the error is {first:.3g}, and {reached}. Raise "
+            "error_budget, calibrate on more real data or with method=mse|percentile, or set "
+            "allow_unmet_budget=true to keep the closest result"
+        )
 
     def _batches(self, ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
         source = self.calibration if self.calibration is not None else ctx.calibration
@@ -231,6 +285,11 @@ def calibration_batches(source: Any, examples: tuple[torch.Tensor, ...]) -> list
             "calibration is empty: it yielded no batches; pass at least one batch of real inputs"
         )
     return batches
+
+
+def _budget_met(budget: float, quantizer: _Quantizer, enabled: list[str], error) -> bool:
+    """The error is within budget, with some layer int8 where there is one to quantize."""
+    return (bool(enabled) or not quantizer.units) and error.rel_l2 <= budget
 
 
 def _measured_on(batches: list[tuple], ctx: PassContext) -> str:
@@ -329,6 +388,7 @@ class _Quantizer:
         with torch.no_grad():
             self.reference = [gm(*b) for b in batches]
         self.sqnr: dict[str, float] = {}
+        self.budget_trail: list[float] = []  # the error after each step of the budget search
 
     def candidate(self, node: fx.Node) -> bool:
         raise NotImplementedError
@@ -369,7 +429,8 @@ class _Quantizer:
         wanted = list(self.units)
         order = sorted(wanted, key=lambda u: self.sqnr[u])
         while budget is not None and order:
-            if self.output_error(self.build(self.effective(wanted))).rel_l2 <= budget:
+            self.budget_trail.append(self.output_error(self.build(self.effective(wanted))).rel_l2)
+            if self.budget_trail[-1] <= budget:
                 break
             wanted.remove(order.pop(0))
         enabled = self.effective(wanted)
@@ -433,7 +494,8 @@ class _Static(_Quantizer):
         self.kinds = {n.name: _kind(gm, n) for n in gm.graph.nodes}
         self.fused = self._fused_clamps()
         self.full_plan = self.plan(self.units)
-        self.qparams = self._calibrate(set(self.full_plan.values()))
+        self.qparams: dict[str, tuple[float, int]] = {}
+        self.calibrated(set(self.full_plan.values()))
 
     def candidate(self, node: fx.Node) -> bool:
         return _kind(self.gm, node) == "weighted"
@@ -459,16 +521,29 @@ class _Static(_Quantizer):
                     kept.discard(node.name)
         return [u for u in enabled if u in kept]
 
-    def _active(self, node: fx.Node, enabled: set[str], fp32: set[str]) -> bool:
-        """Whether `node` runs as an integer kernel; ops reading an fp32 layer stay float."""
-        kind = self.kinds[node.name]
-        if kind == "weighted":
-            return node.name in enabled
-        if kind == "int8" or (kind == "clamp" and node.name not in self.fused):
-            return not any(fnmatchcase(node.name, p) for p in self.options.skip) and not any(
-                a.name in fp32 for a in _tensor_args(node)
-            )
-        return False
+    def _activity(self, enabled: set[str]) -> tuple[set[str], set[str]]:
+        """(active, fp32): the nodes that run as integer kernels, and the values that stay float
+        because an fp32 layer computes them, or an op that reads such a value and so cannot run
+        int8 either (through clamps and reshapes, to any depth: no int8 island between fp32
+        layers)."""
+        active: set[str] = set()
+        fp32: set[str] = set()
+        for node in self.gm.graph.nodes:
+            name, kind = node.name, self.kinds[node.name]
+            reads_fp32 = any(a.name in fp32 for a in _tensor_args(node))
+            if kind == "weighted":
+                (active if name in enabled else fp32).add(name)
+            elif name in self.fused:
+                if self.fused[name] in fp32:
+                    fp32.add(name)
+            elif kind in ("int8", "clamp"):
+                if reads_fp32:
+                    fp32.add(name)
+                elif not any(fnmatchcase(name, p) for p in self.options.skip):
+                    active.add(name)
+            elif kind == "pass" and reads_fp32:
+                fp32.add(name)
+        return active, fp32
 
     def plan(self, enabled: list[str]) -> dict[str, str]:
         """Node outputs that get a FakeQuant -> the node whose scale and zero point they use.
@@ -477,10 +552,7 @@ class _Static(_Quantizer):
         any; a Linear feeding only the graph output stays float) or reads it; MaxPool, Flatten
         and reshapes of a quantized tensor reuse its parameters.
         """
-        enabled = set(enabled)
-        fp32 = {n for n, kind in self.kinds.items() if kind == "weighted" and n not in enabled}
-        fp32 |= {clamp for clamp, source in self.fused.items() if source in fp32}
-        active = {n.name for n in self.gm.graph.nodes if self._active(n, enabled, fp32)}
+        active, _ = self._activity(set(enabled))
         read = set()
         for name in active:
             args = _tensor_args(self.nodes[name])
@@ -498,6 +570,14 @@ class _Static(_Quantizer):
             elif name in read:
                 plan[name] = name
         return plan
+
+    def calibrated(self, names: Iterable[str]) -> dict[str, tuple[float, int]]:
+        """Activation (scale, zero point) of each node in `names`, calibrating those not yet
+        calibrated (a plan with layers in fp32 quantizes tensors the full plan does not)."""
+        missing = set(names) - set(self.qparams)
+        if missing:
+            self.qparams.update(self._calibrate(missing))
+        return self.qparams
 
     def _calibrate(self, names: set[str]) -> dict[str, tuple[float, int]]:
         """Activation (scale, zero point) per quantized node, by the chosen method."""
@@ -535,26 +615,25 @@ class _Static(_Quantizer):
 
     def build(self, enabled: list[str]) -> fx.GraphModule:
         gm, plan = copy.deepcopy(self.gm), self.plan(enabled)
+        qparams = self.calibrated(plan.values())
         nodes = {n.name: n for n in gm.graph.nodes}
         for name in enabled:
             node = nodes[name]
-            scale = self.qparams[plan[node.args[0].name]][0]
-            gm.set_submodule(
-                node.target,
-                QuantizedLayer(gm.get_submodule(node.target), scale, self.options.per_channel),
-            )
+            scale = qparams[plan[node.args[0].name]][0]
+            gm.set_submodule(node.target, self._layer(gm.get_submodule(node.target), scale))
         last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
         for name, source in plan.items():
             node = nodes[name]
-            scale, zero = self.qparams[source]
+            scale, zero = qparams[source]
             target = f"{name}_q"
             gm.add_submodule(target, FakeQuant(scale, zero, self.options.dtype))
             with gm.graph.inserting_after(last_input if node.op == "placeholder" else node):
                 fq = gm.graph.call_module(target, (node,))
             node.replace_all_uses_with(fq, delete_user_cb=lambda user, fq=fq: user is not fq)
         gm.graph.lint()
-        gm.recompile()
-        return gm
+        # in eval mode it computes ONNX Runtime's integer kernels exactly: what the error budget
+        # and the report measure is what the file computes
+        return QuantizedGraphModule(gm, gm.graph, type(gm).__name__)
 
     def alone(self, unit: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         node = self.nodes[unit]
@@ -565,13 +644,15 @@ class _Static(_Quantizer):
         out = plan.get(clamp.name if clamp is not None else unit)
         after = _callable(self.gm, clamp) if clamp is not None else (lambda y: y)
         reference = after(layer(x))
-        y = QuantizedLayer(layer, in_scale, self.options.per_channel)(
-            FakeQuant(in_scale, in_zero, self.options.dtype)(x)
-        )
+        y = self._layer(layer, in_scale)(FakeQuant(in_scale, in_zero, self.options.dtype)(x))
         y = after(y)
         if out is not None:
             y = FakeQuant(*self.qparams[out], self.options.dtype)(y)
         return reference, y
+
+    def _layer(self, layer: nn.Module, input_scale: float) -> QuantizedLayer:
+        options = self.options
+        return QuantizedLayer(layer, input_scale, options.per_channel, options.weight_max(layer))
 
 
 def _linear_to_output(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -626,12 +707,13 @@ class _Dynamic(_Quantizer):
         gm = copy.deepcopy(self.gm)
         for name in enabled:
             target = self.nodes[name].target
-            gm.set_submodule(
-                target, DynamicQuantLinear(gm.get_submodule(target), self.options.per_channel)
-            )
+            gm.set_submodule(target, self._layer(gm.get_submodule(target)))
         gm.recompile()
         return gm
 
     def alone(self, unit: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.gm.get_submodule(self.nodes[unit].target)
-        return layer(x), DynamicQuantLinear(layer, self.options.per_channel)(x)
+        return layer(x), self._layer(layer)(x)
+
+    def _layer(self, linear: nn.Linear) -> DynamicQuantLinear:
+        return DynamicQuantLinear(linear, self.options.per_channel, self.options.weight_max(linear))

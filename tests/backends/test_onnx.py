@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
 import racc
+import racc.backends.onnx
 from racc.errors import ExportError, InputError
 from tests.conftest import assert_close, zoo_model
 
@@ -33,3 +35,27 @@ def test_export_errors_name_the_problem(tmp_path):
         racc.export_onnx(model, tmp_path / "m.onnx")
     with pytest.raises(ExportError, match="cannot write"):
         racc.export_onnx(model, tmp_path / "missing" / "m.onnx", example_inputs=(x,))
+
+
+def test_a_failed_check_leaves_no_file_and_keeps_an_earlier_one(tmp_path, monkeypatch):
+    model, x = zoo_model("resnet18")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"an earlier file")
+
+    def wrong(*args):
+        raise ExportError("ONNX Runtime's outputs differ (a stand-in for a broken graph)")
+
+    monkeypatch.setattr(racc.backends.onnx, "_compare", wrong)
+    with pytest.raises(ExportError, match="a stand-in"):
+        racc.export_onnx(model, path, example_inputs=(x,))
+    assert path.read_bytes() == b"an earlier file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # nothing left aside
+    monkeypatch.undo()
+    racc.export_onnx(model, path, example_inputs=(x,))
+    assert onnx.load(path).graph.node  # the checked file replaced the earlier one
+
+
+def test_check_must_be_true_false_or_graph(tmp_path):
+    model, x = zoo_model("resnet18")
+    with pytest.raises(ExportError, match="check must be True, False or 'graph', got 'full'"):
+        racc.export_onnx(model, tmp_path / "m.onnx", example_inputs=(x,), check="full")

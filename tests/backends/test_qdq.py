@@ -11,16 +11,20 @@ from onnx import numpy_helper
 from torch import nn
 
 import racc
+from racc.cpu import TARGETS
 from racc.nn import QuantizedLayer
 from racc.passes import QuantizeInt8
+from tests.conftest import checkable
 
 
-def _tie_weight() -> torch.Tensor:
-    """A conv weight with a value whose x / s and float32 x * (1 / s) round to different integers."""
+def _tie_weight(weight_max: int) -> torch.Tensor:
+    """A conv weight with a value whose x / s and float32 x * (1 / s) round to different integers
+    at the scale max|w| / weight_max."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(1, 64, 1, 1, generator=generator)
-    scale = np.float32(weight.abs().max()) / np.float32(127)
-    candidates = (torch.randint(-126, 126, (100_000,), generator=generator) + 0.5) * scale
+    scale = np.float32(weight.abs().max()) / np.float32(weight_max)
+    codes = torch.randint(1 - weight_max, weight_max - 1, (100_000,), generator=generator)
+    candidates = (codes + 0.5) * scale
     values = candidates.float().numpy()
     by_division = np.rint(values.astype(np.float64) / np.float64(scale))
     by_reciprocal = np.rint(values * (np.float32(1) / scale))
@@ -29,13 +33,16 @@ def _tie_weight() -> torch.Tensor:
     return weight
 
 
-def test_int8_weights_are_the_integers_torch_fake_quant_rounds_to(tmp_path):
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_int8_weights_are_the_integers_torch_fake_quant_rounds_to(tmp_path, target):
     model = nn.Sequential(nn.Conv2d(64, 1, 1)).eval()
     with torch.no_grad():
-        model[0].weight.copy_(_tie_weight())
+        model[0].weight.copy_(_tie_weight(TARGETS[target].weight_max))
     x = torch.randn(2, 64, 4, 4)
-    opt = racc.compile(model, "int8", (x,), calibration=[torch.randn(4, 64, 4, 4)])
-    racc.export_onnx(opt, tmp_path / "m.onnx")
+    opt = racc.compile(
+        model, f"int8{{target={target}}}", (x,), calibration=[torch.randn(4, 64, 4, 4)]
+    )
+    racc.export_onnx(opt, tmp_path / "m.onnx", check=checkable(target))
     layer = next(m for m in opt.modules() if isinstance(m, QuantizedLayer))
     expected = layer.integers()[0].to(torch.int8).numpy()
     stored = [

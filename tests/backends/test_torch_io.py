@@ -80,3 +80,19 @@ def test_unwritable_path_is_a_clear_error(tmp_path):
     opt, _ = _compiled_resnet(tmp_path)
     with pytest.raises(ExportError, match="cannot write .*choose a writable path"):
         racc.save(opt, tmp_path / "no" / "such" / "dir" / "m.racc")
+
+
+def test_a_save_that_fails_half_way_leaves_no_file(tmp_path, monkeypatch):
+    model, x = zoo_model("resnet18")
+    opt = racc.compile(model, "fold-bn", (x,))
+    path = tmp_path / "m.racc"
+
+    def half_then_full_disk(payload, target):
+        with open(target, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_then_full_disk)
+    with pytest.raises(ExportError, match="cannot write .*No space left on device"):
+        racc.save(opt, path)
+    assert list(tmp_path.iterdir()) == []

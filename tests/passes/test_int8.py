@@ -15,11 +15,12 @@ from torch import nn
 import racc
 from racc.backends.onnx import QDQ_STEPS, output_step
 from racc.backends.qdq import ort_optimized_ops
-from racc.errors import InputError, PassConfigError
+from racc.errors import BudgetError, InputError, PassConfigError
 from racc.nn import DynamicQuantLinear, FakeQuant, QuantizedLayer
 from racc.nn.ort_int8 import QuantizedGraphModule
 from racc.passes import QuantizeInt8
 from racc.report import OutputError
+from racc.zoo import warm_up_bn
 from tests.conftest import ZOO, zoo_model
 
 
@@ -163,6 +164,57 @@ def test_error_budget_falls_back_the_most_sensitive_layers_until_it_holds():
     for name in fallen:
         assert type(opt.get_submodule(name)) in (nn.Conv2d, nn.Linear)
     assert any("budget" in note and " met" in note for note in opt.racc_report.rows[-1].notes)
+
+
+def _small_resnet18() -> nn.Module:
+    """A torchvision-style resnet18 for 10 classes, at 32x32: conv1 feeds the max-pool."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():  # one outlier per conv1 channel: its weights lose the most to int8
+        model.conv1.weight[:, 0, 3, 3] *= 40
+    return warm_up_bn(model, 32)
+
+
+def test_a_layer_that_falls_back_before_a_pool_gets_the_pools_own_quantizer():
+    model, calibration = _small_resnet18(), _batches(32, count=3)
+    x = calibration[0][:2]
+    full = _calibration_error(
+        model, racc.compile(model, "int8", (x,), calibration=calibration), calibration
+    )
+    # conv1 in fp32: the max-pool after it, read by int8 layer1, needs a quantizer of its own,
+    # which the all-int8 plan (where the pool reuses conv1's) never calibrated
+    alone = racc.compile(model, "int8{skip=conv1}", (x,), calibration=calibration)
+    without_conv1 = _calibration_error(model, alone, calibration)
+    assert without_conv1 < full
+    budget = without_conv1 * 1.001
+    opt = racc.compile(model, [QuantizeInt8(error_budget=budget)], (x,), calibration=calibration)
+    table = {row["layer"]: row for row in opt.racc_report.rows[-1].table}
+    assert table["conv1"]["why fp32"] == "error budget"
+    assert [r for r in table.values() if r["runs"] == "fp32"] == [table["conv1"]]
+    assert _calibration_error(model, opt, calibration) <= budget
+    assert "maxpool_q" in dict(opt.named_modules())  # the pool's own quantizer
+
+
+def test_an_unmet_error_budget_is_an_error_that_says_what_was_reached():
+    model, calibration = _small_resnet18(), _batches(32, count=3)
+    x = calibration[0][:2]
+    with pytest.raises(BudgetError) as e:
+        racc.compile(model, "int8{error_budget=1e-9}", (x,), calibration=calibration)
+    message = str(e.value)
+    assert "error_budget' 1e-09" in message and "with all 21 layers int8 the error is" in message
+    assert "holds only with every layer fp32" in message  # no int8 island is left behind
+    for fix in ("Raise error_budget", "method=mse", "allow_unmet_budget=true"):
+        assert fix in message
+    opt = racc.compile(
+        model, "int8{error_budget=1e-9,allow_unmet_budget=true}", (x,), calibration=calibration
+    )
+    notes = " ".join(opt.racc_report.rows[-1].notes)
+    assert "0 of 21 layers int8" in notes and "NOT met (allowed)" in notes
+    # every layer fell back, and nothing else is quantized either: the BN-folded float model
+    assert not any(isinstance(m, (FakeQuant, QuantizedLayer)) for m in opt.modules())
+    with torch.no_grad():
+        assert OutputError.between(model(x), opt(x)).exact
 
 
 def _calibration_error(model, opt, batches) -> float:
