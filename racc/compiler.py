@@ -95,13 +95,13 @@ def _compile_module(
         PassRow("input", "-", [], [], None, cost, seconds, blocks=block_params(gm, grid))
     )
     done: list[str] = []
+    probes = probe_inputs(gm, inputs)  # what an `exact` claim is checked on besides the example
     bar = tqdm(pipeline, desc="racc compile", unit="pass", disable=not progress, leave=False)
     for p in bar:
         bar.set_postfix_str(str(p))
         # Order matters: each pass sees the graph the previous one left, and is checked against it.
-        gm, outputs = _run_verified(
-            p, gm, outputs, PassContext(inputs, explain, list(done), calibration), report, grid
-        )
+        ctx = PassContext(inputs, explain, list(done), calibration)
+        gm, outputs = _run_verified(p, gm, outputs, ctx, report, grid, probes)
         if after_pass is not None:
             after_pass(p, gm, outputs)
         done.append(str(p))
@@ -158,8 +158,45 @@ def _compile_onnx(source, pipeline, example_inputs, explain, calibration, progre
     return CompiledOnnx(lowered[-1].proto, report)
 
 
+def probe_inputs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> list[tuple[str, tuple]]:
+    """Inputs besides the example that an `exact` pass must be exact on: a second batch (two more
+    samples, drawn like the example's values), and a second size (8 more along every spatial axis)
+    where the model takes one. A claim checked on the example alone can hold by accident: a
+    channel read after global pooling looks constant in a batch of 1, a border effect vanishes at
+    one size."""
+    if not all(x.is_floating_point() and x.dim() >= 2 for x in inputs):
+        return []
+    generator = torch.Generator().manual_seed(0)
+
+    def like(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        spread = float(x.std()) if x.numel() > 1 and float(x.std()) > 0 else 1.0
+        return (float(x.mean()) + spread * torch.randn(shape, generator=generator)).to(x.dtype)
+
+    batch = tuple(like(x, (x.shape[0] + 2, *x.shape[1:])) for x in inputs)
+    candidates = [(f"a second batch of {len(batch[0])}", batch)]
+    if all(x.dim() >= 3 for x in inputs):
+        sized = tuple(like(x, (*x.shape[:2], *(n + 8 for n in x.shape[2:]))) for x in inputs)
+        size = "x".join(str(n) for n in sized[0].shape[2:])
+        candidates.append((f"a second size, {size}", sized))
+    probes = []
+    for label, probe in candidates:
+        try:
+            with torch.no_grad():
+                gm(*probe)
+        except Exception:  # the model takes only the example's sizes: nothing to probe
+            continue
+        probes.append((label, probe))
+    return probes
+
+
 def _run_verified(
-    p: Pass, gm: fx.GraphModule, outputs: Any, ctx: PassContext, report: Report, grid: dict
+    p: Pass,
+    gm: fx.GraphModule,
+    outputs: Any,
+    ctx: PassContext,
+    report: Report,
+    grid: dict,
+    probes: list[tuple[str, tuple]] = (),
 ) -> tuple[fx.GraphModule, Any]:
     before = copy.deepcopy(gm)  # to name the first differing node if an exact pass is not
     where = f"error in pass '{p}' after passes [{', '.join(ctx.previous)}]"
@@ -179,13 +216,12 @@ def _run_verified(
         raise RaccError(f"{where}: {type(e).__name__}: {e}") from e
     error = OutputError.between(outputs, new_outputs)
     exactness = result.exactness or p.exactness
-    if exactness == "exact" and not error.exact:
-        node = _first_difference(before, gm, ctx.example_inputs)
-        raise EquivalenceError(
-            f"pass '{p}' is {'declared' if p.exactness == 'exact' else 'reported'} exact but changed the outputs: max abs error "
-            f"{error.max_abs:.3g} (outputs up to {error.scale:.3g}), relative L2 {error.rel_l2:.3g}; "
-            f"first node whose value differs: '{node}'. Report this with the model, or leave the "
-            "pass out of the pipeline"
+    if exactness == "exact":
+        _check_exact(p, before, gm, [("the example inputs", ctx.example_inputs, error)], probes)
+        result.notes.append(
+            "exact on the example inputs"
+            + "".join(f", on {label}" for label, _ in probes)
+            + " (each compared with the model before the pass)"
         )
     report.rows.append(
         PassRow(
@@ -203,6 +239,25 @@ def _run_verified(
         )
     )
     return gm, new_outputs
+
+
+def _check_exact(p: Pass, before, after, checked: list, probes: list) -> None:
+    """Raise EquivalenceError unless `after` computes what `before` does on the example inputs
+    (whose error is given) and on every probe."""
+    with torch.no_grad():
+        for label, probe in probes:
+            checked.append((label, probe, OutputError.between(before(*probe), after(*probe))))
+    for label, inputs, error in checked:
+        if error.exact:
+            continue
+        node = _first_difference(before, after, inputs)
+        claim = "declared" if p.exactness == "exact" else "reported"
+        raise EquivalenceError(
+            f"pass '{p}' is {claim} exact but changed the outputs on {label}: max abs error "
+            f"{error.max_abs:.3g} (outputs up to {error.scale:.3g}), relative L2 "
+            f"{error.rel_l2:.3g}; first node whose value differs: '{node}'. Report this with the "
+            "model, or leave the pass out of the pipeline"
+        )
 
 
 def _widths(before: fx.GraphModule, after: fx.GraphModule) -> dict[str, tuple[int, int]]:

@@ -38,6 +38,7 @@ class ChannelGroup:
     reason: str
     members: tuple[ParamAxis, ...] = field(repr=False)
     analysis: Analysis = field(repr=False)
+    nodes: tuple[fx.Node, ...] = field(repr=False, default=())  # its tensors, in graph order
 
     @property
     def size(self) -> int:
@@ -172,7 +173,9 @@ def _form_groups(an: Analysis) -> list[ChannelGroup]:
         reason = _first_blocked(units, blocked) or _zero_check(an, group_nodes, members)
         widest = next((m for m in members if m.role != "in"), members[0])
         width = int(np.sum(an.components_of(widest.ids) == rep))
-        groups.append(ChannelGroup(order, units, width, not reason, reason, members, an))
+        groups.append(
+            ChannelGroup(order, units, width, not reason, reason, members, an, tuple(group_nodes))
+        )
     return groups
 
 

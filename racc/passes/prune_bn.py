@@ -7,9 +7,11 @@ over all groups together (`scope="global"`, as network slimming does) or within 
 (`"local"`), and removed with `racc.prune_channels`.
 
 Exactness: a BN channel with gamma = 0 still outputs its beta; that constant is folded into the biases
-of the layers reading it where no zero padding stands between. Removing units is exact when zeroing
-every slice of them changes nothing, which racc checks on the example inputs for units of importance
-0; such a run reports `exact` (and compile verifies it). Otherwise the pass `needs_finetune`.
+of the layers reading it where the graph keeps it constant for every input (racc.analysis.constants:
+no conv, zero padding or varying operand between) and the reader does not zero-pad it. Removing
+units is exact when zeroing every slice of them changes nothing, which racc checks for units of
+importance 0; such a run reports `exact`, and compile verifies it on the example inputs, on a second
+batch and at a second input size. Otherwise the pass `needs_finetune`.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import torch.fx as fx
 from torch import nn
 
 from racc.analysis import analyze
+from racc.analysis.constants import constant_nodes
+from racc.analysis.flow import ParamAxis
 from racc.analysis.groups import ChannelGroup
 from racc.errors import PassConfigError, PruneError
-from racc.ir.ops import BATCH_NORMS
+from racc.ir.ops import BATCH_NORMS, CONVS
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
 from racc.passes.channels import prune_channels, zero_channels
 from racc.report import OutputError
@@ -263,12 +267,17 @@ def fold_constant_channels(gm: fx.GraphModule, request, inputs) -> list[str]:
     A channel whose BN gamma is 0 carries f(beta), a constant. A layer reading constant channels c
     with weight W adds sum_k W[:, i, k] * c_i to every output, so adding that to the bias makes
     removing them exact, unless the conv zero-pads its input (the border would see 0, not c).
-    Constancy is read off the example inputs, and the caller verifies the result.
+    Which channels are constant where is decided from the graph (racc.analysis.constants), so the
+    fold holds for every input; one run on `inputs` reads the constants' values. A bias the fold
+    creates is registered with the analysis, so that pruning the layer's outputs slices it too.
     """
     analysis = next(iter(request)).analysis
-    removed = np.unique(np.concatenate([g.units[idx] for g, idx in request.items()]))
-    readers = [a for a in analysis.flow.param_axes if a.role == "in"]
-    readers = [a for a in readers if np.isin(analysis.components_of(a.ids), removed).any()]
+    constant_at: dict[fx.Node, set[int]] = {}  # node -> the removed units constant there
+    for group, idx in request.items():
+        units = set(group.units[idx].tolist())
+        for node in constant_nodes(group, _constant_sources(gm, group, idx)):
+            constant_at.setdefault(node, set()).update(units)
+    readers = [a for a in analysis.flow.param_axes if a.role == "in" and a.feeds in constant_at]
     capture = _Capture(gm, {a.feeds.name for a in readers})
     capture.run(*inputs)
     folded = []
@@ -276,19 +285,54 @@ def fold_constant_channels(gm: fx.GraphModule, request, inputs) -> list[str]:
         layer = gm.get_submodule(reader.owner)
         if isinstance(layer, nn.modules.conv._ConvNd) and _pads(layer):
             continue
-        positions = np.flatnonzero(np.isin(analysis.components_of(reader.ids), removed))
-        channel_axis = 1 if isinstance(layer, nn.modules.conv._ConvNd) else -1
-        seen = capture.values[reader.feeds.name].movedim(channel_axis, 0)[positions].flatten(1)
-        constant = seen[:, 0]
-        if not torch.allclose(seen, constant[:, None].expand_as(seen), rtol=1e-5, atol=1e-6):
+        constant = list(constant_at[reader.feeds])
+        positions = np.flatnonzero(np.isin(analysis.components_of(reader.ids), constant))
+        if not len(positions):
             continue
+        channel_axis = 1 if isinstance(layer, nn.modules.conv._ConvNd) else -1
+        values = capture.values[reader.feeds.name].movedim(channel_axis, 0)[positions]
+        values = values.flatten(1)[:, 0]  # constant everywhere: any element will do
         weight = layer.weight[:, torch.from_numpy(positions)]
-        delta = weight.flatten(2).sum(2) @ constant if weight.dim() > 2 else weight @ constant
+        delta = weight.flatten(2).sum(2) @ values if weight.dim() > 2 else weight @ values
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype))
+            _register_bias(analysis, reader.owner)
         layer.bias.add_(delta)
         folded.append(reader.owner)
     return folded
+
+
+def _constant_sources(gm: fx.GraphModule, group, idx: np.ndarray) -> set[fx.Node]:
+    """The group's nodes that output constants in the units `idx`: BNs whose scales are 0 there,
+    convs and linears whose output weights are 0 there."""
+    analysis, units = group.analysis, group.units[idx]
+    zero = set()
+    for member in group.members:
+        module = gm.get_submodule(member.owner)
+        is_scale = isinstance(module, BATCH_NORMS) and member.role == "channel"
+        is_output = member.role == "out" and isinstance(module, (nn.Linear, *CONVS))
+        if not member.param.endswith(".weight") or not (is_scale or is_output):
+            continue
+        positions = np.flatnonzero(np.isin(analysis.components_of(member.ids), units))
+        weight = gm.get_parameter(member.param).index_select(
+            member.axis, torch.from_numpy(positions)
+        )
+        if len(positions) and not weight.any():
+            zero.add(member.owner)
+    return {n for n in group.nodes if n.op == "call_module" and n.target in zero}
+
+
+def _register_bias(analysis, owner: str) -> None:
+    """A bias added to `owner` joins its output channels in the analysis (as the conv rule adds
+    an existing one), so that pruning and zeroing those channels slice it too."""
+    out = next(
+        a
+        for a in analysis.flow.param_axes
+        if a.owner == owner and a.param == f"{owner}.weight" and a.role == "out"
+    )
+    analysis.flow.param_axes.append(
+        ParamAxis(f"{owner}.bias", 0, out.ids.copy(), "out", owner, is_parameter=True)
+    )
 
 
 def _pads(conv: nn.modules.conv._ConvNd) -> bool:

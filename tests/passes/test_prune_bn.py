@@ -227,3 +227,91 @@ def test_composes_with_fold_bn_and_with_itself(tmp_path):
     racc.save(again, tmp_path / "m.racc")
     with torch.no_grad():
         assert torch.equal(racc.load(tmp_path / "m.racc")(x), again(x))
+
+
+class _Pooled(nn.Module):
+    """conv -> BN -> (+ a second branch) -> ReLU -> [depthwise conv] -> global pool -> fc, with
+    BN scale 0 on channels 1 and 4: the shape of the cases where folding looked exact on the
+    example alone."""
+
+    def __init__(self, branch: bool = False, depthwise: bool = False):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.branch = nn.Conv2d(3, 8, 1) if branch else None  # no BN: varies in every channel
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8) if depthwise else None
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.bn1.weight[[1, 4]] = 0
+            self.bn1.bias.uniform_(0.2, 0.8)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(x))
+        if self.branch is not None:
+            y = y + self.branch(x)
+        y = torch.relu(y)
+        if self.dw is not None:
+            y = torch.relu(self.dw(y))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def _pooled(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    model = _Pooled(**kwargs)
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(8, 3, 16, 16))
+    return model.eval()
+
+
+def test_a_constant_read_after_global_pooling_is_folded_and_exact_at_any_batch_and_size():
+    model, x = _pooled(), torch.randn(1, 3, 16, 16)  # a batch of 1, as the CLI's default
+    opt = racc.compile(model, "prune-bn{threshold=0}", (x,))
+    row = opt.racc_report.rows[-1]
+    assert "constant channels folded into the bias of 'fc'" in row.matched
+    assert row.exactness == "exact" and opt.bn1.num_features == 6
+    assert any("a second batch of 3" in n and "a second size, 24x24" in n for n in row.notes)
+    for shape in ((5, 3, 16, 16), (2, 3, 40, 28)):
+        probe = torch.randn(shape)
+        with torch.no_grad():
+            assert_close(opt(probe), model(probe), 1e-5, 1e-5, what=f"at {shape}")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"branch": True}, "the add mixes in a branch that varies"),
+        ({"depthwise": True}, "a zero-padded depthwise conv: the border sees 0"),
+    ],
+)
+def test_channels_that_only_look_constant_on_the_example_are_not_folded(kwargs, why):
+    model, x = _pooled(**kwargs), torch.randn(1, 3, 16, 16)
+    opt = racc.compile(model, "prune-bn{threshold=0}", (x,))
+    row = opt.racc_report.rows[-1]
+    assert not any("folded" in m for m in row.matched), why
+    assert row.exactness == "needs_finetune" and opt.bn1.num_features == 6, why
+
+
+def test_a_bias_the_fold_creates_is_pruned_with_its_conv():
+    """conv2 (1x1, no bias) absorbs constants from bn1's zeroed channels and loses outputs of its
+    own (bn2's zeroed channels): the bias it gets must lose them too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(8, 3, 16, 16))
+        model.eval()
+        for bn, channels in ((model[1], [0, 3]), (model[4], [2, 5, 6])):
+            bn.weight[channels] = 0
+            bn.bias[channels] = 0.5
+    x = torch.randn(2, 3, 16, 16)
+    opt = racc.compile(model, "prune-bn{threshold=0}", (x,))
+    row = opt.racc_report.rows[-1]
+    assert row.exactness == "exact", row.notes
+    conv2 = opt.get_submodule("3")
+    assert conv2.weight.shape == (5, 6, 1, 1) and conv2.bias.shape == (5,)
+    with torch.no_grad():
+        assert_close(opt(x), model(x), 1e-5, 1e-5)
