@@ -14,6 +14,8 @@ from racc.errors import ExportError
 def check_writable(path: str | os.PathLike) -> None:
     """Raise `ExportError` before any work if `path` cannot be written."""
     parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if os.path.isdir(path):
+        raise ExportError(f"cannot write '{path}': it is a folder; name a file inside it")
     if not os.path.isdir(parent):
         raise ExportError(
             f"cannot write '{path}': folder '{parent}' does not exist; create it "

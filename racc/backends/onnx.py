@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -11,6 +15,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from racc.backends.files import written_aside
 from racc.backends.qdq import check_int8_kernels, check_target, lower_qdq
@@ -70,13 +75,13 @@ def export_onnx(
     if not isinstance(opset, int) or opset < 17:
         raise ExportError(f"opset must be an int >= 17, got {opset!r}")
     names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
-    model = model.eval()
-    with torch.no_grad():
+    with evaluating(model), torch.no_grad():
         expected = model(*inputs)
     outputs = [f"output{i}" for i in range(len(torch.utils._pytree.tree_leaves(expected)))]
     quantized = is_quantized(model)
     with written_aside(path) as aside:
-        torch_export(model, inputs, aside, opset, names, outputs, where=path)
+        with evaluating(model):
+            torch_export(model, inputs, aside, opset, names, outputs, where=path)
         if quantized:
             lower_qdq(aside)
         proto = onnx.load(os.fspath(aside))
@@ -86,18 +91,69 @@ def export_onnx(
     return proto
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block; every module's own training flag is restored after it."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def explicit_same_padding(model: nn.Module) -> nn.Module:
+    """`model`, or a copy whose zero-padded convs with padding="same" pad by number.
+
+    Torch exports "same" as ONNX's auto_pad=SAME_UPPER, which ONNX Runtime refuses for dilated
+    convs. The padding is the same numbers: d*(k-1) in all per axis, the extra one of an odd
+    total on the high side (torch's rule, and SAME_UPPER's). An even total becomes the conv's
+    own symmetric padding; an odd one pads the input first (an ONNX Pad).
+    """
+
+    def same(m: nn.Module) -> bool:
+        return (
+            isinstance(m, nn.modules.conv._ConvNd)
+            and m.padding == "same"
+            and m.padding_mode == "zeros"
+        )
+
+    if not any(same(m) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for conv in filter(same, model.modules()):
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if all(t % 2 == 0 for t in totals):
+            conv.padding = tuple(t // 2 for t in totals)
+            continue
+        conv.padding = (0,) * len(totals)
+        pads = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
+        conv._conv_forward = _padded_first(conv._conv_forward, pads)
+    return model
+
+
+def _padded_first(forward, pads: list[int]):
+    def padded(x, weight, bias):
+        return forward(F.pad(x, pads), weight, bias)
+
+    return padded
+
+
 def torch_export(model, inputs, path, opset, names, outputs, where=None) -> None:
     """The TorchScript exporter first (fast); the dynamo exporter for what it cannot express
     (e.g. adaptive pooling to a size that does not divide the input)."""
     axes = {n: {0: "batch"} for n in (*names, *outputs)}
+    model = explicit_same_padding(model)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             common = dict(opset_version=opset, input_names=names, output_names=outputs)
             try:
-                torch.onnx.export(
-                    model, inputs, os.fspath(path), dynamic_axes=axes, dynamo=False, **common
-                )
+                with _native_stdout_silenced():  # a failure prints the whole TorchScript graph
+                    torch.onnx.export(
+                        model, inputs, os.fspath(path), dynamic_axes=axes, dynamo=False, **common
+                    )
             except torch.onnx.errors.OnnxExporterError:
                 batch = torch.export.Dim("batch")
                 shapes = tuple({0: batch} for _ in inputs)
@@ -116,6 +172,20 @@ def torch_export(model, inputs, path, opset, names, outputs, where=None) -> None
         ) from e
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """Send what C++ code writes to standard output to /dev/null for the block."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def check_onnx_outputs(
@@ -138,14 +208,27 @@ def check_onnx_outputs(
     options = ort.SessionOptions()
     if not kernels:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
     feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, inputs, strict=True)}
-    got = [torch.from_numpy(np.asarray(y)) for y in session.run(None, feeds)]
+    try:
+        session = ort.InferenceSession(
+            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        got = [torch.from_numpy(np.asarray(y)) for y in session.run(None, feeds)]
+    except Exception as e:  # ORT's own error classes (InvalidArgument, Fail, ...)
+        raise ExportError(
+            f"ONNX Runtime cannot run the file exported for {where}: {ort_message(e)}; "
+            "the exported graph uses an op in a form ONNX Runtime does not run: report this "
+            "with the model, or export with check=False to keep the file"
+        ) from e
     _compare(expected, got, quantized, where)
     if quantized:
         check_int8_kernels(proto, where)
+
+
+def ort_message(error: Exception) -> str:
+    """ONNX Runtime's error, without its C++ source location prefix."""
+    text = str(error).strip()
+    return text.split("] ", 1)[-1] if text.startswith("[ONNXRuntimeError]") else text
 
 
 def _compare(expected: Any, got: list[torch.Tensor], quantized: bool, where: str) -> None:
