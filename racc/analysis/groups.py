@@ -10,6 +10,7 @@ that is not zero (a channel through a sigmoid into a conv): `_zero_check` follow
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -113,9 +114,40 @@ def analyze_traced(traced: TracedModel) -> Analysis:
         rule = rule_for(flow, node)
         flow.rule_name[node] = rule.__name__
         rule(flow, node)
+    _mark_shared(flow)
     an = Analysis(traced, graph, flow, _components(flow))
     an.groups = _form_groups(an)
     return an
+
+
+def _mark_shared(flow: Flow) -> None:
+    """Make walls of the channels of a tensor used in more than one place: one Parameter held by
+    two layers, or a layer called twice. Each use is a separate site to the rules, so its channels
+    would form separate groups, and pruning one would cut a weight the other still reads whole."""
+    uses: dict[tuple[int, int, str], list[ParamAxis]] = {}
+    for axis in flow.param_axes:
+        try:
+            tensor = functools.reduce(getattr, axis.param.split("."), flow.gm)
+        except AttributeError:
+            continue
+        if isinstance(tensor, torch.Tensor):
+            uses.setdefault((id(tensor), axis.axis, axis.role), []).append(axis)
+    for shared in uses.values():
+        owners = list(dict.fromkeys(a.owner for a in shared))
+        if len(shared) < 2:
+            continue
+        how = (
+            f"'{owners[0]}' is called {len(shared)} times"
+            if len(owners) == 1
+            else f"'{shared[0].param}' is one tensor shared by {', '.join(repr(o) for o in owners)}"
+        )
+        reason = (
+            f"{how}: racc does not prune a weight used in more than one place; give each use "
+            "its own layer to prune it"
+        )
+        flow.walls.append(reason)
+        for axis in shared:
+            flow.mark(axis.ids, "broken", reason)
 
 
 def _components(flow: Flow) -> np.ndarray:
