@@ -135,6 +135,7 @@ def _compile_onnx(source, pipeline, example_inputs, explain, calibration, progre
         if example_inputs is None
         else normalize_inputs(example_inputs)
     )
+    onnx_ir.check_input_shapes(proto, inputs)
     lowered: list[WrittenBack] = []
 
     def lower(p: Pass | None, gm: fx.GraphModule, outputs: Any) -> None:

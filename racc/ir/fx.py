@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from racc.errors import InputError, UnsupportedModelError
 
@@ -28,6 +29,7 @@ except ImportError:  # pragma: no cover
     _LazyGraphModule = fx.GraphModule
 
 _MAX_LEAF_RETRIES = 64
+_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,24 @@ def check_model(model: Any) -> None:
             f"expected a torch.nn.Module, got {type(model).__name__}; "
             "pass the model object itself (for an .onnx file use the ONNX frontend)"
         )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script or trace): its "
+            "Python forward is gone, so torch.fx cannot trace it; compile the nn.Module it was "
+            "made from, or export it to ONNX and compile the .onnx file"
+        )
+    for name, p in (*model.named_parameters(), *model.named_buffers()):
+        if p.is_meta:
+            raise UnsupportedModelError(
+                f"'{name}' is on the meta device and holds no values, so no pass could be "
+                "checked; materialize the model first (model.to_empty(device='cpu') and "
+                "load_state_dict, or build it without device='meta')"
+            )
+        if p.is_floating_point() and p.dtype not in _DTYPES:
+            raise UnsupportedModelError(
+                f"'{name}' has dtype {p.dtype}; racc compiles float32 (or float64) models: "
+                "compile model.float(), then convert the result to half precision if needed"
+            )
     for name, p in model.named_parameters():
         if not p.is_floating_point():
             raise UnsupportedModelError(
@@ -241,23 +261,114 @@ def _shape_failure_message(gm: fx.GraphModule, n: fx.Node, inputs: list, e: Exce
 
 
 def check_inputs(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:
-    """Raise `InputError` unless there is one floating-point tensor per input of `gm`."""
+    """Raise `InputError` unless there is one non-empty, finite float32/float64 tensor per input
+    of `gm`: on anything else no output comparison could show a pass wrong."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(example_inputs) != len(placeholders):
         raise InputError(
             f"the model takes {len(placeholders)} input(s) "
             f"({', '.join(p.name for p in placeholders)}), example_inputs has {len(example_inputs)}"
         )
-    for x in example_inputs:
+    for node, x in zip(placeholders, example_inputs, strict=True):
+        where = f"example input '{node.name}' (shape {list(x.shape)}, {x.dtype})"
         if not x.is_floating_point():
             raise InputError(
-                f"example input of dtype {x.dtype}: racc models take floating-point inputs; "
-                "pass e.g. torch.randn(...)"
+                f"{where}: racc models take floating-point inputs; pass e.g. torch.randn(...)"
             )
+        if x.dtype not in _DTYPES:
+            raise InputError(
+                f"{where}: racc compiles float32 (or float64) models; pass float32 inputs and "
+                "compile model.float(), then convert the result to half precision if you need it"
+            )
+        if x.numel() == 0:
+            raise InputError(
+                f"{where} is empty: no output could show a pass wrong; pass at least one sample"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise InputError(
+                f"{where} holds NaN or infinite values: outputs computed from them cannot be "
+                "compared; pass finite inputs such as real samples or torch.randn(...)"
+            )
+
+
+def check_outputs(gm: fx.GraphModule, outputs: Any) -> None:
+    """Raise `UnsupportedModelError` unless the model's outputs can be compared: tensors (None
+    beside them is allowed), at least one of them computed from the inputs, all finite."""
+    leaves = tree_leaves(outputs)
+    other = [v for v in leaves if v is not None and not isinstance(v, torch.Tensor)]
+    if other:
+        raise UnsupportedModelError(
+            f"{type(gm).__name__}'s output holds a {type(other[0]).__name__} ({other[0]!r}), not a "
+            "tensor: racc checks every pass by comparing tensor outputs, and a Python number "
+            "(from .item(), float() or int()) hides what changed; return the tensor instead"
+        )
+    tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+    if not tensors:
+        raise UnsupportedModelError(
+            f"{type(gm).__name__} returns no tensor ({outputs!r}): there is nothing to compile or "
+            "check; return the model's output tensors from forward()"
+        )
+    if not _reads_inputs(gm):
+        raise UnsupportedModelError(
+            f"{type(gm).__name__}'s outputs do not depend on its inputs (a constant): no pass can be "
+            "checked on them; return what forward() computes from its inputs"
+        )
+    if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+        raise UnsupportedModelError(
+            f"{type(gm).__name__}'s outputs hold NaN or infinite values on the example inputs, so they "
+            "cannot be compared; check the weights (a NaN from training?) and the inputs' scale"
+        )
+
+
+def _reads_inputs(gm: fx.GraphModule) -> bool:
+    """Whether some tensor the graph outputs is computed from a placeholder."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    seen, todo = set(), list(output.all_input_nodes)
+    while todo:
+        node = todo.pop()
+        if node.op == "placeholder":
+            return True
+        if node not in seen:
+            seen.add(node)
+            todo += node.all_input_nodes
+    return False
+
+
+def check_no_mutation(
+    gm: fx.GraphModule, originals: tuple[torch.Tensor, ...], used: tuple[torch.Tensor, ...]
+) -> None:
+    """Raise `UnsupportedModelError` if running `gm` changed its inputs (`used`, copies of
+    `originals`), naming the first node after which an input differs."""
+    if all(torch.equal(a, b) for a, b in zip(originals, used, strict=True)):
+        return
+    copies = tuple(x.clone() for x in originals)
+    culprit = "?"
+
+    class Watch(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            nonlocal culprit
+            value = super().run_node(n)
+            if culprit == "?" and not all(
+                torch.equal(a, b) for a, b in zip(originals, copies, strict=True)
+            ):
+                culprit = f"{n.name}' ({n.target}"
+            return value
+
+    with torch.no_grad():
+        Watch(gm).run(*copies)
+    raise UnsupportedModelError(
+        f"the model's forward changes its input in place (first at node '{culprit})): racc "
+        "runs it many times on the same inputs, so each run would see other values; use the "
+        "out-of-place op (e.g. x = x.relu() for x.relu_(), or nn.ReLU(inplace=False) on the input)"
+    )
 
 
 def record_examples(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Any:
     """Run `gm` once on `example_inputs`, storing every node's value spec; return the outputs."""
     check_inputs(gm, example_inputs)
+    used = tuple(x.clone() for x in example_inputs)
     with torch.no_grad():
-        return _ExampleRecorder(gm).run(*example_inputs)
+        outputs = _ExampleRecorder(gm).run(*used)
+    check_no_mutation(gm, example_inputs, used)
+    check_outputs(gm, outputs)
+    return outputs

@@ -149,6 +149,29 @@ def _dims(value: onnx.ValueInfoProto):
     return value.type.tensor_type.shape.dim
 
 
+def check_input_shapes(proto: onnx.ModelProto, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Raise `InputError` unless `inputs` fit the ONNX model's declared input shapes (a named or
+    free axis takes any size)."""
+    initializers = {t.name for t in proto.graph.initializer}
+    graph_inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != len(graph_inputs):
+        raise InputError(
+            f"the ONNX model takes {len(graph_inputs)} input(s) "
+            f"({', '.join(i.name for i in graph_inputs)}), example_inputs has {len(inputs)}"
+        )
+    for value, shape, x in zip(graph_inputs, input_shapes(proto), inputs, strict=True):
+        fits = len(shape) == x.dim() and all(
+            not isinstance(d, int) or d in (0, n) for d, n in zip(shape, x.shape, strict=True)
+        )
+        if not fits:
+            raise InputError(
+                f"the ONNX model's input '{value.name}' has shape {shape} (fixed where a number), "
+                f"the example input has {list(x.shape)}; pass inputs of the file's shape (leave "
+                "example_inputs out, or --input-shape off, to use it), or re-export the model "
+                "with that axis dynamic"
+            )
+
+
 def example_inputs_for(proto: onnx.ModelProto, batch: int = 1, seed: int = 0) -> tuple:
     """Random inputs of the model's declared shapes (a free batch axis gets `batch`).
 

@@ -277,6 +277,11 @@ def calibration_batches(source: Any, examples: tuple[torch.Tensor, ...]) -> list
                     f"calibration batch {k}, input {i} has shape {got}; expected {expected} "
                     "(any batch size N), the shape of the example inputs"
                 )
+            if not x.numel() or not bool(torch.isfinite(x).all()):
+                raise InputError(
+                    f"calibration batch {k}, input {i} is empty or holds NaN or infinite values: "
+                    "the activation ranges would be meaningless; pass finite, real input batches"
+                )
         batches.append(
             tuple(x.detach().to(ref.dtype) for x, ref in zip(items, examples, strict=True))
         )
