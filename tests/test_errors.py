@@ -39,7 +39,7 @@ def test_missing_or_malformed_example_inputs():
         racc.analyze(model, ([1, 2, 3],))
     with pytest.raises(InputError, match="takes 1 input\\(s\\) \\(x\\), example_inputs has 2"):
         racc.analyze(model, (torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)))
-    with pytest.raises(InputError, match="dtype torch.int64.*floating-point"):
+    with pytest.raises(InputError, match="torch.int64.*floating-point"):
         racc.analyze(model, (torch.zeros(1, 3, 32, 32, dtype=torch.long),))
 
 
@@ -107,7 +107,9 @@ def test_groups_from_another_model_are_refused():
     an = racc.analyze(model, (x,))
     group = next(g for g in an.groups if "layer1.0.conv1.out" in g.names())
     small = racc.prune_channels(model, {group: [0, 1]}, (x,))
-    with pytest.raises(PruneError, match="has 62 channels on axis 0, the analysis saw 64"):
+    with pytest.raises(
+        PruneError, match=r"another model: .* \[64, 64, 3, 3\], this model has shape \[62, 64"
+    ):
         racc.prune_channels(small, {group: [5]}, (x,))
 
 

@@ -128,8 +128,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, tuple) and all(_matches(v, args[0]) for v in value)
     if hint is type(None):
         return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # NaN compares false with everything: no threshold or goal means NaN
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)

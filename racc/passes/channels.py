@@ -33,7 +33,7 @@ def _removed_units(request: Request, pruning: bool) -> tuple[Analysis, np.ndarra
         raise PruneError("every key must be a ChannelGroup from one call of racc.analyze")
     removed = [np.zeros(0, dtype=np.int64)]
     for group, idxs in request.items():
-        idx = np.asarray(list(idxs), dtype=np.int64)
+        idx = _indices(group, idxs)
         bad = idx[(idx < 0) | (idx >= group.size)]
         if len(bad):
             raise PruneError(
@@ -53,6 +53,52 @@ def _removed_units(request: Request, pruning: bool) -> tuple[Analysis, np.ndarra
     return next(iter(analyses.values())), np.unique(np.concatenate(removed))
 
 
+def _indices(group: ChannelGroup, idxs: Any) -> np.ndarray:
+    """The indices requested for `group`, as int64: a sequence or 1-D array of integers."""
+    where = f"indices for group {group.index} ({group.size} channels)"
+    if isinstance(idxs, (str, bytes)) or not isinstance(
+        idxs, (Sequence, np.ndarray, torch.Tensor, set, frozenset, range)
+    ):
+        raise PruneError(
+            f"{where} must be a list of channel indices, got {type(idxs).__name__}: pass e.g. "
+            "[0, 5] (an empty list removes nothing)"
+        )
+    values = idxs.tolist() if isinstance(idxs, (np.ndarray, torch.Tensor)) else list(idxs)
+    for v in values:
+        if isinstance(v, (bool, np.bool_)):
+            raise PruneError(
+                f"{where} hold a boolean ({v!r}): a mask would be read as the indices 0 and 1; "
+                "pass the indices it selects, e.g. np.flatnonzero(mask).tolist()"
+            )
+        if not isinstance(v, (int, np.integer)):
+            raise PruneError(
+                f"{where} hold {v!r} ({type(v).__name__}), not an integer: pass whole channel "
+                "indices such as [0, 5]"
+            )
+    return np.asarray(values, dtype=np.int64)
+
+
+def _check_same_model(model: nn.Module, analysis: Analysis) -> None:
+    """Raise PruneError unless `model` holds every tensor the analysis saw, at the same shape:
+    groups found in another model would cut the wrong slices."""
+    seen = analysis.traced.gm
+    for axis in filter(lambda a: a.is_parameter, analysis.flow.param_axes):
+        try:
+            mine = _get(model, axis.param)
+        except AttributeError:
+            mine = None
+        theirs = _get(seen, axis.param)
+        if not isinstance(mine, torch.Tensor) or mine.shape != theirs.shape:
+            has = (
+                f"shape {list(mine.shape)}" if isinstance(mine, torch.Tensor) else "no such tensor"
+            )
+            raise PruneError(
+                f"the groups come from another model: racc.analyze saw '{axis.param}' of shape "
+                f"{list(theirs.shape)}, this model has {has}; call racc.analyze on this model "
+                "and use its groups"
+            )
+
+
 def zero_channels(model: nn.Module, request: Request) -> nn.Module:
     """Return a copy of `model` with every parameter slice of the requested channels set to zero.
 
@@ -61,6 +107,7 @@ def zero_channels(model: nn.Module, request: Request) -> nn.Module:
         >>> zeroed = racc.zero_channels(model, {an.groups[1]: [0, 5]})
     """
     analysis, removed = _removed_units(request, pruning=False)
+    _check_same_model(model, analysis)
     zeroed = copy.deepcopy(model)
     with torch.no_grad():
         for axis in analysis.flow.param_axes:
@@ -82,6 +129,7 @@ def prune_channels(model: nn.Module, request: Request, example_inputs: Any) -> f
         >>> small = racc.prune_channels(model, {an.groups[2]: [0, 1, 2]}, (x,))
     """
     analysis, removed = _removed_units(request, pruning=True)
+    _check_same_model(model, analysis)
     inputs = normalize_inputs(example_inputs)
     gm = trace(model).gm
     keep = _kept_indices(gm, analysis, removed)

@@ -52,9 +52,15 @@ def _build(name: str, body: str | None) -> Pass:
     for item in filter(None, (s.strip() for s in (body or "").split(","))):
         key, sep, value = item.partition("=")
         key = key.strip()
-        if not sep or key not in fields:
+        if key not in fields:
             valid = ", ".join(fields) or "none"
             raise PassConfigError(f"pass '{name}' has no option '{key}'; valid options: {valid}")
+        if not sep:
+            raise PassConfigError(
+                f"pass '{name}': option '{key}' has no value; write {name}{{{key}=...}}"
+            )
+        if key in options:
+            raise PassConfigError(f"pass '{name}': option '{key}' is given twice; give it once")
         options[key] = parse_value(name, key, value.strip(), hints[key])
     return cls(**options)
 
