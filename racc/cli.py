@@ -261,9 +261,34 @@ def _needs_calibration(pipeline: str) -> bool:
 # --- commands ---------------------------------------------------------------------------------------
 
 
+def check_output(path: str | None, option: str, folder: bool = False) -> None:
+    """Raise ExportError before any work if `path` (a file, or a folder racc would create) cannot
+    be written."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.exists() and target.is_dir() != folder:
+        fix = "is a file; give a folder" if folder else "is a folder; give a file path in it"
+        raise ExportError(f"option {option}: '{path}' {fix}")
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if existing != target and not existing.is_dir():
+        raise ExportError(
+            f"option {option}: cannot write '{path}': '{existing}' is a file, not a folder; "
+            "choose another path"
+        )
+    if not os.access(existing, os.W_OK):
+        raise ExportError(
+            f"option {option}: cannot write '{path}': permission denied in '{existing}'; "
+            "choose a writable path"
+        )
+
+
 def cmd_compile(args: argparse.Namespace) -> None:
     import racc
 
+    for path, option in ((args.out, "-o"), (args.report, "--report")):
+        check_output(path, option)
+    check_output(args.plots, "--plots", folder=True)
     calibrates = _needs_calibration(args.pipeline)  # a bad pipeline fails before the model loads
     model = _load(args)
     shape = model.input_shape(args.input_shape)
@@ -350,6 +375,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from racc.bench import bench
 
     batches = _int_list(args.batches, "--batches")
+    _int_list(str(args.rounds), "--rounds")
+    _int_list(str(args.threads), "--threads")
+    check_output(args.json, "--json")
     torch.set_num_threads(args.threads)
     models = [_load(args, spec) for spec in [args.model, *([args.other] if args.other else [])]]
     shape = models[0].input_shape(args.input_shape)
@@ -366,7 +394,9 @@ def _int_list(text: str, option: str) -> list[int]:
     except ValueError:
         values = []
     if not values or any(v < 1 for v in values):
-        raise InputError(f"option {option}: '{text}' is not a list of positive integers, e.g. 1,8")
+        raise InputError(
+            f"option {option}: '{text}' is not a positive integer (or a list of them, e.g. 1,8)"
+        )
     return values
 
 
