@@ -96,3 +96,51 @@ def test_a_save_that_fails_half_way_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="cannot write .*No space left on device"):
         racc.save(opt, path)
     assert list(tmp_path.iterdir()) == []
+
+
+class _Payload:
+    """A pickle that runs code when loaded (what a hostile .racc file would hold)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_load_runs_no_code_from_the_file(tmp_path):
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "hostile.racc"
+    torch.save({"format": "racc-module", "version": 2, "layers": _Payload(marker)}, hostile)
+    with pytest.raises(ExportError, match="trust=True"):
+        racc.load(hostile)
+    assert not marker.exists()
+
+
+def test_a_graph_calling_other_functions_is_refused(tmp_path):
+    opt, x = _compiled_resnet(tmp_path)
+    racc.save(opt, tmp_path / "m.racc")
+    payload = torch.load(tmp_path / "m.racc", weights_only=False)
+    node = next(n for n in payload["graph"] if n["op"] == "call_function")
+    node["target"] = ["fn", "os.system"]
+    torch.save(payload, tmp_path / "edited.racc")
+    with pytest.raises(ExportError, match="calls os.system, which racc does not load"):
+        racc.load(tmp_path / "edited.racc")
+
+
+def test_format_1_files_load_only_when_trusted(tmp_path):
+    opt, x = _compiled_resnet(tmp_path)
+    torch.save({"format": "racc-module", "version": 1, "module": opt}, tmp_path / "old.racc")
+    with pytest.raises(ExportError, match="trust=True"):  # refused before it is read
+        racc.load(tmp_path / "old.racc")
+    with torch.no_grad():
+        assert torch.equal(racc.load(tmp_path / "old.racc", trust=True)(x), opt(x))
+
+
+def test_save_keeps_training_flags_and_example_inputs(tmp_path):
+    opt, x = _compiled_resnet(tmp_path)
+    opt.train()
+    racc.save(opt, tmp_path / "m.racc")
+    back = racc.load(tmp_path / "m.racc")
+    assert back.training and all(m.training for m in back.modules())
+    assert torch.equal(back.racc_example_inputs[0], x)
