@@ -22,6 +22,7 @@ TABLES = [
     "benchmarks.int8",
     "benchmarks.rac",
     "benchmarks.onnx_in",
+    "benchmarks.fuzz",
 ]
 ROOT = Path(__file__).resolve().parent.parent
 
