@@ -68,6 +68,7 @@ _BLOCKS = (
     "depthwise",
     "repeat",
     "tied",
+    "opaque",
 )
 _SIDE = {1: 32, 2: 16, 3: 8}  # input size per spatial axis, by conv dimension
 

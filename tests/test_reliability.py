@@ -227,6 +227,13 @@ def test_cli_outputs_are_checked_before_the_work(tmp_path, capsys, monkeypatch, 
     assert len(err.splitlines()) == 1 and re.search(says, err), err
 
 
+def test_bench_json_path_is_checked_first(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["bench", "torchvision:resnet18", "--json", str(blocker / "t.json")]) == 1
+    assert "option --json: cannot write" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option", ["--rounds", "--threads"])
 def test_bench_counts_must_be_positive(capsys, option):
     assert main(["bench", "torchvision:resnet18", option, "0"]) == 1

@@ -21,7 +21,7 @@ from racc.backends.files import written_aside
 from racc.backends.qdq import check_int8_kernels, check_target, lower_qdq
 from racc.cpu import this_cpu
 from racc.errors import ExportError
-from racc.ir.fx import normalize_inputs
+from racc.ir.fx import eval_mode, normalize_inputs
 from racc.nn.quant import is_quantized
 from racc.report import OutputError, output_step
 
@@ -75,12 +75,12 @@ def export_onnx(
     if not isinstance(opset, int) or opset < 17:
         raise ExportError(f"opset must be an int >= 17, got {opset!r}")
     names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
-    with evaluating(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         expected = model(*inputs)
     outputs = [f"output{i}" for i in range(len(torch.utils._pytree.tree_leaves(expected)))]
     quantized = is_quantized(model)
     with written_aside(path) as aside:
-        with evaluating(model):
+        with eval_mode(model):
             torch_export(model, inputs, aside, opset, names, outputs, where=path)
         if quantized:
             lower_qdq(aside)
@@ -89,18 +89,6 @@ def export_onnx(
             onnx.checker.check_model(proto, full_check=True)
             check_onnx_outputs(proto, inputs, expected, quantized, check, where=f"'{path}'")
     return proto
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the block; every module's own training flag is restored after it."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 def explicit_same_padding(model: nn.Module) -> nn.Module:

@@ -16,6 +16,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
@@ -322,16 +323,9 @@ def check_outputs(gm: fx.GraphModule, outputs: Any) -> None:
 
 def _reads_inputs(gm: fx.GraphModule) -> bool:
     """Whether some tensor the graph outputs is computed from a placeholder."""
+    graph = nx.DiGraph((a, n) for n in gm.graph.nodes for a in n.all_input_nodes)
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    seen, todo = set(), list(output.all_input_nodes)
-    while todo:
-        node = todo.pop()
-        if node.op == "placeholder":
-            return True
-        if node not in seen:
-            seen.add(node)
-            todo += node.all_input_nodes
-    return False
+    return output in graph and any(n.op == "placeholder" for n in nx.ancestors(graph, output))
 
 
 def check_no_mutation(
@@ -351,13 +345,13 @@ def check_no_mutation(
             if culprit == "?" and not all(
                 torch.equal(a, b) for a, b in zip(originals, copies, strict=True)
             ):
-                culprit = f"{n.name}' ({n.target}"
+                culprit = f"'{n.name}' ({n.target})"
             return value
 
     with torch.no_grad():
         Watch(gm).run(*copies)
     raise UnsupportedModelError(
-        f"the model's forward changes its input in place (first at node '{culprit})): racc "
+        f"the model's forward changes its input in place (first at node {culprit}): racc "
         "runs it many times on the same inputs, so each run would see other values; use the "
         "out-of-place op (e.g. x = x.relu() for x.relu_(), or nn.ReLU(inplace=False) on the input)"
     )
