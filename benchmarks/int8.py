@@ -38,8 +38,8 @@ from benchmarks.common import (
     torchvision_model,
 )
 from racc.cpu import TARGETS, this_cpu
+from racc.metrics import OutputError
 from racc.nn.quant import FakeQuant, QuantizedLayer
-from racc.report import OutputError
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"]
 CONTENDERS = [

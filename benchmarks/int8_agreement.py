@@ -19,7 +19,7 @@ import torch
 
 import racc
 from benchmarks.common import models_from_args
-from racc.report import output_step
+from racc.metrics import output_step
 from racc.zoo import torchvision_model
 
 MODELS = ["resnet18", "mobilenet_v2", "efficientnet_b0"]

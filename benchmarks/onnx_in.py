@@ -18,7 +18,7 @@ import racc
 from benchmarks.common import latency_ratios, models_from_args, rounds_from_args, torchvision_model
 from racc.analysis.cost import measure_cost
 from racc.ir.onnx import load, to_fx
-from racc.report import OutputError, output_step
+from racc.metrics import OutputError, output_step
 from racc.timing import ort_session
 
 MODELS = ["resnet50", "mobilenet_v2"]

@@ -23,10 +23,11 @@ from racc.errors import EquivalenceError, PassConfigError, RaccError
 from racc.ir import onnx as onnx_ir
 from racc.ir.fx import node_values, normalize_inputs, record_examples, trace
 from racc.ir.onnx import is_onnx
+from racc.metrics import OutputError
 from racc.nn.quant import is_quantized
 from racc.passes.base import Pass, PassContext
 from racc.passes.pipeline import as_passes
-from racc.report import OutputError, PassRow, Report
+from racc.report import PassRow, Report
 
 
 def compile(

@@ -348,7 +348,7 @@ def _like(x: torch.Tensor, grow: int, seed: int, batch: int | None = None) -> to
 
 def _inexact(model: nn.Module, opt: nn.Module, x: torch.Tensor, seed: int) -> list:
     """A result reported exact must be exact on a batch and a size it was not checked on."""
-    from racc.report import OutputError
+    from racc.metrics import OutputError
 
     problems = []
     for label, probe in (("batch of 5", _like(x, 0, seed + 7, 5)), ("size +4", _like(x, 4, seed))):
@@ -386,7 +386,7 @@ def _onnx_mismatch(opt: nn.Module, x: torch.Tensor) -> list:
 def _zero_then_prune(model: nn.Module, x: torch.Tensor, seed: int) -> list:
     """Removing random channels of every prunable group computes what zeroing them does."""
     import racc
-    from racc.report import OutputError
+    from racc.metrics import OutputError
 
     rng = random.Random(seed)
     analysis = racc.analyze(model, (x,))

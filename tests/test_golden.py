@@ -77,8 +77,9 @@ def dump_onnx(name: str) -> dict:
             result = racc.compile(path, pipeline, (x,), calibration=_calibration(x))
             graph = result.model.graph
             steps[pipeline] = {
-                "nodes": [f"{n.op_type} {n.name}: {list(n.input)} -> {list(n.output)}"
-                          for n in graph.node],  # fmt: skip
+                "nodes": [
+                    f"{n.op_type} {n.name}: {list(n.input)} -> {list(n.output)}" for n in graph.node
+                ],  # fmt: skip
                 "initializers": {t.name: list(t.dims) for t in graph.initializer},
                 "report": {**_report(result), "model": "<file>"},
             }

@@ -26,7 +26,7 @@ from racc.errors import (
     PruneError,
     UnsupportedModelError,
 )
-from racc.report import OutputError
+from racc.metrics import OutputError
 
 
 def _net(width: int = 8) -> nn.Module:

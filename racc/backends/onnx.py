@@ -22,8 +22,8 @@ from racc.backends.qdq import check_int8_kernels, check_target, lower_qdq
 from racc.cpu import this_cpu
 from racc.errors import ExportError
 from racc.ir.fx import eval_mode, normalize_inputs
+from racc.metrics import OutputError, output_step
 from racc.nn.quant import is_quantized
-from racc.report import OutputError, output_step
 
 # ORT and torch kernels differ by rounding; compared against the output's largest value.
 ONNX_RTOL, ONNX_ATOL = 1e-4, 1e-4

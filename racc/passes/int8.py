@@ -46,6 +46,7 @@ from racc.cpu import TARGETS, this_cpu
 from racc.errors import BudgetError, InputError, PassConfigError
 from racc.ir.fx import TensorSpec, module_call_counts, node_values, record_examples
 from racc.ir.ops import CONVS, is_depthwise
+from racc.metrics import OutputError
 from racc.nn.ort_int8 import QuantizedGraphModule
 from racc.nn.quant import (
     RANGES,
@@ -58,7 +59,6 @@ from racc.nn.quant import (
 from racc.nn.rac import RacConv2d
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
 from racc.passes.fold_bn import FoldBatchNormIntoConv
-from racc.report import OutputError
 from racc.text import mib
 
 _BINS = 2048

@@ -32,9 +32,9 @@ from racc.analysis.flow import ParamAxis
 from racc.analysis.groups import ChannelGroup
 from racc.errors import PassConfigError, PruneError
 from racc.ir.ops import BATCH_NORMS, CONVS
+from racc.metrics import OutputError
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
 from racc.passes.channels import prune_channels, zero_channels
-from racc.report import OutputError
 
 
 class PruneChannelsByBnGamma(Pass):

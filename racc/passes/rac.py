@@ -25,10 +25,10 @@ from torch import nn
 
 from racc.errors import EquivalenceError, PassConfigError
 from racc.ir.fx import module_call_counts, node_values
+from racc.metrics import OutputError
 from racc.nn.rac import RacBank, RacConv2d
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
 from racc.passes.rac_fit import corner_floor, embed, fit_stage
-from racc.report import OutputError
 from racc.text import mib
 
 _SHOWN = 8  # candidate names listed in an error

@@ -16,7 +16,7 @@ from racc.backends.onnx_edit import write_back
 from racc.backends.qdq import ort_optimized_ops
 from racc.errors import ExportError, InputError, PassConfigError
 from racc.ir.onnx import load, to_fx
-from racc.report import OutputError, output_step
+from racc.metrics import OutputError, output_step
 from tests.conftest import assert_close, zoo_model
 
 # Removing zero channels changes only the order of float sums; ORT and torch kernels differ a little.

@@ -16,10 +16,10 @@ import racc
 from racc.backends.onnx import QDQ_STEPS, output_step
 from racc.backends.qdq import ort_optimized_ops
 from racc.errors import BudgetError, InputError, PassConfigError
+from racc.metrics import OutputError
 from racc.nn import DynamicQuantLinear, FakeQuant, QuantizedLayer
 from racc.nn.ort_int8 import QuantizedGraphModule
 from racc.passes import QuantizeInt8
-from racc.report import OutputError
 from racc.zoo import warm_up_bn
 from tests.conftest import ZOO, zoo_model
 

@@ -24,7 +24,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 import racc
 from racc.cpu import this_cpu
-from racc.report import OutputError
+from racc.metrics import OutputError
 from racc.zoo import torchvision_model
 from tests.conftest import UNet, trained_like
 
