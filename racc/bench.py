@@ -21,7 +21,7 @@ from racc.text import mib, si
 from racc.timing import interleaved, ort_call, ort_session, torch_call
 
 if TYPE_CHECKING:
-    from racc.cli import Model
+    from racc.models import Model
 
 
 @dataclass

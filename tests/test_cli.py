@@ -18,9 +18,10 @@ import torch
 import racc
 from racc.backends import qdq
 from racc.backends.qdq import ort_optimized_ops
-from racc.cli import load_model, main
+from racc.cli import main
 from racc.cpu import classify, this_cpu
 from racc.errors import ExportError
+from racc.models import load_model
 from racc.timing import ort_session
 
 pytest.importorskip("torchvision")
