@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from racc.ir.fx import example_of
+
 Role = Literal["out", "in", "channel"]
 ZeroKind = Literal["zero", "all", "any", "first", "nonzero"]
 
@@ -102,7 +104,7 @@ class Flow:
 
 
 def spec_of(node: fx.Node) -> Any:
-    return node.meta.get("racc.example")
+    return example_of(node)
 
 
 def squeeze_broadcast(*tensors: torch.Tensor) -> list[torch.Tensor]:

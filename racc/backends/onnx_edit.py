@@ -31,7 +31,7 @@ from torch import nn
 from racc.backends.onnx import torch_export
 from racc.backends.qdq import constant_behind, drop_redundant_clamps, lower_qdq, replace_uses
 from racc.errors import ExportError
-from racc.ir.fx import TensorSpec
+from racc.ir.fx import TensorSpec, example_of
 from racc.ir.onnx import (
     ONNX_INPUTS,
     ONNX_NODES,
@@ -182,7 +182,7 @@ def _export_made(gm, made, tensor_of, prefix, opset) -> gs.Graph:
     graph.output(tuple(env[n] for n in results))
     module = fx.GraphModule(gm, graph).eval()
     generator = torch.Generator().manual_seed(0)
-    examples = tuple(_example(a.meta["racc.example"], generator) for a in reads)
+    examples = tuple(_example(example_of(a), generator) for a in reads)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "made.onnx")
         outputs = [f"{prefix}{n.name}" for n in results]
@@ -315,7 +315,7 @@ def _write_parameters(mirror: Mirror, gm, kept, graph, tensors) -> None:
                 piece.inputs[2] = gs.Constant(f"{name}.ends", np.array([stop], np.int64))
     for fx_name, node_name in mirror.flattens.items():
         if fx_name in kept_names:
-            width = kept_names[fx_name].meta["racc.example"].shape[1]
+            width = example_of(kept_names[fx_name]).shape[1]
             reshape = nodes[node_name]
             shape = constant_behind(reshape.inputs[1])
             if shape is None or list(shape.values) != [-1, width]:

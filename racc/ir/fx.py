@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover
     _LazyGraphModule = fx.GraphModule
 
 _MAX_LEAF_RETRIES = 64
+EXAMPLE = "racc.example"  # node.meta key of the value spec record_examples stores
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -179,6 +180,11 @@ def trace(model: nn.Module, copy_model: bool = True) -> TracedModel:
     )
 
 
+def example_of(node: fx.Node) -> Any:
+    """The value spec `record_examples` stored for `node` (None before it ran)."""
+    return node.meta.get(EXAMPLE)
+
+
 def spec_of_value(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return TensorSpec(tuple(value.shape), value.dtype)
@@ -198,11 +204,11 @@ class _ExampleRecorder(fx.Interpreter):
             value = super().run_node(n)
         except Exception as e:
             raise InputError(_shape_failure_message(self.module, n, self.args_of(n), e)) from e
-        n.meta["racc.example"] = spec_of_value(value)
+        n.meta[EXAMPLE] = spec_of_value(value)
         return value
 
     def args_of(self, n: fx.Node) -> list:
-        return [a.meta.get("racc.example") for a in n.all_input_nodes]
+        return [example_of(a) for a in n.all_input_nodes]
 
 
 class _ValueRecorder(fx.Interpreter):

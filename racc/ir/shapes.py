@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from racc.ir.fx import check_inputs, record_examples, spec_of_value
+from racc.ir.fx import EXAMPLE, check_inputs, record_examples, spec_of_value
 from racc.ir.ops import (
     BATCH_NORMS,
     BINARY_FUNCTIONS,
@@ -81,7 +81,7 @@ class _MetaRecorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
-        n.meta["racc.example"] = spec_of_value(value)
+        n.meta[EXAMPLE] = spec_of_value(value)
         return value
 
     def placeholder(self, target, args, kwargs):

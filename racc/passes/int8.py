@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from racc.cpu import TARGETS, this_cpu
 from racc.errors import BudgetError, InputError, PassConfigError
-from racc.ir.fx import TensorSpec, module_call_counts, node_values, record_examples
+from racc.ir.fx import TensorSpec, example_of, module_call_counts, node_values, record_examples
 from racc.ir.ops import CONVS, is_depthwise
 from racc.metrics import OutputError
 from racc.nn.ort_int8 import QuantizedGraphModule
@@ -332,7 +332,7 @@ def _decompose_silu(gm: fx.GraphModule) -> None:
 
 
 def _is_tensor(arg: Any) -> bool:
-    return isinstance(arg, fx.Node) and isinstance(arg.meta.get("racc.example"), TensorSpec)
+    return isinstance(arg, fx.Node) and isinstance(example_of(arg), TensorSpec)
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:

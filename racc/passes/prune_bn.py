@@ -31,6 +31,7 @@ from racc.analysis.constants import constant_nodes
 from racc.analysis.flow import ParamAxis
 from racc.analysis.groups import ChannelGroup
 from racc.errors import PassConfigError, PruneError
+from racc.ir.fx import node_values
 from racc.ir.ops import BATCH_NORMS, CONVS
 from racc.metrics import OutputError
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
@@ -248,18 +249,6 @@ def _zero_exactness(reference, gm, request, inputs) -> Exactness:
     return "exact" if OutputError.between(reference, after).exact else "needs_finetune"
 
 
-class _Capture(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, names: set[str]):
-        super().__init__(gm)
-        self.names, self.values = names, {}
-
-    def run_node(self, n: fx.Node):
-        value = super().run_node(n)
-        if n.name in self.names:
-            self.values[n.name] = value
-        return value
-
-
 @torch.no_grad()
 def fold_constant_channels(gm: fx.GraphModule, request, inputs) -> list[str]:
     """Fold channels that are constant where a conv or linear reads them into its bias.
@@ -278,8 +267,7 @@ def fold_constant_channels(gm: fx.GraphModule, request, inputs) -> list[str]:
         for node in constant_nodes(group, _constant_sources(gm, group, idx)):
             constant_at.setdefault(node, set()).update(units)
     readers = [a for a in analysis.flow.param_axes if a.role == "in" and a.feeds in constant_at]
-    capture = _Capture(gm, {a.feeds.name for a in readers})
-    capture.run(*inputs)
+    captured = node_values(gm, inputs, {a.feeds.name for a in readers})
     folded = []
     for reader in readers:
         layer = gm.get_submodule(reader.owner)
@@ -290,7 +278,7 @@ def fold_constant_channels(gm: fx.GraphModule, request, inputs) -> list[str]:
         if not len(positions):
             continue
         channel_axis = 1 if isinstance(layer, nn.modules.conv._ConvNd) else -1
-        values = capture.values[reader.feeds.name].movedim(channel_axis, 0)[positions]
+        values = captured[reader.feeds.name].movedim(channel_axis, 0)[positions]
         values = values.flatten(1)[:, 0]  # constant everywhere: any element will do
         weight = layer.weight[:, torch.from_numpy(positions)]
         delta = weight.flatten(2).sum(2) @ values if weight.dim() > 2 else weight @ values

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from racc.errors import EquivalenceError, PassConfigError
-from racc.ir.fx import module_call_counts, node_values
+from racc.ir.fx import example_of, module_call_counts, node_values
 from racc.metrics import OutputError
 from racc.nn.rac import RacBank, RacConv2d
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
@@ -217,7 +217,7 @@ class RewriteConv3x3ToRac(Pass):
                 if tuple(conv.kernel_size) == (3, 3) or patterns:
                     result.skipped.append(Skip(node.target, reason))
                 continue
-            blocks.append(_Block(node, conv, node.meta["racc.example"].shape[2:]))
+            blocks.append(_Block(node, conv, example_of(node).shape[2:]))
         self._check_matched(blocks, threes, result)
         return blocks
 
