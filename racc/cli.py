@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from racc.analysis.stages import rac_stages
 from racc.errors import ExportError, InputError, PassConfigError, RaccError
 from racc.models import DEFAULT_SHAPE, Model, load_model, parse_shape, read_file, torch_load
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
 _CHECKS = {"full": True, "graph": "graph", "none": False}  # --check -> export_onnx(check=...)
-_RAC_PROBE = "rac"
 _FUSE_PROBE = "fuse-5x5{policy=all,allow_nonlinear=true}"
 
 
@@ -165,16 +165,16 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.groups or every:
         print("\n## Channel groups (zero-invariant: prune-bn removes channels per group)\n")
         print(analysis)
-    for wanted, probe, title in (
-        (args.stages, _RAC_PROBE, "RAC stages (convs that would share one bank, by `rac`)"),
-        (args.pairs, _FUSE_PROBE, "Fusable conv pairs (`fuse-5x5` wherever the math allows)"),
-    ):
-        if wanted or every:
-            row = racc.compile(module, probe, (x,), explain=True).racc_report.rows[-1]
-            notes = [f"- {note}" for note in row.notes] + [""] * bool(row.notes)
-            table = markdown_table(row.table) if row.table else ["none"]
-            skipped = ["", "left alone:"] + [f"- {s}" for s in row.skipped] if row.skipped else []
-            print("\n".join([f"\n## {title}\n", *notes, *table, *skipped]))
+    if args.stages or every:
+        print("\n## RAC stages (convs that would share one bank, by `rac`)\n")
+        print(rac_stages(analysis.traced.gm))
+    if args.pairs or every:  # still found by running the pass (issue 19: analysis/chains.py)
+        row = racc.compile(module, _FUSE_PROBE, (x,), explain=True).racc_report.rows[-1]
+        notes = [f"- {note}" for note in row.notes] + [""] * bool(row.notes)
+        table = markdown_table(row.table) if row.table else ["none"]
+        skipped = ["", "left alone:"] + [f"- {s}" for s in row.skipped] if row.skipped else []
+        title = "Fusable conv pairs (`fuse-5x5` wherever the math allows)"
+        print("\n".join([f"\n## {title}\n", *notes, *table, *skipped]))
     if args.explain:
         calibration = calibration_from_args(args, shape) if calibrates else None
         opt = racc.compile(

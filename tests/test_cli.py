@@ -124,11 +124,18 @@ def test_inspect_lists_groups_stages_pairs_and_explains_a_pipeline(capsys):
     assert "11.69M params" in out
     assert "group 1 (64 ch): conv1.out => bn1 => layer1.0.conv1.in" in out
     assert "14 channel groups, 12 prunable" in out
-    assert "stage 'layer1' (C=64, 4 blocks, one bank m=8 k=3)" in out
-    assert "| layer4 | layer4.1.conv2 | 512 -> 512 | 1 |" in out
+    assert "| layer1 | 64 | 16x16 | 4 | layer1.0.conv1, layer1.0.conv2, layer1.1.conv1" in out
+    assert "| layer4 | 512 | 2x2 | 3 | layer4.0.conv2, layer4.1.conv1, layer4.1.conv2 |" in out
     assert "| layer1.0.conv1+layer1.0.conv2 | 1x64x16x16 |" in out
     assert "- layer4.1.bn2" in out  # explain lists every matched node, not only five
     assert "... more" not in out
+
+
+def test_inspect_stages_compiles_nothing(capsys, monkeypatch):
+    monkeypatch.setattr(racc, "compile", lambda *a, **k: pytest.fail("inspect compiled"))
+    code, out, err = run(capsys, "inspect", "torchvision:resnet18", *SHAPE, "--stages")
+    assert code == 0, err
+    assert "| layer2 | 128 | 8x8 | 3 |" in out
 
 
 def test_inspect_shows_only_the_sections_asked_for(capsys):

@@ -14,17 +14,16 @@ convs of one ResNet layer, one DenseNet dense block); a bank is shared only with
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from racc.analysis.stages import Stage, StageConv, rac_stages
 from racc.errors import EquivalenceError, PassConfigError
-from racc.ir.fx import example_of, module_call_counts, node_values
+from racc.ir.fx import node_values
 from racc.metrics import OutputError
 from racc.nn.rac import RacBank, RacConv2d
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
@@ -52,24 +51,6 @@ PRESETS: dict[str, Preset] = {
     "densenet121": Preset(("features.denseblock*.denselayer*.conv2",), 58, 32),
     "efficientnet_b0": Preset(("features.4.*.block.1.0",), 3, None, grouped=True),
 }
-
-
-@dataclass
-class _Block:
-    node: fx.Node
-    conv: nn.Conv2d
-    out_hw: tuple[int, ...]
-
-    @property
-    def name(self) -> str:
-        return self.node.target
-
-
-@dataclass
-class _Stage:
-    name: str
-    channels: int
-    blocks: list[_Block]
 
 
 class RewriteConv3x3ToRac(Pass):
@@ -179,49 +160,17 @@ class RewriteConv3x3ToRac(Pass):
 
     # --- matching -------------------------------------------------------------------------------
 
-    def _why_not(self, conv: nn.Module, grouped: bool, calls: int) -> str:
-        if tuple(conv.kernel_size) != (3, 3):
-            side = "x".join(map(str, conv.kernel_size))
-            return f"kernel {side}: rac replaces 3x3 convs"
-        if conv.groups > 1 and not grouped:
-            return (
-                f"groups={conv.groups}: a RAC block reads every input channel, so it would "
-                "replace this grouped/depthwise conv by a dense operator; set grouped=true (the "
-                "efficientnet_b0 preset does) to replace it anyway"
-            )
-        if tuple(conv.dilation) != (1, 1):
-            return f"dilation {tuple(conv.dilation)}: RAC filters are undilated"
-        if conv.padding_mode != "zeros" or conv.padding != (1, 1):
-            return f"padding {conv.padding} ({conv.padding_mode}): RAC pads a 3x3 window by 1 with zeros"
-        if calls > 1:
-            return "the module is called more than once"
-        return ""
-
-    def _match(self, gm: fx.GraphModule, result: PassResult) -> list[_Block]:
-        patterns, preset = self._patterns(), self._preset()
+    def _match(self, gm: fx.GraphModule, result: PassResult) -> list[Stage]:
+        preset = self._preset()
         grouped = self.grouped or bool(preset and preset.grouped)
-        calls = module_call_counts(gm)
-        threes, blocks = [], []
-        for node in gm.graph.nodes:
-            if node.op != "call_module":
-                continue
-            conv = gm.get_submodule(node.target)
-            if type(conv) is not nn.Conv2d:
-                continue
-            if tuple(conv.kernel_size) == (3, 3):
-                threes.append(node.target)
-            if patterns and not any(fnmatchcase(node.target, p) for p in patterns):
-                continue
-            reason = self._why_not(conv, grouped, calls[node.target])
-            if reason:
-                if tuple(conv.kernel_size) == (3, 3) or patterns:
-                    result.skipped.append(Skip(node.target, reason))
-                continue
-            blocks.append(_Block(node, conv, example_of(node).shape[2:]))
-        self._check_matched(blocks, threes, result)
-        return blocks
+        facts = rac_stages(gm, self._patterns(), grouped)
+        result.skipped += [Skip(name, why) for name, why in facts.skipped]
+        self._check_matched(facts.convs, facts.threes, result)
+        return facts.stages
 
-    def _check_matched(self, blocks: list[_Block], threes: list[str], result: PassResult) -> None:
+    def _check_matched(
+        self, blocks: list[StageConv], threes: list[str], result: PassResult
+    ) -> None:
         preset = self._preset()
         names = [b.name for b in blocks]
         if preset:
@@ -243,29 +192,21 @@ class RewriteConv3x3ToRac(Pass):
                 f"{_listing(threes) or 'none'}; presets: {', '.join(PRESETS)}"
             )
 
-    def _stages(self, blocks: list[_Block]) -> list[_Stage]:
-        stages: dict[tuple, _Stage] = {}
-        for b in blocks:
-            key = (b.conv.in_channels, b.out_hw)
-            stages.setdefault(key, _Stage("", b.conv.in_channels, [])).blocks.append(b)
-        for stage in stages.values():
-            stage.name = _common_prefix([b.name for b in stage.blocks])
-        return list(stages.values())
-
     # --- the rewrite ------------------------------------------------------------------------------
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(gm, modified=False)
-        blocks = self._match(gm, result)
-        if not blocks:
+        stages = self._match(gm, result)
+        if not stages:
             result.skipped.append(Skip("model", "no replaceable 3x3 conv"))
             return result
-        values = node_values(gm, ctx.example_inputs, {b.node.args[0].name for b in blocks})
+        reads = {c.node.args[0].name for stage in stages for c in stage.convs}
+        values = node_values(gm, ctx.example_inputs, reads)
         generator = torch.Generator().manual_seed(self.seed)
         total_before = total_after = 0
-        for stage in self._stages(blocks):
+        for stage in stages:
             rac = self._build(stage, generator, result)
-            for block, new in zip(stage.blocks, rac, strict=True):
+            for block, new in zip(stage.convs, rac, strict=True):
                 _check_forms(block.name, new, values[block.node.args[0].name])
                 gm.set_submodule(block.name, new.to_dense() if self.deploy == "dense" else new)
                 result.matched.append(block.name)
@@ -291,16 +232,16 @@ class RewriteConv3x3ToRac(Pass):
         result.modified = True
         return result
 
-    def _sizes(self, stage: _Stage, rac: list[RacConv2d]) -> tuple[int, int]:
+    def _sizes(self, stage: Stage, rac: list[RacConv2d]) -> tuple[int, int]:
         """Parameters of the stage's convs before, and of what replaces them (the bank once)."""
-        before = _params([b.conv for b in stage.blocks])
+        before = _params([b.conv for b in stage.convs])
         deployed = rac if self.deploy == "factored" else [r.to_dense() for r in rac]
         return before, _params(deployed)
 
     def _build(
-        self, stage: _Stage, generator: torch.Generator, result: PassResult
+        self, stage: Stage, generator: torch.Generator, result: PassResult
     ) -> list[RacConv2d]:
-        convs = [b.conv for b in stage.blocks]
+        convs = [b.conv for b in stage.convs]
         weight = convs[0].weight
         pairs = self.stage_pairs(len(convs), generator)
         bank = RacBank(stage.channels, self.m, self.k, device=weight.device, dtype=weight.dtype)
@@ -324,10 +265,10 @@ class RewriteConv3x3ToRac(Pass):
                     block.mixer.weight.uniform_(-bound, bound, generator=generator)
                 block.mixer.bias.copy_(conv.bias if conv.bias is not None else 0)
             rac.append(block)
-            result.table.append(self._row(stage, stage.blocks[i], block, fit, i))
+            result.table.append(self._row(stage, stage.convs[i], block, fit, i))
         return rac
 
-    def _row(self, stage: _Stage, b: _Block, block: RacConv2d, fit, i: int) -> dict[str, Any]:
+    def _row(self, stage: Stage, b: StageConv, block: RacConv2d, fit, i: int) -> dict[str, Any]:
         if fit is not None:
             error, floor = fit.errors[i], fit.floors[i]
         else:
@@ -363,12 +304,6 @@ def _check_forms(name: str, block: RacConv2d, x: torch.Tensor) -> None:
 def _params(modules: list[nn.Module]) -> int:
     unique = {id(p): p for m in modules for p in m.parameters()}
     return sum(p.numel() for p in unique.values())
-
-
-def _common_prefix(names: list[str]) -> str:
-    parts = [n.split(".") for n in names]
-    common = os.path.commonprefix(parts)
-    return ".".join(common) if common else names[0]
 
 
 def _listing(names: list[str]) -> str:

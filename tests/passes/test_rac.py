@@ -242,3 +242,25 @@ def test_preset_on_the_wrong_architecture_names_the_expected_modules():
     message = str(e.value)
     assert "preset 'resnet50' expects 6 3x3 convs matching layer3.*.conv2" in message
     assert "layer3.0.conv2, layer3.1.conv2" in message
+
+
+def test_stages_are_facts_of_the_graph():
+    """rac_stages groups replaceable 3x3 convs by input channels and output size, and says why it
+    leaves the others; padding='same' on a 3x3 is padding 1 and is replaceable."""
+    from racc.analysis.stages import rac_stages
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Conv2d(8, 8, 3, padding="same"),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4),
+    ).eval()
+    facts = rac_stages(racc.analyze(model, (torch.randn(1, 8, 12, 12),)).traced.gm)
+    assert [(s.channels, [c.name for c in s.convs]) for s in facts.stages] == [
+        (8, ["0", "1"]),
+        (8, ["3"]),
+    ]
+    assert [name for name, _ in facts.skipped] == ["2", "4"]
+    assert "dilation" in facts.skipped[0][1] and "groups=4" in facts.skipped[1][1]
