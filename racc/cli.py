@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
+from racc.analysis.chains import fusable_chains
 from racc.analysis.stages import rac_stages
 from racc.errors import ExportError, InputError, PassConfigError, RaccError
 from racc.models import DEFAULT_SHAPE, Model, load_model, parse_shape, read_file, torch_load
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
 _CHECKS = {"full": True, "graph": "graph", "none": False}  # --check -> export_onnx(check=...)
-_FUSE_PROBE = "fuse-5x5{policy=all,allow_nonlinear=true}"
 
 
 # --- inputs -----------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     import racc
     from racc.analysis.cost import measure_cost
-    from racc.text import markdown_table, mib, si
+    from racc.text import mib, si
 
     calibrates = bool(args.explain) and _needs_calibration(args.explain)  # checks the pipeline
     model = _load(args)
@@ -168,13 +168,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.stages or every:
         print("\n## RAC stages (convs that would share one bank, by `rac`)\n")
         print(rac_stages(analysis.traced.gm))
-    if args.pairs or every:  # still found by running the pass (issue 19: analysis/chains.py)
-        row = racc.compile(module, _FUSE_PROBE, (x,), explain=True).racc_report.rows[-1]
-        notes = [f"- {note}" for note in row.notes] + [""] * bool(row.notes)
-        table = markdown_table(row.table) if row.table else ["none"]
-        skipped = ["", "left alone:"] + [f"- {s}" for s in row.skipped] if row.skipped else []
-        title = "Fusable conv pairs (`fuse-5x5` wherever the math allows)"
-        print("\n".join([f"\n## {title}\n", *notes, *table, *skipped]))
+    if args.pairs or every:
+        print(
+            "\n## Fusable conv chains (`fuse-5x5` wherever the math allows, across activations)\n"
+        )
+        print(fusable_chains(analysis.traced.gm, allow_nonlinear=True))
     if args.explain:
         calibration = calibration_from_args(args, shape) if calibrates else None
         opt = racc.compile(

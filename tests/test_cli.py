@@ -126,16 +126,18 @@ def test_inspect_lists_groups_stages_pairs_and_explains_a_pipeline(capsys):
     assert "14 channel groups, 12 prunable" in out
     assert "| layer1 | 64 | 16x16 | 4 | layer1.0.conv1, layer1.0.conv2, layer1.1.conv1" in out
     assert "| layer4 | 512 | 2x2 | 3 | layer4.0.conv2, layer4.1.conv1, layer4.1.conv2 |" in out
-    assert "| layer1.0.conv1+layer1.0.conv2 | 1x64x16x16 |" in out
+    assert "| layer1.0.conv1+layer1.0.conv2 | 3x3 s1 p1 + 3x3 s1 p1 | 5x5 s1 p2 | 18.87M |" in out
+    assert "- layer2.0.conv1+layer2.0.conv2: the fused kernel 7x7 exceeds max_kernel=5" in out
     assert "- layer4.1.bn2" in out  # explain lists every matched node, not only five
     assert "... more" not in out
 
 
-def test_inspect_stages_compiles_nothing(capsys, monkeypatch):
+def test_inspect_stages_and_pairs_compile_nothing(capsys, monkeypatch):
     monkeypatch.setattr(racc, "compile", lambda *a, **k: pytest.fail("inspect compiled"))
-    code, out, err = run(capsys, "inspect", "torchvision:resnet18", *SHAPE, "--stages")
+    code, out, err = run(capsys, "inspect", "torchvision:resnet18", *SHAPE, "--stages", "--pairs")
     assert code == 0, err
     assert "| layer2 | 128 | 8x8 | 3 |" in out
+    assert "| layer4.1.conv1+layer4.1.conv2 |" in out
 
 
 def test_inspect_shows_only_the_sections_asked_for(capsys):

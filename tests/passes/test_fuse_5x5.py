@@ -12,8 +12,8 @@ from torch import nn
 import racc
 from racc.errors import PassConfigError
 from racc.nn.border import BorderExactConv
+from racc.nn.compose import compose
 from racc.passes import FuseConv3x3PairInto5x5
-from racc.passes.fuse_5x5 import compose
 from tests.conftest import ZOO, assert_close, example, zoo_model
 
 F64 = 1e-10  # the bar for an exact composition computed in float64
@@ -370,3 +370,18 @@ def test_a_conv_that_pads_other_than_with_zeros_is_skipped_with_the_reason():
     assert [str(s) for s in skipped] == [
         "0+1: '1' pads with padding_mode='reflect'; only zero padding composes"
     ]
+
+
+def test_chain_facts_agree_with_the_pass():
+    """analysis.chains lists, without compiling, the chains the pass fuses under policy=all."""
+    from racc.analysis.chains import fusable_chains
+
+    model, x = zoo_model("resnet18")
+    facts = fusable_chains(racc.analyze(model, (x,)).traced.gm, allow_nonlinear=True)
+    opt = racc.compile(model, "fuse-5x5{policy=all,allow_nonlinear=true}", (x,))
+    fused = [m.split(" -> ")[0] for m in opt.racc_report.rows[-1].matched]
+    assert [row["convs"] for row in facts.rows] == fused and len(fused) == 5
+    table = {row["convs"]: row for row in opt.racc_report.rows[-1].table}
+    for row in facts.rows:
+        assert row["MACs after"] == table[row["convs"]]["MACs after"]
+        assert row["exactness"] == table[row["convs"]]["exactness"] == "needs_finetune"
