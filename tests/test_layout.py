@@ -15,7 +15,7 @@ BASE = {"errors", "text", "metrics", "cpu"}
 ALLOWED = {
     **{name: BASE for name in BASE},
     "ir": BASE,
-    "nn": BASE,
+    "nn": BASE | {"ir"},
     "analysis": BASE | {"ir", "nn"},
     "backends": BASE | {"ir", "nn"},
     "timing": BASE | {"backends"},

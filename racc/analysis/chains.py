@@ -25,7 +25,13 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from racc.ir.fx import example_of, module_call_counts
-from racc.ir.ops import BATCH_NORMS, CONVS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
+from racc.ir.ops import (
+    BATCH_NORMS,
+    CONVS,
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_MODULES,
+    zero_padding,
+)
 from racc.nn.border import BorderExactConv, chain_sizes, conv_macs, geometries, interior
 from racc.nn.compose import compose
 from racc.text import markdown_table
@@ -316,18 +322,6 @@ def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         return f"'{node.target}' ({type(gm.get_submodule(node.target)).__name__})"
     return f"'{node.name}' ({getattr(node.target, '__name__', node.target)})"
-
-
-def zero_padding(conv: nn.Module) -> tuple[int, ...] | None:
-    """The conv's symmetric zero padding per axis, or None if it pads any other way."""
-    if conv.padding_mode != "zeros":
-        return None
-    if conv.padding == "valid":
-        return (0,) * len(conv.kernel_size)
-    if conv.padding == "same":
-        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-        return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
-    return tuple(conv.padding)
 
 
 def as_float64(module: nn.Module) -> nn.Module:

@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from racc.ir.fx import example_of, module_call_counts
+from racc.ir.ops import zero_padding
 from racc.text import markdown_table
 
 
@@ -106,12 +107,10 @@ def why_not_rac(conv: nn.Conv2d, grouped: bool, calls: int) -> str:
         )
     if tuple(conv.dilation) != (1, 1):
         return f"dilation {tuple(conv.dilation)}: RAC filters are undilated"
-    if conv.padding_mode != "zeros" or conv.padding not in ((1, 1), "same"):
+    if zero_padding(conv) != (1, 1):
         return (
             f"padding {conv.padding} ({conv.padding_mode}): RAC pads a 3x3 window by 1 with zeros"
         )
-    if conv.padding == "same" and tuple(conv.stride) != (1, 1):
-        return "padding='same' with a stride: torch refuses it, RAC pads by 1"
     if calls > 1:
         return "the module is called more than once"
     return ""

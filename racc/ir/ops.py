@@ -1,10 +1,13 @@
-"""Op families that more than one stage needs to recognise (the shape run, the channel rules)."""
+"""Op families that more than one stage needs to recognise (the shape run, the channel rules, the
+int8 planner and its emulation of ONNX Runtime), and how a conv pads: read here, never again."""
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,3 +39,61 @@ BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.B
 def is_depthwise(module: nn.Module) -> bool:
     """A conv with one input and one output channel per group."""
     return isinstance(module, CONVS) and module.in_channels == module.out_channels == module.groups
+
+
+@dataclass(frozen=True)
+class Family:
+    """Ops that do one thing, however the model spells it: module types (isinstance), functions
+    (identity) and Tensor method names."""
+
+    modules: tuple[type[nn.Module], ...] = ()
+    functions: tuple = ()
+    methods: frozenset[str] = frozenset()
+
+    def __or__(self, other: Family) -> Family:
+        return Family(
+            self.modules + other.modules,
+            self.functions + other.functions,
+            self.methods | other.methods,
+        )
+
+
+def matches(gm: fx.GraphModule, node: fx.Node, family: Family) -> bool:
+    """Whether fx `node` of `gm` is an op of `family`."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), family.modules)
+    if node.op == "call_function":
+        return node.target in family.functions
+    return node.op == "call_method" and node.target in family.methods
+
+
+RELU = Family((nn.ReLU,), (F.relu, torch.relu), frozenset({"relu"}))
+RELU6 = Family((nn.ReLU6,), (F.relu6,))
+ADD = Family((), (operator.add, torch.add), frozenset({"add"}))
+MUL = Family((), (operator.mul, torch.mul), frozenset({"mul"}))
+
+
+def is_global_average_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An average pool to 1x1 (ONNX's GlobalAveragePool): AdaptiveAvgPool2d(1) as a module or
+    as F.adaptive_avg_pool2d(x, 1)."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
+    return (
+        node.op == "call_function"
+        and node.target is F.adaptive_avg_pool2d
+        and node.args[1:2] in ((1,), ((1, 1),))
+    )
+
+
+def zero_padding(conv: nn.Module) -> tuple[int, ...] | None:
+    """The conv's symmetric zero padding per axis, or None if it pads any other way (another
+    padding_mode, or padding="same" with an odd total, which torch splits unevenly)."""
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    if conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+    return tuple(conv.padding)

@@ -29,22 +29,15 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
+from racc.ir.ops import ADD, MUL, RELU, RELU6, is_global_average_pool, matches
 from racc.nn.quant import FakeQuant, QuantizedLayer, clamp_absorbed
-
-_ADD = {operator.add, torch.add, "add"}
-_MUL = {operator.mul, torch.mul, "mul"}
-_RELU = {F.relu, torch.relu, "relu"}
-_RELU6 = {F.relu6}
-_GLOBAL_POOL = {F.adaptive_avg_pool2d}
 
 
 class OrtInt8Interpreter(fx.Interpreter):
@@ -82,16 +75,11 @@ class OrtInt8Interpreter(fx.Interpreter):
             return functools.partial(_layer, module, inputs[0], out)
         if out is None:
             return None
-        op = module if module is not None else node.target
-        if op in _ADD and len(inputs) == 2:
+        if matches(self.module, node, ADD) and len(inputs) == 2:
             return functools.partial(_add, *inputs, out)
-        if op in _MUL and len(inputs) == 2:
+        if matches(self.module, node, MUL) and len(inputs) == 2:
             return functools.partial(_mul, *inputs, out)
-        if isinstance(module, nn.AdaptiveAvgPool2d):
-            size = module.output_size
-        else:
-            size = node.args[1] if op in _GLOBAL_POOL and len(node.args) == 2 else None
-        if size in (1, (1, 1)):
+        if is_global_average_pool(self.module, node):
             return functools.partial(_global_average_pool, inputs[0], out)
         return None
 
@@ -110,10 +98,9 @@ class OrtInt8Interpreter(fx.Interpreter):
         out = self._quantizer(user)
         if out is not None:
             return out
-        op = self.modules.get(user.target) if user.op == "call_module" else user.target
-        if isinstance(op, nn.ReLU) or op in _RELU:
+        if matches(self.module, user, RELU):
             high = math.inf
-        elif isinstance(op, nn.ReLU6) or op in _RELU6:
+        elif matches(self.module, user, RELU6):
             high = 6.0
         else:
             return None

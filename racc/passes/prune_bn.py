@@ -32,7 +32,7 @@ from racc.analysis.flow import ParamAxis
 from racc.analysis.groups import ChannelGroup
 from racc.errors import PassConfigError, PruneError
 from racc.ir.fx import node_values
-from racc.ir.ops import BATCH_NORMS, CONVS
+from racc.ir.ops import BATCH_NORMS, CONVS, zero_padding
 from racc.metrics import OutputError
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
 from racc.passes.channels import prune_channels, zero_channels
@@ -324,6 +324,6 @@ def _register_bias(analysis, owner: str) -> None:
 
 
 def _pads(conv: nn.modules.conv._ConvNd) -> bool:
-    if isinstance(conv.padding, str):
-        return conv.padding == "same" and any(k > 1 for k in conv.kernel_size)
-    return any(p != 0 for p in conv.padding)
+    """Whether the conv's border outputs read padding (zeros, or any other mode)."""
+    padding = zero_padding(conv)
+    return padding is None or any(padding)

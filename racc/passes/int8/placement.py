@@ -3,7 +3,6 @@ quantization through, which clamps a quantizer absorbs."""
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -13,38 +12,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from racc.ir.fx import TensorSpec, example_of
-from racc.ir.ops import CONVS
+from racc.ir.ops import ADD, CONVS, MUL, RELU, RELU6, Family, is_global_average_pool, matches
 
 # ReLU-like clamps whose lower end is 0: fused into the quantizer that follows them.
-_CLAMP_MODULES = (nn.ReLU, nn.ReLU6)
-_CLAMP_FUNCTIONS = (F.relu, torch.relu, F.relu6)
-# Ops ONNX Runtime runs on uint8 when their inputs and output are quantized (QLinear forms).
-_INT8_MODULES = (nn.Sigmoid, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-_INT8_FUNCTIONS = (
-    operator.add,
-    torch.add,
-    operator.mul,
-    torch.mul,
-    torch.cat,
-    torch.sigmoid,
-    F.sigmoid,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.avg_pool3d,
+CLAMPS = RELU | RELU6
+# Ops ONNX Runtime runs on uint8 when their inputs and output are quantized (QLinear forms); the
+# global average pool is one too (is_global_average_pool).
+INT8 = (
+    ADD
+    | MUL
+    | Family(
+        (nn.Sigmoid, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
+        (torch.cat, torch.sigmoid, F.sigmoid, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d),
+        frozenset({"sigmoid"}),
+    )
 )
-_INT8_METHODS = {"add", "mul", "sigmoid"}
 # Ops that move or select values: they run on uint8 with their input's scale and zero point.
-_PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity, nn.Dropout)
-_PASS_FUNCTIONS = (
-    torch.flatten,
-    torch.reshape,
-    torch.permute,
-    torch.transpose,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-)
-_PASS_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous"}
+PASS_THROUGH = Family(
+    (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity, nn.Dropout),
+    (torch.flatten, torch.reshape, torch.permute, torch.transpose, F.max_pool1d, F.max_pool2d,
+     F.max_pool3d),
+    frozenset({"view", "reshape", "flatten", "permute", "transpose", "contiguous"}),
+)  # fmt: skip
 
 
 def is_tensor(arg: Any) -> bool:
@@ -56,35 +45,24 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in args if isinstance(a, fx.Node)]
 
 
-def _matches(node: fx.Node, types: tuple, functions: tuple, methods: set, gm) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), types)
-    if node.op == "call_function":
-        return node.target in functions
-    return node.op == "call_method" and node.target in methods
-
-
 def kind_of(gm: fx.GraphModule, node: fx.Node) -> str:
     """weighted | clamp | int8 | pass | float | other, as ONNX Runtime's CPU provider treats it."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if (isinstance(m, CONVS) and m.padding_mode == "zeros") or isinstance(m, nn.Linear):
             return "weighted"
-        if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
-            return "int8"  # GlobalAveragePool
     if node.op in ("placeholder", "output", "get_attr") or not is_tensor(node):
         return "other"
-    if _matches(node, _CLAMP_MODULES, _CLAMP_FUNCTIONS, {"relu"}, gm):
+    if is_global_average_pool(gm, node):
+        return "int8"
+    if matches(gm, node, CLAMPS):
         return "clamp"
-    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
-        return "int8" if node.args[1:2] in ((1,), ((1, 1),)) else "float"
-    if _matches(node, _INT8_MODULES, _INT8_FUNCTIONS, _INT8_METHODS, gm):
+    if matches(gm, node, INT8):
         args = tensor_inputs(node)
-        binary = node.target in (operator.add, torch.add, operator.mul, torch.mul, "add", "mul")
-        if binary and len(args) != 2:
+        if matches(gm, node, ADD | MUL) and len(args) != 2:
             return "float"  # with a constant: no QLinear form
         return "int8" if all(map(is_tensor, args)) else "float"
-    if _matches(node, _PASS_MODULES, _PASS_FUNCTIONS, _PASS_METHODS, gm):
+    if matches(gm, node, PASS_THROUGH):
         return "pass"
     return "float"
 
