@@ -19,7 +19,7 @@ from racc.analysis.blocks import block_grid, block_params
 from racc.analysis.cost import layer_widths, measure_cost
 from racc.backends.onnx import check_onnx_outputs
 from racc.backends.onnx_edit import WrittenBack, write_back
-from racc.errors import EquivalenceError, PassConfigError, RaccError
+from racc.errors import EquivalenceError, RaccError
 from racc.ir import onnx as onnx_ir
 from racc.ir.fx import node_values, normalize_inputs, record_examples, trace
 from racc.ir.onnx import is_onnx
@@ -65,6 +65,8 @@ def compile(
         >>> print(opt.racc_report)
     """
     pipeline = as_passes(passes)
+    for p in pipeline:  # before any work: what a pass cannot do on this kind of model
+        p.check_source("onnx" if is_onnx(model) else "torch")
     if is_onnx(model):
         return _compile_onnx(model, pipeline, example_inputs, explain, calibration, progress)
     return _compile_module(
@@ -101,11 +103,16 @@ def _compile_module(
     for p in bar:
         bar.set_postfix_str(str(p))
         # Order matters: each pass sees the graph the previous one left, and is checked against it.
-        ctx = PassContext(inputs, explain, list(done), calibration)
-        gm, outputs = _run_verified(p, gm, outputs, ctx, report, grid, probes)
-        if after_pass is not None:
-            after_pass(p, gm, outputs)
-        done.append(str(p))
+        for step in [*p.prerequisites(), p]:
+            ctx = PassContext(inputs, explain, list(done), calibration)
+            needed_by = None if step is p else p
+            ran = _run_verified(step, gm, outputs, ctx, report, grid, probes, needed_by)
+            if ran is None:  # a prerequisite with nothing to do: no row
+                continue
+            gm, outputs = ran
+            if after_pass is not None:
+                after_pass(step, gm, outputs)
+            done.append(str(step))
     gm.racc_report = report
     gm.racc_example_inputs = tuple(x.detach().clone() for x in inputs)
     return gm
@@ -123,12 +130,6 @@ def _compile_onnx(source, pipeline, example_inputs, explain, calibration, progre
     """Mirror the ONNX model in fx and run the passes on the mirror (verified as for torch); after
     each pass, write the result into the ONNX graph in place (racc.backends.onnx_edit) and check
     it in ONNX Runtime."""
-    for p in pipeline:
-        if p.name == "rac" and p.init != "fit":
-            raise PassConfigError(
-                f"pass '{p}' on ONNX input needs init=fit: a file cannot be trained, so the banks "
-                "must be fitted to the convs they replace; use rac{init=fit,...}"
-            )
     proto = onnx_ir.load(source)
     mirror = onnx_ir.to_fx(proto)
     inputs = (
@@ -199,13 +200,18 @@ def _run_verified(
     report: Report,
     grid: dict,
     probes: list[tuple[str, tuple]] = (),
-) -> tuple[fx.GraphModule, Any]:
+    needed_by: Pass | None = None,
+) -> tuple[fx.GraphModule, Any] | None:
+    """Run pass `p` on `gm`, check it against `outputs` (the graph's before it) and add its report
+    row; None, and no row, for a prerequisite of `needed_by` that changed nothing."""
     before = copy.deepcopy(gm)  # to name the first differing node if an exact pass is not
     where = f"error in pass '{p}' after passes [{', '.join(ctx.previous)}]"
     start = time.perf_counter()
     try:
         result = p.call(gm, ctx)
         seconds = time.perf_counter() - start
+        if needed_by is not None and not result.modified:
+            return None
         gm = result.gm
         gm.graph.lint()
         gm.recompile()
@@ -227,7 +233,7 @@ def _run_verified(
         )
     report.rows.append(
         PassRow(
-            str(p),
+            str(p) if needed_by is None else f"{p} (for {needed_by.name})",
             exactness,
             result.matched,
             result.skipped,

@@ -24,7 +24,7 @@ FOLDER = Path(__file__).parent / "golden"
 PIPELINE = ["fold-bn", "prune-bn{ratio=0.5}", "int8"]
 MODELS = ["resnet18", "vgg19_bn", "mobilenet_v2"]
 ONNX_MODEL = "resnet18"
-_DECIMAL = re.compile(r"-?\d+\.\d+(?:e[-+]?\d+)?|\d+e[-+]?\d+")
+_DECIMAL = re.compile(r"(?<![\w.])-?\d+\.\d+(?:e[-+]?\d+)?(?![\w.])|(?<![\w.])\d+e[-+]?\d+")
 
 
 def _plain(value):

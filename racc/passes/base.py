@@ -29,6 +29,12 @@ _UNIONS = (typing.Union, types.UnionType)
 REGISTRY: dict[str, type[Pass]] = {}
 
 
+def label(node: fx.Node) -> str:
+    """How a report names a node: the module's qualified name (what skip=, protect= and where=
+    patterns match) when the node calls one, else the node's name."""
+    return node.target if node.op == "call_module" else node.name
+
+
 @dataclass(frozen=True)
 class Skip:
     """A node a pass looked at and left alone, and why (`compile(..., explain=True)` lists them)."""
@@ -83,6 +89,15 @@ class Pass:
 
     def validate(self) -> None:
         """Check option values (ranges, combinations); raise `PassConfigError` with the fix."""
+
+    def prerequisites(self) -> list[Pass]:
+        """Passes compile runs (verified, with their own report row when they change anything)
+        just before this one; a pass never runs another pass inside itself."""
+        return []
+
+    def check_source(self, kind: Literal["torch", "onnx"]) -> None:
+        """Raise `PassConfigError` if this pass, as configured, cannot run on a model of `kind`
+        (compile asks before any pass runs)."""
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError

@@ -21,7 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from racc.ir.fx import module_call_counts
 from racc.ir.ops import BATCH_NORMS, CONVS
-from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
+from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip, label
 
 
 class FoldBatchNormIntoConv(Pass):
@@ -46,7 +46,7 @@ class FoldBatchNormIntoConv(Pass):
             if node.op == "call_module" and type(gm.get_submodule(node.target)) in BATCH_NORMS:
                 reason = self.check(gm, node, calls)
                 if reason:
-                    result.skipped.append(Skip(node.name, reason))
+                    result.skipped.append(Skip(label(node), reason))
                     continue
                 self.rewrite(gm, node)
                 result.matched.append(node.target)

@@ -90,6 +90,13 @@ class RewriteConv3x3ToRac(Pass):
     deploy: Literal["factored", "dense"] = "factored"
     seed: int = 0
 
+    def check_source(self, kind: str) -> None:
+        if kind == "onnx" and self.init != "fit":
+            raise PassConfigError(
+                f"pass '{self}' on ONNX input needs init=fit: a file cannot be trained, so the "
+                "banks must be fitted to the convs they replace; use rac{init=fit,...}"
+            )
+
     def validate(self) -> None:
         if self.m < 1:
             raise PassConfigError(f"pass 'rac': option 'm' must be >= 1, got {self.m}")

@@ -71,12 +71,12 @@ def test_skip_patterns_keep_matching_bns():
     model, x = zoo_model("resnet18")
     opt = racc.compile(model, "fold-bn{skip=layer4.*|bn1}", (x,))
     kept = {s.node for s in opt.racc_report.rows[-1].skipped}
-    assert kept == {
+    assert kept == {  # by the names the patterns match
         "bn1",
-        "layer4_0_bn1",
-        "layer4_0_bn2",
-        "layer4_0_downsample_1",
-        "layer4_1_bn1",
-        "layer4_1_bn2",
+        "layer4.0.bn1",
+        "layer4.0.bn2",
+        "layer4.0.downsample.1",
+        "layer4.1.bn1",
+        "layer4.1.bn2",
     }
     assert _bns(opt) == 6

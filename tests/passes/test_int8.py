@@ -275,7 +275,8 @@ def test_prune_then_int8_composes_end_to_end(tmp_path):
     model, x = zoo_model("resnet18")
     opt = racc.compile(model, "prune-bn{ratio=0.5},int8", (x,), calibration=_batches(64, 3))
     rows = opt.racc_report.rows
-    assert [r.name for r in rows] == ["input", "prune-bn{ratio=0.5}", "int8"]
+    names = ["input", "prune-bn{ratio=0.5}", "fold-bn (for int8)", "int8"]
+    assert [r.name for r in rows] == names  # int8 needs the BNs folded: a verified row of its own
     assert rows[1].cost.macs < 0.6 * rows[0].cost.macs
     path = tmp_path / "pruned_int8.onnx"
     racc.export_onnx(opt, path)
@@ -329,10 +330,12 @@ def test_fake_quant_model_fine_tunes():
 def test_report_lists_sensitivity_sizes_and_error():
     model, x = zoo_model("mobilenet_v2")
     opt = racc.compile(model, "int8", (x,), calibration=_batches(64, count=2))
-    row = opt.racc_report.rows[-1]
+    fold, row = opt.racc_report.rows[1:]
+    assert fold.name == "fold-bn (for int8)" and fold.exactness == "exact" and fold.matched
     assert row.exactness == "approximate" and row.error.cosine > 0.98
-    with torch.no_grad():  # the error of the module as called: in eval mode, ORT's kernels
-        assert row.error == OutputError.between(model(x), opt(x))
+    folded = racc.compile(model, "fold-bn", (x,))
+    with torch.no_grad():  # the error of the module as called (eval mode: ORT's kernels),
+        assert row.error == OutputError.between(folded(x), opt(x))  # against the pass before
     assert len(row.table) == _convs(model) + 1  # every conv and the classifier
     assert all(math.isfinite(r["SQNR dB (alone)"]) and r["SQNR dB (alone)"] > 10 for r in row.table)
     text = str(opt.racc_report)

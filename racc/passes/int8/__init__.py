@@ -114,10 +114,11 @@ class QuantizeInt8(Pass):
         """The bound of `layer`'s weight codes under this pass's target."""
         return TARGETS[self.target].weight_max_for(is_depthwise(layer))
 
+    def prerequisites(self) -> list[Pass]:
+        return [FoldBatchNormIntoConv()]  # a BN left standing would stay float between int8 layers
+
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         batches = self._batches(ctx)
-        folded = FoldBatchNormIntoConv().call(gm, ctx)
-        gm = folded.gm
         if self.mode == "static":
             _decompose_silu(gm)
         record_examples(gm, ctx.example_inputs)
@@ -128,7 +129,9 @@ class QuantizeInt8(Pass):
         enabled, why = quantizer.within_budget(self.error_budget)
         result.gm = quantizer.build(enabled)
         result.matched = [quantizer.label(u) for u in enabled]
-        result.skipped += [Skip(u, f"kept fp32: {reason}") for u, reason in why.items()]
+        result.skipped += [
+            Skip(quantizer.label(u), f"kept fp32: {reason}") for u, reason in why.items()
+        ]
         result.table = quantizer.table(enabled, why)
         error = quantizer.output_error(result.gm)
         if self.error_budget is not None:
@@ -137,8 +140,7 @@ class QuantizeInt8(Pass):
         result.notes = [
             f"mode {self.mode}"
             + (f", activations {self.dtype} ({self.method})" if self.mode == "static" else "")
-            + f", weights int8 {'per channel' if self.per_channel else 'per tensor'}; "
-            f"{len(folded.matched)} BNs folded first",
+            + f", weights int8 {'per channel' if self.per_channel else 'per tensor'}",
             *self._target_notes(),
             f"{len(enabled)} of {len(quantizer.units)} layers int8; weights and biases "
             f"{mib(before)} -> {mib(after)} as deployed ({before / after:.2f}x smaller)",

@@ -23,7 +23,7 @@ from racc.nn.quant import (
     QuantizedLayer,
     affine_qparams,
 )
-from racc.passes.base import Skip
+from racc.passes.base import Skip, label
 from racc.passes.int8.calibration import BINS, SENSITIVITY_BATCHES, mse_range, percentile_range
 from racc.passes.int8.placement import (
     as_callable,
@@ -51,7 +51,7 @@ class Quantizer:
                 continue
             reason = self._skip_reason(node, calls)
             if reason:
-                self.skipped.append(Skip(node.name, reason))
+                self.skipped.append(Skip(label(node), reason))
             else:
                 self.units.append(node.name)
         with torch.no_grad():
@@ -78,8 +78,7 @@ class Quantizer:
         return ""
 
     def label(self, name: str) -> str:
-        node = self.nodes[name]
-        return node.target if node.op == "call_module" else name
+        return label(self.nodes[name])
 
     def output_error(self, model: nn.Module) -> OutputError:
         """Outputs of `model` against the float model's on the calibration batches."""
