@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from racc.analysis.chains import fusable_chains
 from racc.analysis.stages import rac_stages
+from racc.backends.files import check_writable
 from racc.errors import ExportError, InputError, PassConfigError, RaccError
 from racc.models import DEFAULT_SHAPE, Model, load_model, parse_shape, read_file, torch_load
 
@@ -75,25 +75,14 @@ def _needs_calibration(pipeline: str) -> bool:
 
 
 def check_output(path: str | None, option: str, folder: bool = False) -> None:
-    """Raise ExportError before any work if `path` (a file, or a folder racc would create) cannot
-    be written."""
+    """Raise ExportError naming `option` before any work if `path` cannot be written (the
+    folders on the way are created)."""
     if path is None:
         return
-    target = Path(path)
-    if target.exists() and target.is_dir() != folder:
-        fix = "is a file; give a folder" if folder else "is a folder; give a file path in it"
-        raise ExportError(f"option {option}: '{path}' {fix}")
-    existing = next(p for p in (target, *target.parents) if p.exists())
-    if existing != target and not existing.is_dir():
-        raise ExportError(
-            f"option {option}: cannot write '{path}': '{existing}' is a file, not a folder; "
-            "choose another path"
-        )
-    if not os.access(existing, os.W_OK):
-        raise ExportError(
-            f"option {option}: cannot write '{path}': permission denied in '{existing}'; "
-            "choose a writable path"
-        )
+    try:
+        check_writable(path, folder, makes_parents=True)
+    except ExportError as e:
+        raise ExportError(f"option {option}: {e}") from e
 
 
 def cmd_compile(args: argparse.Namespace) -> None:

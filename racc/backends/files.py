@@ -11,17 +11,28 @@ from pathlib import Path
 from racc.errors import ExportError
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """Raise `ExportError` before any work if `path` cannot be written."""
-    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if os.path.isdir(path):
-        raise ExportError(f"cannot write '{path}': it is a folder; name a file inside it")
-    if not os.path.isdir(parent):
+def check_writable(
+    path: str | os.PathLike, folder: bool = False, makes_parents: bool = False
+) -> None:
+    """Raise `ExportError` before any work if `path` (a file, or a `folder`) cannot be written.
+    With `makes_parents` the caller creates missing folders, so only an existing ancestor must be
+    a writable folder."""
+    target = Path(path)
+    if target.exists() and target.is_dir() != folder:
+        fix = "it is a file; give a folder" if folder else "it is a folder; name a file inside it"
+        raise ExportError(f"cannot write '{path}': {fix}")
+    existing = next(p for p in (target, *target.absolute().parents) if p.exists())
+    if existing != target and not existing.is_dir():
+        raise ExportError(
+            f"cannot write '{path}': '{existing}' is a file, not a folder; choose another path"
+        )
+    parent = target.absolute().parent
+    if not makes_parents and not target.exists() and existing != parent:
         raise ExportError(
             f"cannot write '{path}': folder '{parent}' does not exist; create it "
             "or choose a writable path"
         )
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    if not os.access(existing, os.W_OK):
         raise ExportError(f"cannot write '{path}': permission denied; choose a writable path")
 
 

@@ -22,6 +22,7 @@ from racc.backends.qdq import check_int8_kernels, check_target, lower_qdq
 from racc.cpu import this_cpu
 from racc.errors import ExportError
 from racc.ir.fx import eval_mode, normalize_inputs
+from racc.ir.ops import zero_padding
 from racc.metrics import OutputError, output_step
 from racc.nn.quant import is_quantized
 
@@ -111,11 +112,11 @@ def explicit_same_padding(model: nn.Module) -> nn.Module:
         return model
     model = copy.deepcopy(model)
     for conv in filter(same, model.modules()):
-        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-        if all(t % 2 == 0 for t in totals):
-            conv.padding = tuple(t // 2 for t in totals)
+        padding = zero_padding(conv)  # symmetric when every total is even
+        conv.padding = padding or (0,) * len(conv.kernel_size)
+        if padding is not None:
             continue
-        conv.padding = (0,) * len(totals)
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
         pads = [p for t in reversed(totals) for p in (t // 2, t - t // 2)]
         conv._conv_forward = _padded_first(conv._conv_forward, pads)
     return model

@@ -87,7 +87,8 @@ def check_model(model: Any) -> None:
             "Python forward is gone, so torch.fx cannot trace it; compile the nn.Module it was "
             "made from, or export it to ONNX and compile the .onnx file"
         )
-    for name, p in (*model.named_parameters(), *model.named_buffers()):
+    parameters = dict(model.named_parameters())
+    for name, p in (*parameters.items(), *model.named_buffers()):
         if p.is_meta:
             raise UnsupportedModelError(
                 f"'{name}' is on the meta device and holds no values, so no pass could be "
@@ -99,8 +100,7 @@ def check_model(model: Any) -> None:
                 f"'{name}' has dtype {p.dtype}; racc compiles float32 (or float64) models: "
                 "compile model.float(), then convert the result to half precision if needed"
             )
-    for name, p in model.named_parameters():
-        if not p.is_floating_point():
+        if name in parameters and not p.is_floating_point():
             raise UnsupportedModelError(
                 f"parameter '{name}' has dtype {p.dtype}; racc transforms floating-point models "
                 "only: compile the float model and quantize it with the int8 pass"
