@@ -1,11 +1,12 @@
 """Writing a compiled ONNX mirror back into its ONNX model, in place, with onnx-graphsurgeon.
 
-Each fx node of the mirror remembers the ONNX node(s) it implements, the tensor it computes and the
-tensors it reads (racc.ir.onnx). After the passes, a node whose op is unchanged (its function, or
-its layer's class and geometry: `structure_key`) is *kept*: its ONNX node stays under its name,
-with the layer's parameters written into its initializers (sliced where channels were pruned), a
-Conv's group and bias, a Split's sizes, Slice bounds and a flatten's width updated, and its inputs
-rewired where the mirror now feeds it another value.
+Each fx node of the mirror remembers the ONNX node(s) it implements and their op type, the tensor
+it computes, the tensors it reads and the initializers it holds (racc.ir.onnx). After the passes,
+a node whose op is unchanged (its function, or its layer's class and geometry: `structure_key`) is
+*kept*: its ONNX node stays under its name, with its parameters written into its initializers
+(sliced where channels were pruned), what else its op type's `OnnxOp.write_back` writes (a Conv's
+group and bias, a Split's sizes ...), and its inputs rewired where the mirror now feeds it another
+value.
 
 The nodes the passes made (a fused 5x5 conv, RAC banks and mixers, quantize-dequantize pairs and
 int8 layers) are exported together with torch.onnx as one small model whose inputs are the kept
@@ -26,18 +27,22 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 import torch.fx as fx
-from torch import nn
 
 from racc.backends.onnx import torch_export
-from racc.backends.qdq import constant_behind, drop_redundant_clamps, lower_qdq, replace_uses
+from racc.backends.qdq import drop_redundant_clamps, lower_qdq
 from racc.errors import ExportError
 from racc.ir.fx import TensorSpec, example_of
 from racc.ir.onnx import (
     ONNX_INPUTS,
     ONNX_NODES,
+    ONNX_OP,
     ONNX_TENSOR,
+    OPS,
     STRUCTURE,
     Mirror,
+    WriteBack,
+    arguments,
+    replace_uses,
     structure_key,
     tensor_args,
 )
@@ -99,7 +104,7 @@ def write_back(mirror: Mirror, gm: fx.GraphModule) -> WrittenBack:
         names.update({n: f"{prefix}{n.name}" for n in made if f"{prefix}{n.name}" in outputs})
     _rewire(gm, kept, graph, tensors, tensor_of)
     _write_outputs(gm, graph, tensors, tensor_of, prefix)
-    _write_parameters(mirror, gm, kept, graph, tensors)
+    _write_kept(mirror, gm, kept, graph, tensors)
     graph.cleanup()  # the nodes no kept node reads any more
     if is_quantized(gm):
         drop_redundant_clamps(graph)
@@ -268,59 +273,16 @@ def _write_outputs(gm, graph, tensors, tensor_of, prefix) -> None:
         graph.outputs[i] = tensor
 
 
-def _write_parameters(mirror: Mirror, gm, kept, graph, tensors) -> None:
-    """Each kept layer's parameters into its initializers; groups, split sizes, slice bounds and
-    flatten widths after channel edits."""
-    nodes = {n.name: n for n in graph.nodes}
-    modules = dict(gm.named_modules())
-    layers = {n.target for n in kept if n.op == "call_module"}
-    tensors_of_root = dict(gm.named_parameters())
-    for qualified, initializer in mirror.params.items():
-        module_name, _, param = qualified.rpartition(".")
-        if not module_name:  # a weight the mirror holds as a parameter of the root
-            if qualified in tensors_of_root:
-                _set(tensors, initializer, tensors_of_root[qualified], None)
-            continue
-        if module_name not in layers:
-            continue  # replaced or removed by a pass; its node is no longer needed
-        value = getattr(modules[module_name], param.removesuffix("^T"))
-        value = value.T if param.endswith("^T") else value
-        _set(tensors, initializer, value, nodes.get(mirror.origin.get(module_name, "")))
-    for name, node_name in mirror.origin.items():
-        module = modules.get(name)
-        if name in layers and isinstance(module, nn.modules.conv._ConvNd):
-            node = nodes[node_name]
-            node.attrs["group"] = module.groups
-            if module.bias is not None and len(node.inputs) < 3:
-                bias = gs.Constant(f"{name}.bias", module.bias.detach().numpy().copy())
-                node.inputs.append(bias)
-    # sizes the passes changed (computed sizes that still hold are left to the graph)
-    before = {n.name: _args(n) for n in mirror.gm.graph.nodes}
-    fx_nodes = {n.name: n for n in kept if _args(n) != before.get(n.name)}
-    kept_names = {n.name: n for n in kept}
-    for fx_name, node_name in mirror.splits.items():
-        if fx_name in fx_nodes:
-            sizes = np.array(fx_nodes[fx_name].args[1], dtype=np.int64)
-            split = nodes[node_name]
-            if len(split.inputs) > 1:
-                split.inputs[1] = gs.Constant(f"{node_name}.split", sizes)
-            else:
-                split.attrs["split"] = sizes.tolist()
-    for fx_name, slice_names in mirror.sliced.items():
-        if fx_name in fx_nodes:
-            edges = np.cumsum([0, *fx_nodes[fx_name].args[1]])
-            for name, start, stop in zip(slice_names, edges[:-1], edges[1:], strict=True):
-                piece = nodes[name]
-                piece.inputs[1] = gs.Constant(f"{name}.starts", np.array([start], np.int64))
-                piece.inputs[2] = gs.Constant(f"{name}.ends", np.array([stop], np.int64))
-    for fx_name, node_name in mirror.flattens.items():
-        if fx_name in kept_names:
-            width = example_of(kept_names[fx_name]).shape[1]
-            reshape = nodes[node_name]
-            shape = constant_behind(reshape.inputs[1])
-            if shape is None or list(shape.values) != [-1, width]:
-                target = np.array([-1, width], np.int64)
-                reshape.inputs[1] = gs.Constant(f"{node_name}.shape", target)
+def _write_kept(mirror: Mirror, gm, kept, graph, tensors) -> None:
+    """Each kept node's parameters, then what its op type writes back."""
+    built = {n.name: arguments(n) for n in mirror.gm.graph.nodes}
+    write = WriteBack(gm, graph, tensors, built)
+    for n in gm.graph.nodes:
+        if n in kept:
+            write.write_parameters(n)
+            op = OPS.get(n.meta.get(ONNX_OP))
+            if op is not None and op.write_back is not None:
+                op.write_back(write, n)
 
 
 def _in_order(graph: gs.Graph) -> bool:
@@ -332,33 +294,3 @@ def _in_order(graph: gs.Graph) -> bool:
                 return False
         made.update(id(t) for t in node.outputs)
     return True
-
-
-def _args(node: fx.Node) -> tuple:
-    return fx.node.map_arg(node.args, lambda a: a.name)
-
-
-def _set(tensors: dict, name: str, value: torch.Tensor, owner: gs.Node | None) -> None:
-    """Give the tensor `name` the new value, for `owner` (the node of the module it belongs to)
-    alone: an initializer other nodes share, or a constant another node makes (an exporter's
-    Identity alias of an initializer, a Constant node), is replaced by a new initializer in the
-    owner's inputs."""
-    tensor = tensors.get(name)
-    source = constant_behind(tensor)
-    if source is None:
-        raise ExportError(
-            f"'{name}' is not a constant of the ONNX graph (no initializer, Constant node or "
-            "Identity of one), so its new value cannot be written back; report the file"
-        )
-    array = np.ascontiguousarray(value.detach().cpu().numpy()).astype(source.values.dtype)
-    if array.shape == source.values.shape and np.array_equal(array, source.values):
-        return  # unchanged: the graph keeps it as it is
-    users = [n for n in tensor.outputs if owner is None or n is owner] or list(tensor.outputs)
-    if source is tensor and len(tensor.outputs) == len(users):
-        tensor.values = array  # its own initializer: replaced in place, name kept
-        return
-    fresh = gs.Constant(f"{name}.racc", array)
-    for node in users:
-        for i, t in enumerate(node.inputs):
-            if t is tensor:
-                node.inputs[i] = fresh

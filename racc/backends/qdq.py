@@ -28,6 +28,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from racc.cpu import pairs_fit_int16, this_cpu
 from racc.errors import ExportError, TargetError
+from racc.ir.onnx import constant_behind, replace_uses
 from racc.nn.quant import clamp_absorbed
 
 _WEIGHTED = ("Conv", "Gemm", "MatMul")
@@ -71,27 +72,6 @@ def _along(values: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     shape = [1] * ndim
     shape[axis] = -1
     return values.astype(np.float64).reshape(shape)
-
-
-def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
-    for user in list(old.outputs):
-        for i, t in enumerate(user.inputs):
-            if t is old:
-                user.inputs[i] = new
-
-
-def constant_behind(tensor: gs.Tensor | None) -> gs.Constant | None:
-    """The constant `tensor` is: itself, a Constant node's value, or what an Identity passes on."""
-    if isinstance(tensor, gs.Constant):
-        return tensor
-    if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1:
-        return None
-    producer = tensor.inputs[0]
-    if producer.op == "Constant" and isinstance(producer.attrs.get("value"), gs.Constant):
-        return producer.attrs["value"]
-    if producer.op == "Identity":
-        return constant_behind(producer.inputs[0])
-    return None
 
 
 def _dequantized(t: gs.Tensor) -> gs.Node | None:

@@ -174,6 +174,23 @@ def test_an_op_without_a_mapping_runs_in_ort_and_walls_its_channels():
     assert "opaque submodule 'middle'" in str(an)
 
 
+@pytest.mark.parametrize(
+    "middle, attrs", [("Abs", {}), ("Neg", {}), ("Elu", {"alpha": 0.5})], ids=["Abs", "Neg", "Elu"]
+)
+def test_an_op_in_the_table_is_mirrored_pruned_through_and_written_back(middle, attrs):
+    """One entry in ir.onnx.OPS is all an elementwise op needs (docs/architecture.md's example)."""
+    proto = _conv_middle_conv(middle, 8, **attrs)
+    mirror = to_fx(load(proto))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert not mirror.opaque
+    with torch.no_grad():
+        assert_close(mirror.gm(x), ort_run(proto, x), RTOL, ATOL, what=f"{middle} mirror vs ORT")
+    result = racc.compile(proto, "prune-bn{ratio=0.5}", (x,))  # checked in ORT after the pass
+    dims = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert dims == {"w": [4, 3, 3, 3], "w2": [2, 4, 1, 1]}
+    assert [n.name for n in result.model.graph.node] == ["conv", "middle", "conv2"]
+
+
 def test_bad_onnx_inputs(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage" * 10)

@@ -11,9 +11,14 @@ import torch.fx as fx
 # What each fx node of a mirror remembers of the ONNX graph (set by `to_fx`; passes that keep a
 # node keep its meta, and a node a pass makes has none):
 ONNX_NODES = "racc.onnx_nodes"  # the ONNX node(s) it implements
+ONNX_OP = "racc.onnx_op"  # their op type, whose OnnxOp writes the node back
 ONNX_TENSOR = "racc.onnx_tensor"  # the ONNX tensor it computes (absent for size arithmetic)
 ONNX_INPUTS = "racc.onnx_inputs"  # for each tensor_args entry, the ONNX names of that value
 STRUCTURE = "racc.structure"  # structure_key when the mirror was built
+# the initializers it holds as parameters, {parameter: initializer}: the layer's parameter
+# ("weight", "bias", "running_mean" ...; "weight^T" for a weight the file stores transposed), or ""
+# for a get_attr node's own tensor
+ONNX_PARAMS = "racc.onnx_params"
 
 
 def tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -40,13 +45,8 @@ def _qualname(obj: Any) -> str:
 
 @dataclass
 class Mirror:
-    """An ONNX model and its fx mirror."""
+    """An ONNX model and its fx mirror (what each fx node stands for is in its meta)."""
 
     proto: onnx.ModelProto
     gm: fx.GraphModule
-    origin: dict[str, str] = field(default_factory=dict)  # module name -> ONNX node name
-    params: dict[str, str] = field(default_factory=dict)  # "module.param" -> initializer name
     opaque: dict[str, str] = field(default_factory=dict)  # module name -> why it runs in ORT
-    splits: dict[str, str] = field(default_factory=dict)  # fx torch.split node -> ONNX Split node
-    sliced: dict[str, list[str]] = field(default_factory=dict)  # fx torch.split -> ONNX Slices
-    flattens: dict[str, str] = field(default_factory=dict)  # fx torch.flatten -> ONNX Reshape

@@ -1,14 +1,14 @@
 """The ONNX frontend: an .onnx model becomes a torch.fx GraphModule that mirrors it node for node.
 
-Each ONNX node becomes one fx node: Conv, BatchNormalization, Gemm and MatMul with a constant
-weight become torch layers holding the initializers (so every analysis and channel edit written
-for torch applies), other known ops become the torch functions the channel rules know (relu, add,
-cat, flatten, pools ...). An op racc has no mapping for becomes an `OnnxNode` leaf that runs that
-one node in ONNX Runtime: the model still loads and computes the same outputs, and the channels
-touching the op are walls. `Mirror.origin` maps each module back to its ONNX node and
-`Mirror.params` its parameters to initializers, and each fx node's meta records the ONNX node it
-implements, the tensor it computes and the tensors it reads, so that the mirror after passes can
-be written into the ONNX graph in place (racc.backends.onnx_edit).
+Each ONNX node becomes one fx node, built by its op type's `OnnxOp` (racc.ir.onnx.ops, moves):
+Conv, BatchNormalization, Gemm and MatMul with a constant weight become torch layers holding the
+initializers (so every analysis and channel edit written for torch applies), other known ops
+become the torch functions the channel rules know (relu, add, cat, flatten, pools ...). An op racc
+has no mapping for becomes an `OnnxNode` leaf that runs that one node in ONNX Runtime: the model
+still loads and computes the same outputs, and the channels touching the op are walls. Each fx
+node's meta records the ONNX node it implements and its op type, the tensor it computes, the
+tensors it reads and the initializers it holds, so that the mirror after passes can be written
+into the ONNX graph in place (racc.backends.onnx_edit).
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ from racc.errors import UnsupportedModelError
 from racc.ir.onnx.meta import (
     ONNX_INPUTS,
     ONNX_NODES,
+    ONNX_OP,
+    ONNX_PARAMS,
     ONNX_TENSOR,
     STRUCTURE,
     Mirror,
     structure_key,
     tensor_args,
 )
-from racc.ir.onnx.moves import HANDLERS, constant
+from racc.ir.onnx.moves import OPS, constant
 from racc.ir.onnx.shapes import SHAPE_OPS, fold_shape_arithmetic, tensor_shapes, tensor_types
 
 # --- the mirror -----------------------------------------------------------------------------------
@@ -127,6 +129,15 @@ class Builder:
 
     # --- naming -------------------------------------------------------------------------------------
 
+    def layer(
+        self, node: onnx.NodeProto, module: nn.Module, params: dict[str, str], *args: Any
+    ) -> list[fx.Node]:
+        """`module` called on `args`, holding the initializers `params` ({parameter: initializer
+        name}, written back after passes)."""
+        call = self.graph.call_module(self.add_module(node, module, params), args)
+        call.meta[ONNX_PARAMS] = params
+        return [call]
+
     def add_module(self, node: onnx.NodeProto, module: nn.Module, params: dict[str, str]) -> str:
         """Place `module` at the torch name the ONNX file suggests (its weight's name, or the
         exporter's scope: 'layer1.0.conv1'), under plain container modules, so that patterns and
@@ -141,8 +152,6 @@ class Builder:
             while hasattr(self.root, name):
                 name += "_"
             self.root.add_module(name, module)
-        self.mirror.origin[name] = node.name
-        self.mirror.params.update({f"{name}.{k}": v for k, v in params.items()})
         return name
 
     def _place(self, parts: list[str], module: nn.Module) -> bool:
@@ -185,10 +194,11 @@ class Builder:
                 # a float initializer is a weight (a LayerNorm scale, a layer scale): a parameter,
                 # which channel edits slice and zero like the torch model's own
                 self.root.register_parameter(buffer, nn.Parameter(tensor))
-                self.mirror.params[buffer] = name
             else:
                 self.root.register_buffer(buffer, tensor)
         node = self.graph.get_attr(buffer)
+        if isinstance(getattr(self.root, buffer), nn.Parameter):
+            node.meta[ONNX_PARAMS] = {"": name}
         self.env[name] = node
         return node
 
@@ -245,8 +255,8 @@ class Builder:
             if node.output[0] in self.folded or self.fold(node):
                 continue
             last = self._last()
-            handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-            outputs = handler(self, node) if handler else None
+            op = OPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            outputs = op.to_fx(self, node) if op else None
             if outputs is None:
                 outputs = self.opaque(
                     node, f"racc has no torch mapping for ONNX op '{node.op_type}'"
@@ -262,9 +272,8 @@ class Builder:
         gm.recompile()
         self._remember_tensors(gm)
         used = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-        for table in (self.mirror.opaque, self.mirror.origin):
-            for name in [k for k in table if k not in used]:
-                del table[name]
+        for name in [k for k in self.mirror.opaque if k not in used]:
+            del self.mirror.opaque[name]
         gm.racc_leaves = dict(self.mirror.opaque)
         self.mirror.gm = gm
         return self.mirror
@@ -279,6 +288,7 @@ class Builder:
             if n is last:
                 break
             n.meta.setdefault(ONNX_NODES, (node.name,))
+            n.meta.setdefault(ONNX_OP, node.op_type)
 
     def _remember_tensors(self, gm: fx.GraphModule) -> None:
         """Record in each fx node's meta what the ONNX write-back needs (racc.backends.onnx_edit):

@@ -1,26 +1,31 @@
-"""ONNX op handlers, data movement and the rest; `HANDLERS` maps every op type racc mirrors to its
-handler."""
+"""ONNX ops that move data, and the rest; `OPS` maps every op type racc mirrors to its `OnnxOp`.
+
+A split, a slice or a flatten whose channels a pass pruned writes its new sizes back into the ONNX
+node it came from; sizes that still hold are left as the graph computes them."""
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+from racc.ir.fx import example_of
 from racc.ir.onnx.meta import ONNX_NODES
+from racc.ir.onnx.op import OnnxOp, WriteBack, constant_behind
 from racc.ir.onnx.ops import (
     _batch_norm,
     _binary,
     _clip,
     _conv,
     _divide,
+    _elu,
     _gelu,
     _gemm,
     _global_pool,
@@ -31,6 +36,7 @@ from racc.ir.onnx.ops import (
     _pool,
     _softmax,
     _unary,
+    _write_conv,
 )
 from racc.ir.onnx.shapes import attrs
 
@@ -61,8 +67,17 @@ def _split(b: Builder, node: onnx.NodeProto):
             return None
         sizes = [shape[axis] // count] * count
     pieces = b.graph.call_function(torch.split, (b.tensor_node(node.input[0]), list(sizes), axis))
-    b.mirror.splits[pieces.name] = node.name
     return [b.graph.call_function(operator.getitem, (pieces, i)) for i in range(len(node.output))]
+
+
+def _write_split(w: WriteBack, n: fx.Node) -> None:
+    if n.target is torch.split and w.changed(n):
+        split = w.onnx_node(n)
+        sizes = np.array(n.args[1], dtype=np.int64)
+        if len(split.inputs) > 1:
+            split.inputs[1] = gs.Constant(f"{split.name}.split", sizes)
+        else:
+            split.attrs["split"] = sizes.tolist()
 
 
 def _transpose(b: Builder, node: onnx.NodeProto):
@@ -91,10 +106,19 @@ def _reshape(b: Builder, node: onnx.NodeProto):
     if source is not None and _flattens(source, shape):
         # (N, C, H, W) -> (-1, C*H*W) is torch.flatten(x, 1), which pruning may narrow; the
         # write-back then gives the Reshape its new width
-        out = b.graph.call_function(torch.flatten, (x, 1))
-        b.mirror.flattens[out.name] = node.name
-        return [out]
+        return b.call(torch.flatten, x, 1)
     return b.call(torch.reshape, x, tuple(shape))
+
+
+def _write_reshape(w: WriteBack, n: fx.Node) -> None:
+    """A Reshape mirrored as torch.flatten(x, 1) gets the width the flatten now has."""
+    if n.target is torch.flatten:
+        width = example_of(n).shape[1]
+        reshape = w.onnx_node(n)
+        shape = constant_behind(reshape.inputs[1])
+        if shape is None or list(shape.values) != [-1, width]:
+            target = np.array([-1, width], np.int64)
+            reshape.inputs[1] = gs.Constant(f"{reshape.name}.shape", target)
 
 
 def _flattens(source: list[int | None], shape: list[int]) -> bool:
@@ -168,11 +192,20 @@ def _as_split(b: Builder, node: onnx.NodeProto, bounds) -> list[fx.Node] | None:
         return None
     sizes = [stop - start for start, stop, _ in siblings]
     pieces = b.graph.call_function(torch.split, (b.tensor_node(node.input[0]), sizes, axis))
-    b.mirror.sliced[pieces.name] = [other.name for _, _, other in siblings]
-    pieces.meta[ONNX_NODES] = tuple(b.mirror.sliced[pieces.name])
+    pieces.meta[ONNX_NODES] = tuple(other.name for _, _, other in siblings)
     for i, (_, _, other) in enumerate(siblings):
         b.env[other.output[0]] = b.graph.call_function(operator.getitem, (pieces, i))
     return [b.env[node.output[0]]]
+
+
+def _write_slice(w: WriteBack, n: fx.Node) -> None:
+    """Slices mirrored as one torch.split get the bounds of its new sizes."""
+    if n.target is torch.split and w.changed(n):
+        edges = np.cumsum([0, *n.args[1]])
+        for i, (start, stop) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            piece = w.onnx_node(n, i)
+            piece.inputs[1] = gs.Constant(f"{piece.name}.starts", np.array([start], np.int64))
+            piece.inputs[2] = gs.Constant(f"{piece.name}.ends", np.array([stop], np.int64))
 
 
 def _reduce_mean(b: Builder, node: onnx.NodeProto):
@@ -222,40 +255,43 @@ def constant(b: Builder, node: onnx.NodeProto):
     return [numpy_helper.to_array(value)]
 
 
-HANDLERS: dict[str, Callable[[Builder, onnx.NodeProto], Any]] = {
-    "Conv": _conv,
-    "BatchNormalization": _batch_norm,
-    "Gemm": _gemm,
-    "MatMul": _matmul,
-    "Add": _binary(operator.add),
-    "Sub": _binary(operator.sub),
-    "Mul": _binary(operator.mul),
-    "Div": _divide,
-    "Relu": _unary(F.relu),
-    "Sigmoid": _unary(torch.sigmoid),
-    "Tanh": _unary(torch.tanh),
-    "HardSwish": _unary(F.hardswish),
-    "HardSigmoid": _hard_sigmoid,
-    "Clip": _clip,
-    "LeakyRelu": _leaky_relu,
-    "Erf": _unary(torch.erf),
-    "Gelu": _gelu,
-    "Mish": _unary(F.mish),
-    "Softmax": _softmax,
-    "Identity": _identity,
-    "Dropout": _identity,
-    "MaxPool": _pool(F.max_pool2d, average=False),
-    "AveragePool": _pool(F.avg_pool2d, average=True),
-    "GlobalAveragePool": _global_pool(F.adaptive_avg_pool2d),
-    "GlobalMaxPool": _global_pool(F.adaptive_max_pool2d),
-    "Flatten": _flatten,
-    "Concat": _concat,
-    "Split": _split,
-    "Transpose": _transpose,
-    "Reshape": _reshape,
-    "Slice": _slice,
-    "ReduceMean": _reduce_mean,
-    "Pad": _pad,
-    "LayerNormalization": _layer_norm,
-    "Constant": constant,
+OPS: dict[str, OnnxOp] = {
+    "Conv": OnnxOp(_conv, _write_conv),
+    "BatchNormalization": OnnxOp(_batch_norm),
+    "Gemm": OnnxOp(_gemm),
+    "MatMul": OnnxOp(_matmul),
+    "Add": OnnxOp(_binary(operator.add)),
+    "Sub": OnnxOp(_binary(operator.sub)),
+    "Mul": OnnxOp(_binary(operator.mul)),
+    "Div": OnnxOp(_divide),
+    "Relu": OnnxOp(_unary(F.relu)),
+    "Sigmoid": OnnxOp(_unary(torch.sigmoid)),
+    "Tanh": OnnxOp(_unary(torch.tanh)),
+    "HardSwish": OnnxOp(_unary(F.hardswish)),
+    "HardSigmoid": OnnxOp(_hard_sigmoid),
+    "Clip": OnnxOp(_clip),
+    "LeakyRelu": OnnxOp(_leaky_relu),
+    "Erf": OnnxOp(_unary(torch.erf)),
+    "Abs": OnnxOp(_unary(torch.abs)),
+    "Neg": OnnxOp(_unary(torch.neg)),
+    "Elu": OnnxOp(_elu),
+    "Gelu": OnnxOp(_gelu),
+    "Mish": OnnxOp(_unary(F.mish)),
+    "Softmax": OnnxOp(_softmax),
+    "Identity": OnnxOp(_identity),
+    "Dropout": OnnxOp(_identity),
+    "MaxPool": OnnxOp(_pool(F.max_pool2d, average=False)),
+    "AveragePool": OnnxOp(_pool(F.avg_pool2d, average=True)),
+    "GlobalAveragePool": OnnxOp(_global_pool(F.adaptive_avg_pool2d)),
+    "GlobalMaxPool": OnnxOp(_global_pool(F.adaptive_max_pool2d)),
+    "Flatten": OnnxOp(_flatten),
+    "Concat": OnnxOp(_concat),
+    "Split": OnnxOp(_split, _write_split),
+    "Transpose": OnnxOp(_transpose),
+    "Reshape": OnnxOp(_reshape, _write_reshape),
+    "Slice": OnnxOp(_slice, _write_slice),
+    "ReduceMean": OnnxOp(_reduce_mean),
+    "Pad": OnnxOp(_pad),
+    "LayerNormalization": OnnxOp(_layer_norm),
+    "Constant": OnnxOp(constant),
 }

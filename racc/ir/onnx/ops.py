@@ -1,5 +1,6 @@
-"""ONNX op handlers, computing ops: each builds the fx nodes of one ONNX node's outputs, or
-returns None (the node stays an opaque OnnxNode)."""
+"""ONNX ops that compute: for each, how its node becomes fx nodes (returning None leaves the node
+an opaque OnnxNode) and, where a pass may change more than the parameters, how it is written back.
+The table of all ops, `OPS`, is in moves.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -17,8 +19,7 @@ from racc.ir.onnx.shapes import attrs
 
 if TYPE_CHECKING:
     from racc.ir.onnx.mirror import Builder
-
-# --- op handlers: each returns the fx nodes of the ONNX node's outputs, or None (opaque) ----------
+    from racc.ir.onnx.op import WriteBack
 
 
 def _conv(b: Builder, node: onnx.NodeProto):
@@ -52,7 +53,15 @@ def _conv(b: Builder, node: onnx.NodeProto):
         x = b.graph.call_function(
             F.pad, (x, [p for i in reversed(range(dims)) for p in (begin[i], end[i])])
         )
-    return [b.graph.call_module(b.add_module(node, conv, params), (x,))]
+    return b.layer(node, conv, params, x)
+
+
+def _write_conv(w: WriteBack, n: fx.Node) -> None:
+    """Pruning changes a depthwise conv's groups; folding a BN gives a conv a bias."""
+    conv, node = w.gm.get_submodule(n.target), w.onnx_node(n)
+    node.attrs["group"] = conv.groups
+    if conv.bias is not None and len(node.inputs) < 3:
+        node.inputs.append(gs.Constant(f"{n.target}.bias", conv.bias.detach().numpy().copy()))
 
 
 def _batch_norm(b: Builder, node: onnx.NodeProto):
@@ -75,7 +84,7 @@ def _batch_norm(b: Builder, node: onnx.NodeProto):
     names = dict(
         zip(("weight", "bias", "running_mean", "running_var"), node.input[1:5], strict=True)
     )
-    return [b.graph.call_module(b.add_module(node, bn, names), (b.tensor_node(node.input[0]),))]
+    return b.layer(node, bn, names, b.tensor_node(node.input[0]))
 
 
 def _linear(b: Builder, node: onnx.NodeProto, weight: np.ndarray, params: dict, bias=None):
@@ -84,9 +93,7 @@ def _linear(b: Builder, node: onnx.NodeProto, weight: np.ndarray, params: dict, 
         linear.weight.copy_(torch.from_numpy(np.array(weight, dtype=np.float32)))
         if bias is not None:
             linear.bias.copy_(torch.from_numpy(np.array(bias, dtype=np.float32).reshape(-1)))
-    return [
-        b.graph.call_module(b.add_module(node, linear, params), (b.tensor_node(node.input[0]),))
-    ]
+    return b.layer(node, linear, params, b.tensor_node(node.input[0]))
 
 
 def _gemm(b: Builder, node: onnx.NodeProto):
@@ -191,6 +198,10 @@ def _hard_sigmoid(b: Builder, node: onnx.NodeProto):
 
 def _leaky_relu(b: Builder, node: onnx.NodeProto):
     return b.call(F.leaky_relu, b.tensor_node(node.input[0]), float(attrs(node).get("alpha", 0.01)))
+
+
+def _elu(b: Builder, node: onnx.NodeProto):
+    return b.call(F.elu, b.tensor_node(node.input[0]), float(attrs(node).get("alpha", 1.0)))
 
 
 def _gelu(b: Builder, node: onnx.NodeProto):
