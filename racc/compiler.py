@@ -1,12 +1,12 @@
-"""compile(): trace -> passes, each verified against the outputs before it -> a plain nn.Module."""
+"""compile(): a source (racc.ir.source) -> trace -> passes, each verified against the outputs before
+it and lowered (racc.backends.lowering) -> a plain nn.Module, or an ONNX model for ONNX input."""
 
 from __future__ import annotations
 
 import copy
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import onnx
@@ -17,14 +17,12 @@ from tqdm.auto import tqdm
 
 from racc.analysis.blocks import block_grid, block_params
 from racc.analysis.cost import layer_widths, measure_cost
-from racc.backends.onnx import check_onnx_outputs
-from racc.backends.onnx_edit import WrittenBack, write_back
+from racc.backends.lowering import lowering_for
+from racc.backends.onnx import CompiledOnnx
 from racc.errors import EquivalenceError, RaccError
-from racc.ir import onnx as onnx_ir
-from racc.ir.fx import node_values, normalize_inputs, record_examples, trace
-from racc.ir.onnx import is_onnx
+from racc.ir.fx import node_values, record_examples, trace
+from racc.ir.source import open_source
 from racc.metrics import OutputError
-from racc.nn.quant import is_quantized
 from racc.passes.base import Pass, PassContext
 from racc.passes.pipeline import as_passes
 from racc.report import PassRow, Report
@@ -65,34 +63,17 @@ def compile(
         >>> print(opt.racc_report)
     """
     pipeline = as_passes(passes)
-    for p in pipeline:  # before any work: what a pass cannot do on this kind of model
-        p.check_source("onnx" if is_onnx(model) else "torch")
-    if is_onnx(model):
-        return _compile_onnx(model, pipeline, example_inputs, explain, calibration, progress)
-    return _compile_module(
-        model, pipeline, normalize_inputs(example_inputs), explain, calibration, progress
-    )
-
-
-AfterPass = Callable[[Pass, fx.GraphModule, Any], None]
-
-
-def _compile_module(
-    model: nn.Module,
-    pipeline: list[Pass],
-    inputs: tuple[torch.Tensor, ...],
-    explain: bool,
-    calibration: Any,
-    progress: bool,
-    after_pass: AfterPass | None = None,
-) -> fx.GraphModule:
-    """compile() for a torch module; `after_pass(pass, gm, outputs)` runs after each pass."""
-    traced = trace(model)
+    source = open_source(model, example_inputs)
+    for p in pipeline:  # before any pass runs: what a pass cannot do on this kind of model
+        p.check_source(source.kind)
+    lowering = lowering_for(source)
+    inputs = source.inputs
+    traced = trace(source.module)
     gm = traced.gm
-    grid = block_grid(model)  # from the user's module classes, which the traced copy lacks
+    grid = block_grid(source.module)  # from the user's module classes, which the trace lacks
     start = time.perf_counter()
     outputs = record_examples(gm, inputs)
-    report = Report(type(model).__name__, leaves=traced.leaves, explain=explain)
+    report = Report(source.name, leaves=traced.leaves, explain=explain)
     cost, seconds = measure_cost(gm, inputs), time.perf_counter() - start
     report.rows.append(
         PassRow("input", "-", [], [], None, cost, seconds, blocks=block_params(gm, grid))
@@ -110,55 +91,9 @@ def _compile_module(
             if ran is None:  # a prerequisite with nothing to do: no row
                 continue
             gm, outputs = ran
-            if after_pass is not None:
-                after_pass(step, gm, outputs)
+            report.rows[-1].notes += lowering.after_pass(step, gm, outputs)
             done.append(str(step))
-    gm.racc_report = report
-    gm.racc_example_inputs = tuple(x.detach().clone() for x in inputs)
-    return gm
-
-
-@dataclass
-class CompiledOnnx:
-    """What `compile` returns for an ONNX model: the new ONNX model and the report."""
-
-    model: onnx.ModelProto
-    racc_report: Report
-
-
-def _compile_onnx(source, pipeline, example_inputs, explain, calibration, progress) -> CompiledOnnx:
-    """Mirror the ONNX model in fx and run the passes on the mirror (verified as for torch); after
-    each pass, write the result into the ONNX graph in place (racc.backends.onnx_edit) and check
-    it in ONNX Runtime."""
-    proto = onnx_ir.load(source)
-    mirror = onnx_ir.to_fx(proto)
-    inputs = (
-        onnx_ir.example_inputs_for(proto)
-        if example_inputs is None
-        else normalize_inputs(example_inputs)
-    )
-    onnx_ir.check_input_shapes(proto, inputs)
-    lowered: list[WrittenBack] = []
-
-    def lower(p: Pass | None, gm: fx.GraphModule, outputs: Any) -> None:
-        """The ONNX model after pass `p`, checked in ONNX Runtime against the mirror's outputs."""
-        try:
-            written = write_back(mirror, gm)
-            check_onnx_outputs(written.proto, inputs, outputs, quantized=is_quantized(gm))
-        except RaccError as e:
-            raise type(e)(f"after pass '{p}', written into the ONNX model: {e}") from e
-        lowered.append(written)
-
-    gm = _compile_module(mirror.gm, pipeline, inputs, explain, calibration, progress, lower)
-    if not pipeline:
-        with torch.no_grad():
-            lower(None, gm, gm(*inputs))
-    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else proto.graph.name
-    report = gm.racc_report
-    report.model = f"ONNX model {name}"
-    for row, written in zip(report.rows[1:], lowered, strict=False):
-        row.notes.append(written.summary())
-    return CompiledOnnx(lowered[-1].proto, report)
+    return lowering.result(gm, report)
 
 
 def probe_inputs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> list[tuple[str, tuple]]:

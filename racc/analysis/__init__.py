@@ -8,10 +8,9 @@ from typing import Any
 from torch import nn
 
 from racc.analysis.groups import Analysis, ChannelGroup, analyze_traced
-from racc.ir import onnx as onnx_ir
-from racc.ir.fx import check_model, eval_mode, normalize_inputs, trace
-from racc.ir.onnx import is_onnx
+from racc.ir.fx import eval_mode, trace
 from racc.ir.shapes import record_shapes
+from racc.ir.source import open_source
 
 
 def analyze(model: nn.Module | str | os.PathLike, example_inputs: Any = None) -> Analysis:
@@ -30,16 +29,10 @@ def analyze(model: nn.Module | str | os.PathLike, example_inputs: Any = None) ->
         >>> an = racc.analyze(torchvision.models.resnet18(), (torch.randn(1, 3, 64, 64),))
         >>> print(an.groups[1])   # group 1 (64 ch): conv1.out => bn1 => layer1.0.conv1.in => ...
     """
-    if is_onnx(model):
-        proto = onnx_ir.load(model)
-        model = onnx_ir.to_fx(proto).gm
-        if example_inputs is None:
-            example_inputs = onnx_ir.example_inputs_for(proto)
-    check_model(model)
-    inputs = normalize_inputs(example_inputs)
-    with eval_mode(model):  # read-only: the analysis shares the model's modules, no copy
-        traced = trace(model, copy_model=False)
-        record_shapes(traced.gm, inputs)
+    source = open_source(model, example_inputs)
+    with eval_mode(source.module):  # read-only: the analysis shares the model's modules, no copy
+        traced = trace(source.module, copy_model=False)
+        record_shapes(traced.gm, source.inputs)
         return analyze_traced(traced)
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -33,8 +34,16 @@ QDQ_STEPS = 8
 Check = bool | Literal["graph"]
 
 
+@dataclass
+class CompiledOnnx:
+    """What `compile` returns for an ONNX model: the new ONNX model and the report."""
+
+    model: onnx.ModelProto
+    racc_report: Any  # racc.report.Report
+
+
 def export_onnx(
-    model: nn.Module,
+    model: nn.Module | CompiledOnnx | onnx.ModelProto,
     path: str | os.PathLike,
     example_inputs: Any = None,
     opset: int = 17,
@@ -65,8 +74,8 @@ def export_onnx(
     """
     if check not in (True, False, "graph"):
         raise ExportError(f"check must be True, False or 'graph', got {check!r}")
-    proto = model if isinstance(model, onnx.ModelProto) else getattr(model, "model", None)
-    if isinstance(proto, onnx.ModelProto):  # an ONNX model (what compile returns for ONNX input)
+    if isinstance(model, (onnx.ModelProto, CompiledOnnx)):  # compile's result for ONNX input
+        proto = model if isinstance(model, onnx.ModelProto) else model.model
         with written_aside(path) as aside:
             onnx.save(proto, os.fspath(aside))
         return proto

@@ -322,10 +322,10 @@ def test_a_file_with_unnamed_nodes_is_pruned_in_place():
 
 
 def test_every_pass_is_checked_in_ort_after_it_is_written_back(monkeypatch):
-    import racc.compiler
+    import racc.backends.lowering as lowering
 
     proto = _conv_middle_conv("Relu", 8)
-    honest = racc.compiler.write_back
+    honest = lowering.write_back
 
     def wrong(mirror, gm):  # a write-back that loses the second conv's weights
         result = honest(mirror, gm)
@@ -333,7 +333,7 @@ def test_every_pass_is_checked_in_ort_after_it_is_written_back(monkeypatch):
         weight.CopyFrom(onnx.numpy_helper.from_array(np.zeros(weight.dims, np.float32), "w2"))
         return result
 
-    monkeypatch.setattr(racc.compiler, "write_back", wrong)
+    monkeypatch.setattr(lowering, "write_back", wrong)
     with pytest.raises(ExportError, match="after pass 'prune-bn{ratio=0.5}', written into"):
         racc.compile(proto, "prune-bn{ratio=0.5}", (torch.randn(2, 3, 8, 8),))
 
