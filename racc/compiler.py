@@ -139,7 +139,8 @@ def _run_verified(
 ) -> tuple[fx.GraphModule, Any] | None:
     """Run pass `p` on `gm`, check it against `outputs` (the graph's before it) and add its report
     row; None, and no row, for a prerequisite of `needed_by` that changed nothing."""
-    before = copy.deepcopy(gm)  # to name the first differing node if an exact pass is not
+    # to check the pass against, and name the first differing node if an exact pass is not
+    before = copy.deepcopy(gm) if p.in_place else gm
     where = f"error in pass '{p}' after passes [{', '.join(ctx.previous)}]"
     start = time.perf_counter()
     try:

@@ -74,6 +74,10 @@ class PassContext:
 class Pass:
     name: ClassVar[str] = ""
     exactness: ClassVar[Exactness] = "exact"
+    # Whether `call` may edit the GraphModule it is given. compile keeps a copy of the graph
+    # before such a pass to check it against; a pass that leaves its input as it was and returns
+    # a new module (PassResult.gm) says False and saves that copy.
+    in_place: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -28,6 +28,7 @@ Exactness: approximate, with the error reported.
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Iterable
 from dataclasses import field
@@ -81,6 +82,7 @@ class QuantizeInt8(Pass):
     """
 
     name: ClassVar[str] = "int8"
+    in_place: ClassVar[bool] = False  # quantizes a copy; decomposes SiLU in a copy
     exactness: ClassVar[Exactness] = "approximate"
     calibration: Iterable | None = field(default=None, repr=False)
     method: Literal["minmax", "percentile", "mse"] = "minmax"
@@ -120,8 +122,7 @@ class QuantizeInt8(Pass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         batches = self._batches(ctx)
         if self.mode == "static":
-            _decompose_silu(gm)
-        record_examples(gm, ctx.example_inputs)
+            gm = _without_silu(gm, ctx.example_inputs)
         quantizer = (StaticQuantizer if self.mode == "static" else DynamicQuantizer)(
             self, gm, batches
         )
@@ -232,11 +233,19 @@ def _rac_blocks(gm: fx.GraphModule) -> list[Skip]:
     ]
 
 
-def _decompose_silu(gm: fx.GraphModule) -> None:
-    """silu(x) -> x * sigmoid(x): ONNX Runtime has integer kernels for both halves."""
-    for node in list(gm.graph.nodes):
+def _without_silu(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    """`gm`, or a copy with silu(x) -> x * sigmoid(x): ONNX Runtime has integer kernels for both
+    halves."""
+
+    def is_silu(node: fx.Node) -> bool:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if isinstance(module, nn.SiLU) or (node.op == "call_function" and node.target is F.silu):
+        return isinstance(module, nn.SiLU) or (node.op == "call_function" and node.target is F.silu)
+
+    if not any(is_silu(node) for node in gm.graph.nodes):
+        return gm
+    gm = copy.deepcopy(gm)
+    for node in list(gm.graph.nodes):
+        if is_silu(node):
             x = node.args[0]
             with gm.graph.inserting_before(node):
                 gate = gm.graph.call_function(torch.sigmoid, (x,))
@@ -246,3 +255,5 @@ def _decompose_silu(gm: fx.GraphModule) -> None:
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
+    record_examples(gm, example_inputs)
+    return gm
