@@ -30,14 +30,35 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-from racc.ir.ops import ADD, MUL, RELU, RELU6, is_global_average_pool, matches
+from racc.ir.ops import ADD, MUL, RELU, RELU6, Family, is_global_average_pool, matches
 from racc.nn.quant import FakeQuant, QuantizedLayer, clamp_absorbed
+
+
+@dataclass(frozen=True)
+class QLinearOp:
+    """An op ONNX Runtime runs on uint8 when its inputs and output are quantized (a QLinear form),
+    and the arithmetic of its kernel: `kernel(*input_quantizers, output_quantizer, *inputs)`, or
+    None where the kernel dequantizes, applies the float op and quantizes again (a lookup table, a
+    copy), which the fake-quant graph computes as it is. The int8 pass places quantizers around
+    these ops and the emulation below runs their kernels: adding an op here does both."""
+
+    kernel_name: str  # ONNX Runtime's
+    family: Family | Callable[[fx.GraphModule, fx.Node], bool]
+    kernel: Callable[..., torch.Tensor] | None = None
+    arity: int | None = None  # tensor inputs it needs; with a constant operand it stays float
+
+    def matches(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        if isinstance(self.family, Family):
+            return matches(gm, node, self.family)
+        return self.family(gm, node)
 
 
 class OrtInt8Interpreter(fx.Interpreter):
@@ -73,15 +94,12 @@ class OrtInt8Interpreter(fx.Interpreter):
             if out is None and not linear:
                 return None  # a conv with a float output stays a float Conv in ORT
             return functools.partial(_layer, module, inputs[0], out)
-        if out is None:
+        op = qlinear_op(self.module, node)
+        if out is None or op is None or op.kernel is None:
             return None
-        if matches(self.module, node, ADD) and len(inputs) == 2:
-            return functools.partial(_add, *inputs, out)
-        if matches(self.module, node, MUL) and len(inputs) == 2:
-            return functools.partial(_mul, *inputs, out)
-        if is_global_average_pool(self.module, node):
-            return functools.partial(_global_average_pool, inputs[0], out)
-        return None
+        if op.arity is not None and len(inputs) != op.arity:
+            return None
+        return functools.partial(op.kernel, *inputs, out)
 
     def _quantizer(self, node: Any) -> FakeQuant | None:
         if isinstance(node, fx.Node) and node.op == "call_module":
@@ -163,6 +181,28 @@ def _global_average_pool(x_q: FakeQuant, out: FakeQuant, x: torch.Tensor, *_) ->
     acc = torch.round(x / x_q.scale).double().sum(dim=(-2, -1), keepdim=True)
     scale = x_q.scale / (out.scale * float(count))
     return _dequantize(torch.round(acc.float() * scale) + out.zero_point.float(), out)
+
+
+QLINEAR: tuple[QLinearOp, ...] = (
+    QLinearOp("QLinearAdd", ADD, _add, arity=2),
+    QLinearOp("QLinearMul", MUL, _mul, arity=2),
+    QLinearOp("QLinearGlobalAveragePool", is_global_average_pool, _global_average_pool),
+    QLinearOp(
+        "QLinearSigmoid", Family((nn.Sigmoid,), (torch.sigmoid, F.sigmoid), frozenset({"sigmoid"}))
+    ),
+    QLinearOp(
+        "QLinearAveragePool",
+        Family(
+            (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+        ),
+    ),
+    QLinearOp("QLinearConcat", Family((), (torch.cat,))),
+)
+
+
+def qlinear_op(gm: fx.GraphModule, node: fx.Node) -> QLinearOp | None:
+    """The QLinear form ONNX Runtime runs `node` in, if it has one."""
+    return next((op for op in QLINEAR if op.matches(gm, node)), None)
 
 
 def _tracing() -> bool:

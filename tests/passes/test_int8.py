@@ -396,3 +396,32 @@ def test_dataloader_pairs_are_accepted_as_calibration():
     opt = racc.compile(model, [QuantizeInt8(calibration=loader)], (x,))
     assert "on 4 calibration batches" in " ".join(opt.racc_report.rows[-1].notes)
     assert np.isfinite(opt.racc_report.rows[-1].error.max_abs)
+
+
+def test_an_op_added_to_the_qlinear_table_is_placed_and_emulated(monkeypatch):
+    """One entry in racc.nn.ort_int8.QLINEAR makes the int8 pass quantize around an op and the
+    int8 eval mode run its kernel (docs/architecture.md, "an int8 op family")."""
+    import racc.nn.ort_int8 as ort_int8
+    from racc.ir.ops import Family
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU(0.1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+
+    def quantizers() -> int:
+        opt = racc.compile(model, "int8", (x,), calibration=_batches(8, count=2))
+        with torch.no_grad():
+            opt(x)
+        return sum(isinstance(m, FakeQuant) for m in opt.modules())
+
+    before = quantizers()
+    calls = []
+
+    def leaky_kernel(x_q, out, value):  # dequantize, the float op, quantize again
+        calls.append(value.shape)
+        return ort_int8._quantize(out, torch.nn.functional.leaky_relu(value, 0.1))
+
+    added = ort_int8.QLinearOp("QLinearLeakyRelu", Family((nn.LeakyReLU,)), leaky_kernel)
+    monkeypatch.setattr(ort_int8, "QLINEAR", (*ort_int8.QLINEAR, added))
+    assert quantizers() == before + 1  # the leaky ReLU now ends in its own quantizer
+    assert calls and calls[-1] == (2, 8, 8, 8)  # and eval mode ran its kernel

@@ -12,21 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from racc.ir.fx import TensorSpec, example_of
-from racc.ir.ops import ADD, CONVS, MUL, RELU, RELU6, Family, is_global_average_pool, matches
+from racc.ir.ops import CONVS, RELU, RELU6, Family, matches
+from racc.nn.ort_int8 import qlinear_op
 
-# ReLU-like clamps whose lower end is 0: fused into the quantizer that follows them.
+# ReLU-like clamps whose lower end is 0: fused into the quantizer that follows them. The ops
+# ONNX Runtime runs on uint8 (QLinear forms) are racc.nn.ort_int8.QLINEAR, with their kernels.
 CLAMPS = RELU | RELU6
-# Ops ONNX Runtime runs on uint8 when their inputs and output are quantized (QLinear forms); the
-# global average pool is one too (is_global_average_pool).
-INT8 = (
-    ADD
-    | MUL
-    | Family(
-        (nn.Sigmoid, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
-        (torch.cat, torch.sigmoid, F.sigmoid, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d),
-        frozenset({"sigmoid"}),
-    )
-)
 # Ops that move or select values: they run on uint8 with their input's scale and zero point.
 PASS_THROUGH = Family(
     (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity, nn.Dropout),
@@ -53,14 +44,13 @@ def kind_of(gm: fx.GraphModule, node: fx.Node) -> str:
             return "weighted"
     if node.op in ("placeholder", "output", "get_attr") or not is_tensor(node):
         return "other"
-    if is_global_average_pool(gm, node):
-        return "int8"
     if matches(gm, node, CLAMPS):
         return "clamp"
-    if matches(gm, node, INT8):
+    op = qlinear_op(gm, node)
+    if op is not None:
         args = tensor_inputs(node)
-        if matches(gm, node, ADD | MUL) and len(args) != 2:
-            return "float"  # with a constant: no QLinear form
+        if op.arity is not None and len(args) != op.arity:
+            return "float"  # with a constant operand: no QLinear form
         return "int8" if all(map(is_tensor, args)) else "float"
     if matches(gm, node, PASS_THROUGH):
         return "pass"
