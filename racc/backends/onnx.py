@@ -7,7 +7,7 @@ import copy
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,6 +48,9 @@ def export_onnx(
     example_inputs: Any = None,
     opset: int = 17,
     check: Check = True,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int]] | None = None,
 ) -> onnx.ModelProto:
     """Export `model` to ONNX at `path` and check ONNX Runtime agrees with torch on the inputs.
 
@@ -65,6 +68,12 @@ def export_onnx(
             compute (a full-range file on a CPU that saturates) raises TargetError. "graph":
             the same, but ONNX Runtime runs an int8 file without its integer kernels (Q/DQ
             around float ops), which any CPU can check. False: no check.
+        input_names, output_names: the graph's tensor names, as torch.onnx.export takes them
+            (default input / input0 ..., output0 ...).
+        dynamic_axes: more axes of those names that vary, as torch.onnx.export takes them:
+            {"input": {2: "height", 3: "width"}} or {"input": [2, 3]}. Axis 0 of every input and
+            output is the dynamic batch whatever is given. Each input axis made dynamic is
+            checked in ONNX Runtime at a second size (8 more) as well.
 
     Raises:
         ExportError: the export failed or its check did (TargetError: this CPU cannot check it).
@@ -84,21 +93,84 @@ def export_onnx(
     inputs = normalize_inputs(example_inputs)
     if not isinstance(opset, int) or opset < 17:
         raise ExportError(f"opset must be an int >= 17, got {opset!r}")
-    names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     with eval_mode(model), torch.no_grad():
         expected = model(*inputs)
-    outputs = [f"output{i}" for i in range(len(torch.utils._pytree.tree_leaves(expected)))]
+    count = len(torch.utils._pytree.tree_leaves(expected))
+    names = _names(input_names, len(inputs), "input", "input_names")
+    outputs = _names(output_names, count, "output", "output_names", numbered=True)
+    axes = _axes(dynamic_axes, dict(zip(names, inputs, strict=True)), outputs)
     quantized = is_quantized(model)
     with written_aside(path) as aside:
         with eval_mode(model):
-            torch_export(model, inputs, aside, opset, names, outputs, where=path)
+            torch_export(model, inputs, aside, opset, names, outputs, where=path, axes=axes)
         if quantized:
             lower_qdq(aside)
         proto = onnx.load(os.fspath(aside))
         if check:
             onnx.checker.check_model(proto, full_check=True)
             check_onnx_outputs(proto, inputs, expected, quantized, check, where=f"'{path}'")
+            resized = _resized(inputs, names, axes)
+            if resized is not None:
+                try:
+                    with eval_mode(model), torch.no_grad():
+                        other = model(*resized)
+                except Exception as e:
+                    raise ExportError(
+                        f"dynamic_axes: the model does not run at another size of those axes "
+                        f"(inputs {[tuple(r.shape) for r in resized]}: {type(e).__name__}: "
+                        f"{str(e)[:200]}); leave axes the model fixes out of dynamic_axes"
+                    ) from e
+                where = f"'{path}' at a second size of its dynamic axes"
+                check_onnx_outputs(proto, resized, other, quantized, check, where=where)
     return proto
+
+
+def _names(given, count: int, stem: str, option: str, numbered: bool = False) -> list[str]:
+    if given is None:
+        return [f"{stem}{i}" if numbered or count > 1 else stem for i in range(count)]
+    names = list(given)
+    if len(names) != count or not all(isinstance(n, str) and n for n in names):
+        raise ExportError(
+            f"{option} must be {count} non-empty string(s), one per model "
+            f"{'input' if stem == 'input' else 'output'}, got {given!r}"
+        )
+    if len(set(names)) != len(names):
+        raise ExportError(f"{option} must be distinct, got {names}")
+    return names
+
+
+def _axes(given, inputs: dict[str, torch.Tensor], outputs: list[str]) -> dict[str, dict[int, str]]:
+    """Axis 0 of every input and output as "batch", and the axes `given` names (torch.onnx's
+    dynamic_axes: {name: {axis: label}} or {name: [axis, ...]})."""
+    axes = {n: {0: "batch"} for n in (*inputs, *outputs)}
+    for name, dims in (given or {}).items():
+        if name not in axes:
+            raise ExportError(
+                f"dynamic_axes names '{name}', which is no input or output; the names are "
+                f"{', '.join(axes)} (set them with input_names= and output_names=)"
+            )
+        labels = dict(dims) if isinstance(dims, Mapping) else {d: f"{name}_{d}" for d in dims}
+        rank = inputs[name].dim() if name in inputs else None
+        for axis, label in labels.items():
+            if not isinstance(axis, int) or axis < 0 or (rank is not None and axis >= rank):
+                raise ExportError(
+                    f"dynamic_axes['{name}']: axis {axis!r} is not an axis of a tensor of rank "
+                    f"{rank}; give non-negative axis numbers, e.g. {{2: 'height', 3: 'width'}}"
+                )
+            axes[name][axis] = str(label)
+    return axes
+
+
+def _resized(inputs: tuple, names: list[str], axes: dict) -> tuple | None:
+    """The inputs with every dynamic axis but the batch 8 longer, or None if there is none."""
+    if not any(set(axes[n]) - {0} for n in names):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    resized = []
+    for name, x in zip(names, inputs, strict=True):
+        shape = [n + 8 if axis in axes[name] and axis else n for axis, n in enumerate(x.shape)]
+        resized.append(torch.randn(shape, generator=generator).to(x.dtype) * x.std() + x.mean())
+    return tuple(resized)
 
 
 def explicit_same_padding(model: nn.Module) -> nn.Module:
@@ -138,10 +210,11 @@ def _padded_first(forward, pads: list[int]):
     return padded
 
 
-def torch_export(model, inputs, path, opset, names, outputs, where=None) -> None:
+def torch_export(model, inputs, path, opset, names, outputs, where=None, axes=None) -> None:
     """The TorchScript exporter first (fast); the dynamo exporter for what it cannot express
-    (e.g. adaptive pooling to a size that does not divide the input)."""
-    axes = {n: {0: "batch"} for n in (*names, *outputs)}
+    (e.g. adaptive pooling to a size that does not divide the input). `axes`: torch.onnx's
+    dynamic_axes (default: axis 0 of every input and output)."""
+    axes = axes or {n: {0: "batch"} for n in (*names, *outputs)}
     model = explicit_same_padding(model)
     try:
         with warnings.catch_warnings():
@@ -153,8 +226,14 @@ def torch_export(model, inputs, path, opset, names, outputs, where=None) -> None
                         model, inputs, os.fspath(path), dynamic_axes=axes, dynamo=False, **common
                     )
             except torch.onnx.errors.OnnxExporterError:
-                batch = torch.export.Dim("batch")
-                shapes = tuple({0: batch} for _ in inputs)
+                dims: dict[str, torch.export.Dim] = {}
+                shapes = tuple(
+                    {
+                        a: dims.setdefault(label, torch.export.Dim(label))
+                        for a, label in axes[n].items()
+                    }
+                    for n in names
+                )
                 torch.onnx.export(
                     model,
                     inputs,

@@ -59,3 +59,48 @@ def test_check_must_be_true_false_or_graph(tmp_path):
     model, x = zoo_model("resnet18")
     with pytest.raises(ExportError, match="check must be True, False or 'graph', got 'full'"):
         racc.export_onnx(model, tmp_path / "m.onnx", example_inputs=(x,), check="full")
+
+
+def test_names_and_dynamic_height_and_width_follow_torch_onnx(tmp_path):
+    model, x = zoo_model("resnet18")
+    path = tmp_path / "named.onnx"
+    proto = racc.export_onnx(
+        model,
+        path,
+        example_inputs=(x,),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {2: "height", 3: "width"}},
+    )  # fmt: skip  (checked in ORT at 64x64 and at 72x72)
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert proto.graph.input[0].name == "image" and dims == ["batch", 3, "height", "width"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for side in (48, 96):
+        image = torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(side))
+        (got,) = session.run(None, {"image": image.numpy()})
+        with torch.no_grad():
+            assert_close(torch.from_numpy(got), model(image), 1e-4, 1e-4, what=f"{side}x{side}")
+    same = racc.export_onnx(model, tmp_path / "listed.onnx", (x,), dynamic_axes={"input": [2, 3]})
+    dims = [d.dim_param or d.dim_value for d in same.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "input_2", "input_3"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"input_names": ["a", "b"]}, r"input_names must be 1 non-empty string\(s\), one per model input"),
+        ({"output_names": ["y", "y"]}, r"output_names must be 1 non-empty string"),
+        ({"dynamic_axes": {"x": [2]}}, r"dynamic_axes names 'x', which is no input or output; the names are input, output0"),
+        ({"dynamic_axes": {"input": {4: "w"}}}, r"dynamic_axes\['input'\]: axis 4 is not an axis of a tensor of rank 4"),
+        ("fixed", r"the model does not run at another size of those axes \(inputs \[\(2, 3, 72, 64\)\]"),
+    ],
+)  # fmt: skip
+def test_bad_names_and_axes_are_refused_and_leave_no_file(tmp_path, options, message):
+    model, x = zoo_model("resnet18")
+    if options == "fixed":  # a model whose classifier fixes the input size
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 2)).eval()
+        options = {"dynamic_axes": {"input": {2: "height"}}}
+    with pytest.raises(ExportError, match=message):
+        racc.export_onnx(model, tmp_path / "m.onnx", example_inputs=(x,), **options)
+    assert not (tmp_path / "m.onnx").exists()
