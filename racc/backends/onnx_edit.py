@@ -57,15 +57,28 @@ class WrittenBack:
 
     proto: onnx.ModelProto
     kept: int  # ONNX nodes still there, under their names
-    removed: int  # ONNX nodes no longer needed (folded, replaced)
-    added: int  # nodes the passes made, spliced in with names starting `prefix`
+    removed: dict[str, list[str]]  # op type -> the nodes no longer needed (folded, replaced)
+    added: dict[str, list[str]]  # op type -> the nodes the passes made (named `prefix`...)
     prefix: str
 
-    def summary(self) -> str:
-        added = f", added {self.added} named '{self.prefix}...'" if self.added else ""
+    def summary(self, names: int = 3) -> str:
+        def listed(nodes: dict[str, list[str]], named: bool) -> str:
+            parts = []
+            for op, found in sorted(nodes.items(), key=lambda item: -len(item[1])):
+                more = ", ..." if len(found) > names else ""
+                which = f" ({', '.join(found[:names])}{more})" if named else ""
+                parts.append(f"{len(found)} {op}{which}")
+            return "; ".join(parts)
+
+        count = sum(map(len, self.removed.values()))
+        removed = f": {listed(self.removed, True)}" if count else ""
+        made = sum(map(len, self.added.values()))
+        added = (
+            f"; added {made} named '{self.prefix}...': {listed(self.added, False)}" if made else ""
+        )
         return (
             f"written into the ONNX graph in place: {self.kept} nodes kept with their names, "
-            f"{self.removed} removed{added}"
+            f"{count} removed{removed}{added}"
         )
 
 
@@ -77,7 +90,7 @@ def write_back(mirror: Mirror, gm: fx.GraphModule) -> WrittenBack:
             the result is not a valid ONNX model.
     """
     graph = gs.import_onnx(mirror.proto)
-    before = {n.name for n in graph.nodes}
+    before = {n.name: n.op for n in graph.nodes}
     prefix = _free_prefix(graph)
     kept = _kept(gm)
     made = [n for n in gm.graph.nodes if n.op in _CALLS and n not in kept]
@@ -124,8 +137,23 @@ def write_back(mirror: Mirror, gm: fx.GraphModule) -> WrittenBack:
             f"the ONNX graph written back is not valid: {type(e).__name__}: {e}; report this with "
             "the model"
         ) from e
-    after = {n.name for n in proto.graph.node}
-    return WrittenBack(proto, len(before & after), len(before - after), len(after - before), prefix)
+    after = {n.name: n.op_type for n in proto.graph.node}
+    return WrittenBack(
+        proto,
+        len(before.keys() & after.keys()),
+        _by_op(before, after),
+        _by_op(after, before),
+        prefix,
+    )
+
+
+def _by_op(nodes: dict[str, str], other: dict[str, str]) -> dict[str, list[str]]:
+    """The nodes of `nodes` (name -> op type) not in `other`, by op type, in graph order."""
+    found: dict[str, list[str]] = {}
+    for name, op in nodes.items():
+        if name not in other:
+            found.setdefault(op, []).append(name)
+    return found
 
 
 def _kept(gm: fx.GraphModule) -> set[fx.Node]:
