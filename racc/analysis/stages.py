@@ -83,7 +83,7 @@ def rac_stages(gm: fx.GraphModule, where: tuple[str, ...] = (), grouped: bool = 
             facts.threes.append(node.target)
         if where and not any(fnmatchcase(node.target, p) for p in where):
             continue
-        reason = why_not_rac(conv, grouped, calls[node.target])
+        reason = why_not_rac(conv, grouped, calls[node.target], named=bool(where))
         if reason:
             if tuple(conv.kernel_size) == (3, 3) or where:
                 facts.skipped.append((node.target, reason))
@@ -94,8 +94,15 @@ def rac_stages(gm: fx.GraphModule, where: tuple[str, ...] = (), grouped: bool = 
     return facts
 
 
-def why_not_rac(conv: nn.Conv2d, grouped: bool, calls: int) -> str:
-    """Why a RAC block cannot replace `conv` ("" if it can)."""
+# Fewer input channels than this: a stem conv reading the image, where a bank shared per input
+# channel saves nothing (it has 3 filters' worth of weights per output); RAC is for the wide 3x3
+# convs inside stages. A conv named in where= is taken anyway.
+MIN_INPUT_CHANNELS = 8
+
+
+def why_not_rac(conv: nn.Conv2d, grouped: bool, calls: int, named: bool = False) -> str:
+    """Why a RAC block cannot (or should not, unless `named` by the user) replace `conv`; ""
+    if it can."""
     if tuple(conv.kernel_size) != (3, 3):
         side = "x".join(map(str, conv.kernel_size))
         return f"kernel {side}: rac replaces 3x3 convs"
@@ -113,6 +120,11 @@ def why_not_rac(conv: nn.Conv2d, grouped: bool, calls: int) -> str:
         )
     if calls > 1:
         return "the module is called more than once"
+    if conv.in_channels < MIN_INPUT_CHANNELS and not named:
+        return (
+            f"{conv.in_channels} input channels: a stem conv, where a shared bank saves nothing; "
+            "name it in where= to replace it anyway"
+        )
     return ""
 
 

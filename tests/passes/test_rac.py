@@ -264,3 +264,19 @@ def test_stages_are_facts_of_the_graph():
     ]
     assert [name for name, _ in facts.skipped] == ["2", "4"]
     assert "dilation" in facts.skipped[0][1] and "groups=4" in facts.skipped[1][1]
+
+
+def test_a_stem_conv_reading_the_image_is_left_alone_unless_named():
+    from racc.analysis.stages import rac_stages
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)
+    ).eval()
+    gm = racc.analyze(model, (torch.randn(1, 3, 12, 12),)).traced.gm
+    facts = rac_stages(gm)
+    assert [c.name for s in facts.stages for c in s.convs] == ["2"]
+    assert facts.skipped == [("0", facts.skipped[0][1])]
+    assert "3 input channels: a stem conv" in facts.skipped[0][1]
+    named = rac_stages(gm, where=("0", "2"))
+    assert [c.name for s in named.stages for c in s.convs] == ["0", "2"]
