@@ -1,5 +1,5 @@
-"""`racc bench`: params, MACs, weight bytes and median latency of one or two models, in ONNX
-Runtime and in torch, timed interleaved (A B A B ...) in one process so that ratios are fair."""
+"""`racc bench`: params, MACs, weight bytes and median latency of any number of models, in ONNX
+Runtime and in torch, timed interleaved (A B C A B C ...) in one process so that ratios are fair."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from racc.analysis.cost import measure_cost
 from racc.backends.onnx import export_onnx
 from racc.cpu import this_cpu
 from racc.errors import ExportError, InputError
-from racc.text import mib, si
+from racc.text import byte_size, si
 from racc.timing import interleaved, ort_call, ort_session, torch_call
 
 if TYPE_CHECKING:
@@ -49,21 +49,22 @@ class BenchResult:
 
     def to_markdown(self) -> str:
         names = [m.name for m in self.models]
-        ratio = len(names) == 2
+        ratios = [f"{name} / {names[0]}" for name in names[1:]]
         lines = [
-            "| metric | " + " | ".join(names) + (" | ratio |" if ratio else " |"),
-            "|---|" + "---|" * (len(names) + ratio),
+            "| metric | " + " | ".join(names + ratios) + " |",
+            "|---|" + "---|" * (len(names) + len(ratios)),
         ]
         for key, values in self.rows():
             cells = [_format(key, v) for v in values]
-            if ratio:
-                a, b = values
-                cells.append(f"{b / a:.3f}x" if a and b is not None else "-")
+            first = values[0]
+            cells += [f"{v / first:.3f}x" if first and v is not None else "-" for v in values[1:]]
             label = {"macs": "MACs per sample", "bytes": "weights"}.get(key, key)
             label = f"{key} latency (ms)" if " b" in key else label
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         footer = f"\nmedians of {self.rounds} interleaved rounds, {self.threads} threads"
-        lines.append(footer + ("; ratio = second / first" if ratio else ""))
+        lines.append(
+            footer + ("; each ratio is a model's value over the first's" if ratios else "")
+        )
         lines.append(f"CPU: {self.cpu}")
         return "\n".join(lines)
 
@@ -80,7 +81,7 @@ def _format(key: str, value: float | None) -> str:
     if value is None:
         return "-"
     if key == "bytes":
-        return mib(value)
+        return byte_size(value)
     if " b" in key:
         return f"{value:.2f}"
     return si(value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,15 @@ from racc.analysis.chains import fusable_chains
 from racc.analysis.stages import rac_stages
 from racc.backends.files import check_writable
 from racc.errors import ExportError, InputError, PassConfigError, RaccError
-from racc.models import DEFAULT_SHAPE, Model, load_model, parse_shape, read_file, torch_load
+from racc.models import (
+    DEFAULT_SHAPE,
+    Model,
+    load_model,
+    parse_shape,
+    read_file,
+    takes_weights,
+    torch_load,
+)
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
 _CHECKS = {"full": True, "graph": "graph", "none": False}  # --check -> export_onnx(check=...)
@@ -33,15 +42,18 @@ _CHECKS = {"full": True, "graph": "graph", "none": False}  # --check -> export_o
 # --- inputs -----------------------------------------------------------------------------------------
 
 
-def calibration_from_args(args: argparse.Namespace, shape: tuple[int, ...]) -> list[torch.Tensor]:
-    """--calib N batches: from --calib-data (an .npy or .pt array of inputs) or random, seeded."""
+def calibration_from_args(
+    args: argparse.Namespace, shape: tuple[int, ...], data: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """--calib N batches: from --calib-data (an .npy or .pt array of inputs, `data` when it is
+    read already) or random, seeded."""
     if args.calib < 1:
         raise PassConfigError(f"option --calib must be at least 1, got {args.calib}")
     batch = max(shape[0], 8)
     if not args.calib_data:
         generator = torch.Generator().manual_seed(args.seed + 1)
         return [torch.randn(batch, *shape[1:], generator=generator) for _ in range(args.calib)]
-    data = _read_array(args.calib_data)
+    data = _read_array(args.calib_data) if data is None else data
     if tuple(data.shape[1:]) != shape[1:]:
         raise InputError(
             f"option --calib-data: '{args.calib_data}' holds inputs of shape "
@@ -93,14 +105,15 @@ def cmd_compile(args: argparse.Namespace) -> None:
     check_output(args.plots, "--plots", folder=True)
     calibrates = _needs_calibration(args.pipeline)  # a bad pipeline fails before the model loads
     model = _load(args)
-    shape = model.input_shape(args.input_shape)
+    data = _read_array(args.calib_data) if calibrates and args.calib_data else None
+    shape = _input_shape(args, model, data)
     out = Path(args.out)
     if model.onnx is not None and out.suffix != ".onnx":
         raise PassConfigError(
             f"option -o: an ONNX model compiles to an ONNX file; name it '{out.stem}.onnx'"
         )
     x = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
-    calibration = calibration_from_args(args, shape) if calibrates else None
+    calibration = calibration_from_args(args, shape, data) if calibrates else None
     if calibration is not None and not args.calib_data:
         _say(
             f"int8 calibrates on {len(calibration)} random batches; give --calib-data for real ones"
@@ -137,18 +150,19 @@ def cmd_compile(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     import racc
     from racc.analysis.cost import measure_cost
-    from racc.text import mib, si
+    from racc.text import byte_size, si
 
     calibrates = bool(args.explain) and _needs_calibration(args.explain)  # checks the pipeline
     model = _load(args)
-    shape = model.input_shape(args.input_shape)
+    data = _read_array(args.calib_data) if calibrates and args.calib_data else None
+    shape = _input_shape(args, model, data)
     module = model.graph_module()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     analysis = racc.analyze(module, (x,))  # checks the inputs fit the model, naming the node
     cost = measure_cost(module.eval(), (x,))
     print(
         f"# {type(module).__name__} ({args.model}), input {tuple(shape)}\n\n"
-        f"{si(cost.params)} params, {si(cost.macs)} MACs per sample, {mib(cost.bytes)}"
+        f"{si(cost.params)} params, {si(cost.macs)} MACs per sample, {byte_size(cost.bytes)}"
     )
     every = not (args.groups or args.stages or args.pairs or args.explain)
     if args.groups or every:
@@ -163,7 +177,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         )
         print(fusable_chains(analysis.traced.gm, allow_nonlinear=True))
     if args.explain:
-        calibration = calibration_from_args(args, shape) if calibrates else None
+        calibration = calibration_from_args(args, shape, data) if calibrates else None
         opt = racc.compile(
             model.source(), args.explain, (x,), explain=True, calibration=calibration, progress=True
         )
@@ -179,8 +193,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     _int_list(str(args.threads), "--threads")
     check_output(args.json, "--json")
     torch.set_num_threads(args.threads)
-    models = [_load(args, spec) for spec in [args.model, *([args.other] if args.other else [])]]
-    shape = models[0].input_shape(args.input_shape)
+    models = [_load(args, spec) for spec in args.models]
+    shape = _input_shape(args, models[0])
     result = bench(models, shape[1:], batches, args.rounds, args.threads)
     print(result.to_markdown())
     if args.json:
@@ -200,9 +214,41 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
+def cmd_passes(args: argparse.Namespace) -> None:
+    from racc.passes import REGISTRY
+    from racc.passes.base import format_value, options_of
+
+    for name, cls in sorted(REGISTRY.items()):
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        edits = "edits the graph in place" if cls.in_place else "leaves its input, returns a copy"
+        print(f"{name}  ({cls.__name__}; {cls.exactness}; {edits})\n    {doc}")
+        for option in options_of(cls):
+            default = "none" if option.default is None else format_value(option.default)
+            print(f"    {option.name}: {option.type} = {default or '(empty)'}")
+            if option.help:
+                print(f"        {option.help}")
+        print()
+    print('Options go in braces, e.g. racc compile MODEL -p "prune-bn{ratio=0.5},int8"; a tuple')
+    print("is written a|b. See docs/passes/ for each pass's math and report.")
+
+
+def _input_shape(args: argparse.Namespace, model: Model, data: torch.Tensor | None = None):
+    """--input-shape, else the shape the model carries (an ONNX file, a racc file), else the
+    calibration data's, else the default; says where it came from when it is not the default."""
+    shape = model.input_shape(args.input_shape, data)
+    if args.input_shape is None:
+        if model.carried_shape() is not None:
+            _say(f"input shape {shape} from {model.spec}")
+        elif data is not None:
+            _say(f"input shape {shape} from --calib-data")
+    return shape
+
+
 def _load(args: argparse.Namespace, spec: str | None = None) -> Model:
     side = parse_shape(args.input_shape or DEFAULT_SHAPE)[-1]  # of the BN warm-up batches
-    model = load_model(spec or args.model, side, getattr(args, "weights", None), args.seed)
+    spec = spec or args.model
+    weights = getattr(args, "weights", None) if takes_weights(spec) else None
+    model = load_model(spec, side, weights, args.seed)
     if model.random_weights:
         _say(
             f"{model.spec}: random weights, BN statistics warmed up on random batches "
@@ -246,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     parser = _Parser(prog="racc", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"racc {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = commands.add_parser(
         "compile", parents=[model, common, calib], help="run a pipeline, write ONNX or a racc file"
@@ -280,14 +327,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "bench", parents=[common], help="params, MACs, bytes, latency in ONNX Runtime and torch"
     )
-    p.add_argument("model", help="as for compile, or an .onnx file")
-    p.add_argument("other", nargs="?", help="a second model: ratios OTHER / MODEL")
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="as for compile, or an .onnx file; one table, each later model also as a ratio to "
+        "the first",
+    )
+    p.add_argument(
+        "--weights",
+        help="a state_dict file for the models that take one (torchvision:NAME, factories)",
+    )
     p.add_argument("--batches", default="1,8", help="batch sizes to time (default 1,8)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per batch (default 10)")
     p.add_argument("--threads", type=int, default=2, help="threads of torch and ORT (default 2)")
     p.add_argument("--json", help="also write the table as JSON here")
     p.set_defaults(run=cmd_bench)
+
+    p = commands.add_parser("passes", help="every pass with its options, defaults and exactness")
+    p.set_defaults(run=cmd_passes, debug=False)
     return parser
+
+
+def _version() -> str:
+    from racc import __version__
+
+    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -303,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (racc passes | head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         if args.debug:
             raise

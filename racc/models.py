@@ -1,11 +1,13 @@
 """The models a user names on the command line: `torchvision:NAME`, `module.path:factory`,
-`file.py:factory`, a file written by `racc.save`, or an `.onnx` file, and the weights for them.
+`file.py:factory` (keyword arguments after another colon: `file.py:factory:num_classes=10`), a
+file written by `racc.save`, or an `.onnx` file, and the weights for them.
 
 The CLI, `racc.bench`, the tests and the benchmarks load models through here.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import os
@@ -56,16 +58,37 @@ class Model:
         """What `racc.compile` takes: the module, or the ONNX file's path."""
         return self.module if self.module is not None else str(self.onnx)
 
-    def input_shape(self, text: str | None) -> tuple[int, ...]:
-        """--input-shape, or for an ONNX file without it the file's own (batch 1)."""
-        if text is None and self.onnx is not None:
+    def input_shape(self, text: str | None, data: torch.Tensor | None = None) -> tuple[int, ...]:
+        """--input-shape; without it the shape the model carries (an ONNX file's inputs, at
+        batch 1 where the batch is free; the example inputs a racc file was compiled on), else
+        that of the samples in `data` (calibration data) at batch 1; else the default."""
+        if text is not None:
+            return parse_shape(text)
+        carried = self.carried_shape()
+        if carried is not None:
+            return carried
+        if data is not None and data.dim() >= 2:
+            return (1, *data.shape[1:])
+        return parse_shape(DEFAULT_SHAPE)
+
+    def carried_shape(self) -> tuple[int, ...] | None:
+        """The input shape the model itself records, if it records one."""
+        if self.onnx is not None:
             from racc.ir import onnx as onnx_ir
 
             inputs = onnx_ir.example_inputs_for(self.proto())
-            if len(inputs) != 1:
-                raise InputError(f"'{self.spec}' has {len(inputs)} inputs; racc takes one")
-            return tuple(inputs[0].shape)
-        return parse_shape(text or DEFAULT_SHAPE)
+        else:
+            inputs = getattr(self.module, "racc_example_inputs", None)
+            if not inputs:
+                return None
+        if len(inputs) != 1:
+            raise InputError(f"'{self.spec}' has {len(inputs)} inputs; racc takes one")
+        return tuple(inputs[0].shape)
+
+
+def takes_weights(spec: str) -> bool:
+    """Whether --weights applies to MODEL `spec`: not to an ONNX or a racc file, which hold theirs."""
+    return not spec.endswith(".onnx") and not Path(spec).is_file()
 
 
 def load_model(spec: str, side: int, weights: str | None = None, seed: int = 0) -> Model:
@@ -100,7 +123,7 @@ def load_model(spec: str, side: int, weights: str | None = None, seed: int = 0) 
 
 
 def _from_factory(spec: str) -> nn.Module:
-    where, _, name = spec.rpartition(":")
+    where, name, kwargs = _factory_parts(spec)
     try:
         if where.endswith(".py"):
             if not Path(where).is_file():
@@ -121,14 +144,15 @@ def _from_factory(spec: str) -> nn.Module:
     if not callable(factory):
         raise UnsupportedModelError(
             f"'{where}' has no callable '{name}' for model '{spec}'; name a function or class "
-            "that builds the model with no arguments"
+            "that builds the model"
         )
     try:
-        built = factory()
+        built = factory(**kwargs)
     except Exception as e:
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         raise UnsupportedModelError(
-            f"{spec}() failed: {type(e).__name__}: {e}; the factory must build the model with "
-            "no arguments"
+            f"{where}:{name}({given}) failed: {type(e).__name__}: {e}; give the factory's "
+            "keyword arguments after another colon, e.g. file.py:factory:num_classes=10"
         ) from e
     if not isinstance(built, nn.Module):
         raise UnsupportedModelError(
@@ -137,18 +161,55 @@ def _from_factory(spec: str) -> nn.Module:
     return built.eval()
 
 
+def _factory_parts(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """'file.py:factory:num_classes=10,width=0.5' -> ('file.py', 'factory', {...}); values are
+    Python literals (numbers, True, None, 'text'), else strings."""
+    parts = spec.split(":")
+    if len(parts) < 3:
+        return spec.rpartition(":")[0], parts[-1], {}
+    where, name, last = ":".join(parts[:-2]), parts[-2], parts[-1]
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, last.split(",")):
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise UnsupportedModelError(
+                f"model '{spec}': '{item}' is not a keyword argument; write them as "
+                "file.py:factory:name=value,name=value"
+            )
+        try:
+            kwargs[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = text.strip()
+    return where, name, kwargs
+
+
+# Where training scripts keep the weights inside a checkpoint dict.
+_CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema")
+
+
+def _state_dict(saved: Any, own: dict) -> Any:
+    """The state_dict inside what torch.save wrote: itself, or under a checkpoint key; without
+    the 'module.' prefix DataParallel and DistributedDataParallel add."""
+    if isinstance(saved, dict) and not any(k in own for k in saved):
+        inner = next((saved[k] for k in _CHECKPOINT_KEYS if isinstance(saved.get(k), dict)), None)
+        saved = inner if inner is not None else saved
+    if isinstance(saved, dict) and saved and all(str(k).startswith("module.") for k in saved):
+        saved = {k.removeprefix("module."): v for k, v in saved.items()}
+    return saved
+
+
 def _load_weights(module: nn.Module, path: str) -> None:
     state = read_file(
         path, "--weights", "a file written by torch.save(model.state_dict(), path)",
         ExportError, torch_load,
     )  # fmt: skip
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = module.state_dict()
+    state = _state_dict(state, own)
     if not isinstance(state, dict):
         raise ExportError(
             f"option --weights: '{path}' holds a {type(state).__name__}, not a state_dict; save "
             "it with torch.save(model.state_dict(), path)"
         )
-    own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 
-def mib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**20:.2f} MiB"
+def byte_size(n_bytes: float) -> str:
+    """A size in MiB, or in KiB (B) where MiB would round to 0.0: 1.5 MiB, 12.3 KiB, 512 B."""
+    if n_bytes >= 2**20 / 10:
+        return f"{n_bytes / 2**20:.2f} MiB"
+    if n_bytes >= 1024:
+        return f"{n_bytes / 1024:.1f} KiB"
+    return f"{n_bytes:.0f} B"
 
 
 def si(n: float) -> str:

@@ -96,7 +96,7 @@ def test_compile_to_a_racc_file_with_report_and_plots(capsys, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     assert model(x).shape == (2, 1000)
     assert json.loads((tmp_path / "rep" / "prune.json").read_text())["passes"][1]["widths"]
-    for name, min_width in (("passes.png", 700), ("params.png", 500), ("channels.png", 1000)):
+    for name, min_width in (("passes.png", 700), ("params.png", 500), ("channels.png", 800)):
         image = matplotlib.image.imread(plots / name)
         height, width = image.shape[:2]
         assert width >= min_width and height >= 300, (name, image.shape)
@@ -114,6 +114,7 @@ def test_plots_that_do_not_apply_are_left_out_with_the_reason(capsys, tmp_path):
     assert not (tmp_path / "channels.png").exists()
     assert "channels.png left out: no pass changed any layer's width" in stdout
     assert "params.png left out" in stdout
+    assert "sqnr.png left out: no int8 pass in the pipeline" in stdout
 
 
 def test_inspect_lists_groups_stages_pairs_and_explains_a_pipeline(capsys):
@@ -209,8 +210,14 @@ def test_calibration_data_from_a_file(capsys, tmp_path):
     np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((16, 3, 64, 64)))
     out = tmp_path / "q.onnx"
     args = ["compile", "torchvision:resnet18", "-p", "int8", "-o", str(out), *SHAPE]
-    code, _, err = run(capsys, *args, "--calib", "2", "--calib-data", str(tmp_path / "calib.npy"))
+    code, stdout, err = run(
+        capsys, *args, "--calib", "2", "--calib-data", str(tmp_path / "calib.npy"),
+        "--plots", str(tmp_path / "plots"),
+    )  # fmt: skip
     assert code == 0 and "int8 calibrates on" not in err
+    image = matplotlib.image.imread(tmp_path / "plots" / "sqnr.png")  # one bar per int8 layer
+    assert image.shape[1] >= 0.22 * 21 * 110 and image[..., :3].std() > 0.05
+    assert f"wrote {tmp_path / 'plots' / 'sqnr.png'}" in stdout
     np.save(tmp_path / "bad.npy", np.zeros((4, 3, 32, 32), dtype=np.float32))
     code, _, err = run(capsys, *args, "--calib-data", str(tmp_path / "bad.npy"))
     assert code == 1
@@ -308,3 +315,127 @@ def test_the_report_is_written_before_the_export_and_kept_when_its_check_fails(
     code, stdout, err = run(capsys, *argv, *SHAPE, "--calib", "2", "--check", "graph")
     assert code == 0, err
     assert out.exists() and "its graph checked in ONNX Runtime" in stdout
+
+
+def test_the_input_shape_comes_from_the_racc_file_or_the_calibration_data(capsys, tmp_path):
+    small = tmp_path / "small.racc"
+    args = ["compile", "torchvision:resnet18", "-p", "fold-bn", "-o", str(small), *SHAPE]
+    assert run(capsys, *args)[0] == 0
+    code, _, err = run(capsys, "compile", str(small), "-p", "int8", "-o", str(tmp_path / "q.onnx"))
+    assert code == 0, err
+    assert f"input shape (1, 3, 64, 64) from {small}" in err
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    assert report["passes"][0]["cost"]["macs"] < 0.1 * 1.8e9  # 64x64, not 224x224
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((8, 3, 48, 48)))
+    out = tmp_path / "c.onnx"
+    argv = ["compile", "torchvision:resnet18", "-p", "int8", "-o", str(out), "--calib", "1"]
+    code, _, err = run(capsys, *argv, "--calib-data", str(tmp_path / "calib.npy"))
+    assert code == 0, err
+    assert "input shape (1, 3, 48, 48) from --calib-data" in err
+    assert ort_outputs(out, torch.randn(1, 3, 48, 48)).shape == (1, 1000)
+
+
+def test_bench_takes_any_number_of_models_and_weights(capsys, tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "w.pt")
+    onnx_file = tmp_path / "r18.onnx"
+    args = ["compile", "torchvision:resnet18", "-p", "fold-bn", "-o", str(onnx_file), *SHAPE]
+    assert run(capsys, *args)[0] == 0
+    code, out, err = run(
+        capsys, "bench", "torchvision:resnet18", "torchvision:resnet34", str(onnx_file), *SHAPE,
+        "--weights", str(tmp_path / "w.pt"), "--rounds", "1", "--batches", "1", "--threads", "1",
+    )  # fmt: skip
+    assert code == 1 and "does not fit ResNet" in err  # resnet34 takes no resnet18 weights
+    code, out, err = run(
+        capsys, "bench", "torchvision:resnet18", "torchvision:mobilenet_v2", str(onnx_file),
+        *SHAPE, "--weights", str(tmp_path / "w.pt"), "--rounds", "1", "--batches", "1",
+        "--threads", "1",
+    )  # fmt: skip
+    assert code == 1 and "does not fit MobileNetV2" in err
+    code, out, err = run(
+        capsys, "bench", "torchvision:resnet18", "torchvision:resnet18", str(onnx_file), *SHAPE,
+        "--weights", str(tmp_path / "w.pt"), "--rounds", "1", "--batches", "1", "--threads", "1",
+    )  # fmt: skip
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if line.startswith("| metric"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert len(cells) == 1 + 3 + 2  # metric, three models, two ratios to the first
+    assert cells[-1] == f"{onnx_file} / torchvision:resnet18"
+    params = table_rows(out)["params"].split("|")
+    assert params[5].strip() == "1.000x"  # the same model with the same weights
+    assert "random weights" not in err  # --weights loaded trained ones into both
+
+
+def test_racc_passes_lists_every_pass_with_its_options(capsys):
+    from racc.passes import REGISTRY
+    from racc.passes.base import options_of
+
+    code, out, _ = run(capsys, "passes")
+    assert code == 0
+    for name, cls in REGISTRY.items():
+        if name.startswith("test-"):
+            continue
+        assert f"{name}  ({cls.__name__}; {cls.exactness}" in out
+        for option in options_of(cls):
+            assert f"    {option.name}: " in out, (name, option.name)
+    assert "    ratio: float | none = none" in out
+    assert "fraction of prunable channels to remove" in out  # the help from the docstring
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"racc {racc.__version__}"
+
+
+def test_checkpoints_prefixes_and_factory_arguments(capsys, tmp_path):
+    import torchvision
+
+    torch.manual_seed(5)
+    reference = torchvision.models.resnet18(num_classes=10).eval()
+    wrapped = {f"module.{k}": v for k, v in reference.state_dict().items()}  # DataParallel's
+    torch.save({"epoch": 3, "model": wrapped, "optimizer": {}}, tmp_path / "ckpt.pt")
+    loaded = load_model(
+        "torchvision.models:resnet18:num_classes=10", 64, weights=str(tmp_path / "ckpt.pt")
+    )
+    assert loaded.module.fc.out_features == 10
+    for key, value in reference.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[key], value), key
+    (tmp_path / "net.py").write_text(
+        "import torch.nn as nn\n"
+        "def build(width=8, act='relu'):\n"
+        "    act = nn.ReLU() if act == 'relu' else nn.SiLU()\n"
+        "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width), act)\n"
+    )
+    loaded = load_model(f"{tmp_path}/net.py:build:width=4,act=silu", 16)
+    assert loaded.module[0].out_channels == 4 and isinstance(loaded.module[2], torch.nn.SiLU)
+    code, _, err = run(capsys, "inspect", f"{tmp_path}/net.py:build:depth=2", "--groups")
+    assert code == 1 and "build(depth=2) failed: TypeError" in err
+    code, _, err = run(capsys, "inspect", f"{tmp_path}/net.py:build:width", "--groups")
+    assert code == 1 and "'width' is not a keyword argument" in err
+
+
+def test_a_compiled_model_compiled_again_keeps_its_name(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    once = racc.compile(model, "fold-bn", (x,))
+    racc.save(once, tmp_path / "once.racc")
+    for again in (once, racc.load(tmp_path / "once.racc")):
+        assert racc.compile(again, "fold-bn", (x,)).racc_report.model == "Sequential"
+
+
+def test_docs_cli_lists_every_command_and_flag():
+    import argparse
+
+    from racc.cli import build_parser
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, sub in commands.choices.items():
+        if f"## racc {name}" not in text:
+            missing.append(f"racc {name}")
+        for action in sub._actions:
+            missing += [f"{name} {o}" for o in action.option_strings if o != "-h" and o not in text]
+    missing += [o for a in parser._actions for o in a.option_strings if o not in text]
+    assert missing == []

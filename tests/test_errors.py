@@ -84,8 +84,10 @@ def test_unknown_pass_and_option_in_pipeline():
 
 
 def test_option_of_wrong_type():
-    with pytest.raises(PassConfigError, match="pass 'fold-bn': option 'skip' must be tuple"):
-        racc.passes.FoldBatchNormIntoConv(skip=["layer4.*"])
+    with pytest.raises(
+        PassConfigError, match="pass 'fold-bn': option 'skip' must be a list of str"
+    ):
+        racc.passes.FoldBatchNormIntoConv(skip=("layer4.*", 4))
 
 
 def test_pruning_requests_are_checked():

@@ -14,9 +14,13 @@ annotations when a pass is built, from Python or from a string, so a wrong type 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -88,7 +92,9 @@ class Pass:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            _check_type(self.name, f.name, getattr(self, f.name), hints[f.name])
+            value = _as_tuple(getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)  # frozen: the one place options are set
+            _check_type(self.name, f.name, value, hints[f.name])
         self.validate()
 
     def validate(self) -> None:
@@ -115,6 +121,99 @@ class Pass:
         return self.name + (f"{{{','.join(changed)}}}" if changed else "")
 
 
+@dataclass(frozen=True)
+class Option:
+    """One option of a pass, as `racc passes` lists it."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+def options_of(cls: type[Pass]) -> list[Option]:
+    """The options of a pass class: from its fields (name, type, default) and the `Options:`
+    section of its docstring (help)."""
+    hints = typing.get_type_hints(cls)
+    helps = _option_helps(inspect.getdoc(cls) or "")
+    options = []
+    for f in dataclasses.fields(cls):
+        if not f.repr:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        options.append(Option(f.name, _type_name(hints[f.name]), default, helps.get(f.name, "")))
+    return options
+
+
+def _option_helps(doc: str) -> dict[str, str]:
+    """`name: text` entries of a docstring's `Options:` section, continuation lines joined."""
+    helps: dict[str, str] = {}
+    inside, current = False, None
+    for line in doc.splitlines():
+        if line.strip() == "Options:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        if line and not line.startswith(" "):  # the next section
+            break
+        text = line.strip()
+        name, colon, rest = text.partition(":")
+        if (
+            colon
+            and line.startswith("    ")
+            and not line.startswith("     ")
+            and name.isidentifier()
+        ):
+            current = name
+            helps[name] = rest.strip()
+        elif current and text:
+            helps[current] += " " + text
+    return helps
+
+
+def module_names(gm: fx.GraphModule) -> list[str]:
+    """The qualified names of `gm`'s modules, what skip=, protect= and where= patterns match."""
+    return [name for name, _ in gm.named_modules() if name]
+
+
+def check_patterns(
+    pass_name: str, option: str, patterns: Iterable[str], names: Iterable[str]
+) -> None:
+    """Raise `PassConfigError` for the first of `patterns` (fnmatch) that matches none of `names`
+    (the names a report uses: modules by qualified name), with the names nearest to it: a
+    misspelled pattern would otherwise do nothing, silently."""
+    names = sorted(set(names))
+    for pattern in patterns:
+        if any(fnmatchcase(n, pattern) for n in names):
+            continue
+        near = near_names(pattern, names)
+        hint = (
+            f"did you mean {', '.join(near)}?"
+            if near
+            else f"no name is close; names look like {', '.join(names[:4])}"
+        )
+        raise PassConfigError(
+            f"pass '{pass_name}': {option} pattern '{pattern}' matches nothing in this model; "
+            f"{hint} (racc inspect --explain lists every name)"
+        )
+
+
+def near_names(pattern: str, names: list[str], n: int = 3) -> list[str]:
+    """The names closest to `pattern` (its wildcards dropped), by the whole name or its last
+    dotted part; only names close enough to be the one meant."""
+    literal = pattern.replace("*", "").replace("?", "").strip(".")
+    if not literal:
+        return []
+    close = difflib.get_close_matches(literal, names, n=n, cutoff=0.7)
+    by_tail = {name.rsplit(".", 1)[-1]: name for name in names}
+    tail = literal.rsplit(".", 1)[-1]
+    for hit in difflib.get_close_matches(tail, list(by_tail), n=n, cutoff=0.75):
+        if by_tail[hit] not in close:
+            close.append(by_tail[hit])
+    return close[:n]
+
+
 def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -124,8 +223,15 @@ def format_value(value: Any) -> str:
 
 
 def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(hint))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_type_name(args[0])} (a|b)"
+    if origin in _UNIONS:
+        return " | ".join(_type_name(a) for a in args)
+    if hint is type(None):
+        return "none"
     return getattr(hint, "__name__", str(hint))
 
 
@@ -135,6 +241,21 @@ def _check_type(pass_name: str, option: str, value: Any, hint: Any) -> None:
     raise PassConfigError(
         f"pass '{pass_name}': option '{option}' must be {_type_name(hint)}, got {value!r}"
     )
+
+
+def _as_tuple(value: Any, hint: Any) -> Any:
+    """A list for a tuple option becomes a tuple, and one string for a tuple of strings a tuple
+    of one (skip=["a", "b"] and skip="a" read as they are meant); other values are left as
+    they are, for the type check."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    tuples = [hint] if origin is tuple else [a for a in args if typing.get_origin(a) is tuple]
+    if not tuples or _matches(value, hint):
+        return value
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, str) and typing.get_args(tuples[0])[0] is str:
+        return (value,)
+    return value
 
 
 def _matches(value: Any, hint: Any) -> bool:

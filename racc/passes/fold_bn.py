@@ -21,7 +21,16 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from racc.ir.fx import module_call_counts
 from racc.ir.ops import BATCH_NORMS, CONVS
-from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip, label
+from racc.passes.base import (
+    Exactness,
+    Pass,
+    PassContext,
+    PassResult,
+    Skip,
+    check_patterns,
+    label,
+    module_names,
+)
 
 
 class FoldBatchNormIntoConv(Pass):
@@ -40,6 +49,7 @@ class FoldBatchNormIntoConv(Pass):
     skip: tuple[str, ...] = ()
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        check_patterns(self.name, "skip", self.skip, module_names(gm))
         result = PassResult(gm, modified=False)
         calls = module_call_counts(gm)
         for node in list(gm.graph.nodes):

@@ -37,7 +37,15 @@ from racc.analysis.chains import (
 )
 from racc.errors import PassConfigError
 from racc.ir.fx import node_values
-from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
+from racc.passes.base import (
+    Exactness,
+    Pass,
+    PassContext,
+    PassResult,
+    Skip,
+    check_patterns,
+    module_names,
+)
 from racc.timing import interleaved, runner
 
 _EXACTNESS_ORDER: list[Exactness] = ["exact", "approximate", "needs_finetune"]
@@ -102,6 +110,7 @@ class FuseConv3x3PairInto5x5(Pass):
             )
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        check_patterns(self.name, "skip", self.skip, module_names(gm))
         result = PassResult(gm, modified=False)
         achieved: list[Exactness] = ["exact"]
         with tempfile.TemporaryDirectory() as folder:

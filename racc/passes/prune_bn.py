@@ -16,7 +16,6 @@ batch and at a second input size. Otherwise the pass `needs_finetune`.
 
 from __future__ import annotations
 
-import difflib
 import math
 from fnmatch import fnmatchcase
 from typing import ClassVar, Literal
@@ -34,7 +33,15 @@ from racc.errors import PassConfigError, PruneError
 from racc.ir.fx import node_values
 from racc.ir.ops import BATCH_NORMS, CONVS, zero_padding
 from racc.metrics import OutputError
-from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
+from racc.passes.base import (
+    Exactness,
+    Pass,
+    PassContext,
+    PassResult,
+    Skip,
+    check_patterns,
+    module_names,
+)
 from racc.passes.channels import prune_channels, zero_channels
 
 
@@ -85,7 +92,7 @@ class PruneChannelsByBnGamma(Pass):
             )
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        self._check_protect(gm)
+        check_patterns(self.name, "protect", self.protect, module_names(gm))
         result = PassResult(gm, modified=False)
         ranked = self._rank(gm, analyze(gm, ctx.example_inputs), ctx.explain, result)
         request = {g: idx for g, idx in self._select(ranked).items() if len(idx)}
@@ -133,16 +140,6 @@ class PruneChannelsByBnGamma(Pass):
         result.matched += [f"constant channels folded into the bias of '{n}'" for n in folded]
         if all(len(constant[g]) == len(idx) for g, idx in request.items()):
             result.exactness = _zero_exactness(reference, gm, request, ctx.example_inputs)
-
-    def _check_protect(self, gm: fx.GraphModule) -> None:
-        names = [n for n, _ in gm.named_modules() if n]
-        for pattern in self.protect:
-            if not any(fnmatchcase(n, pattern) for n in names):
-                close = difflib.get_close_matches(pattern, names, n=3) or names[:3]
-                raise PassConfigError(
-                    f"pass '{self.name}': protect pattern '{pattern}' matches no module; "
-                    f"close names: {', '.join(close)}"
-                )
 
     def _skip_reason(self, group: ChannelGroup) -> str:
         if not group.prunable:

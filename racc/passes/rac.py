@@ -28,7 +28,7 @@ from racc.metrics import OutputError
 from racc.nn.rac import RacBank, RacConv2d
 from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
 from racc.passes.rac_fit import corner_floor, embed, fit_stage
-from racc.text import mib
+from racc.text import byte_size
 
 _SHOWN = 8  # candidate names listed in an error
 
@@ -222,7 +222,7 @@ class RewriteConv3x3ToRac(Pass):
             bank = f", one bank m={self.m} k={self.k}" if self.deploy == "factored" else ""
             result.notes.append(
                 f"stage '{stage.name}' (C={stage.channels}, {len(rac)} blocks{bank}): params "
-                f"{before:,} -> {after:,}, fp32 {mib(4 * before)} -> {mib(4 * after)}"
+                f"{before:,} -> {after:,}, fp32 {byte_size(4 * before)} -> {byte_size(4 * after)}"
             )
         ratio = total_before / max(total_after, 1)
         change = (

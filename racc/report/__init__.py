@@ -14,7 +14,7 @@ from racc.errors import ExportError, RaccError
 from racc.metrics import OutputError
 from racc.passes.base import Skip
 from racc.report import plots
-from racc.text import markdown_table, mib, si
+from racc.text import byte_size, markdown_table, si
 
 _ITEMS_SHOWN = 5
 
@@ -118,8 +118,13 @@ class Report:
         plots.params(self, path)
 
     def plot_channels(self, path: str | os.PathLike) -> None:
-        """Write a PNG of output channels per layer before and after each pass that changed them."""
+        """Write a PNG of the fraction of output channels each layer keeps, for each pass that
+        changed widths, with the after/before counts on the bars."""
         plots.channels(self, path)
+
+    def plot_sqnr(self, path: str | os.PathLike) -> None:
+        """Write a PNG of each int8 layer's SQNR (that layer alone quantized), lowest first."""
+        plots.sqnr(self, path)
 
     def plot_passes(self, path: str | os.PathLike) -> None:
         """Write a PNG of each pass's effect: params, MACs and size relative to the input model,
@@ -128,10 +133,11 @@ class Report:
 
     def plots(self, folder: str | os.PathLike) -> dict[str, str]:
         """Write every plot that applies into `folder`: passes.png always, channels.png when a
-        pass changed layer widths, params.png when the model has repeated blocks.
+        pass changed layer widths, params.png when the model has repeated blocks, sqnr.png when
+        the pipeline quantizes to int8.
 
         Returns:
-            File name -> the path written, or why that plot was left out.
+            File name -> the path written, or "left out: <why>".
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -140,6 +146,7 @@ class Report:
             ("passes.png", self.plot_passes),
             ("params.png", self.plot_params),
             ("channels.png", self.plot_channels),
+            ("sqnr.png", self.plot_sqnr),
         ):
             try:
                 plot(folder / name)
@@ -168,5 +175,5 @@ def _table_row(r: PassRow) -> str:
     return (
         f"| {r.name} | {r.exactness} | {len(r.matched)} | {len(r.skipped)} | "
         f"{' | '.join(errors)} | {si(r.cost.params)} | {si(r.cost.macs)} | "
-        f"{mib(r.cost.bytes)} | {r.seconds:.2f}s |"
+        f"{byte_size(r.cost.bytes)} | {r.seconds:.2f}s |"
     )

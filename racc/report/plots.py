@@ -1,5 +1,5 @@
-"""The report's plots (matplotlib, headless): parameters per stage x block, channels per layer,
-and each pass's cost and output change."""
+"""The report's plots (matplotlib, headless): parameters per stage x block, the fraction of channels
+each layer keeps, each pass's cost and output change, and int8's SQNR per layer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 
 from racc.analysis.blocks import SHARED
 from racc.errors import RaccError
-from racc.text import mib, si
+from racc.passes.int8.quantizers import SQNR
+from racc.text import byte_size, si
 
 if TYPE_CHECKING:
     from racc.report import Report
@@ -88,25 +89,65 @@ def params(report: Report, path: str | os.PathLike) -> None:
 
 
 def channels(report: Report, path: str | os.PathLike) -> None:
-    """Write a PNG of output channels per layer before and after each pass that changed them."""
+    """Write a PNG of the fraction of output channels each layer keeps, for each pass that changed
+    layer widths (a wide classifier and a narrow stem read on one scale), with the counts
+    (after/before) on the bars."""
     plt = _pyplot()
     rows = [r for r in report.rows if r.widths_changed]
     if not rows:
         raise RaccError("no pass changed any layer's width; there is nothing to plot")
-    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 3.5 * len(rows)), squeeze=False)
+    count = max(len(r.widths) for r in rows)
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(max(8, 0.22 * count + 2), 3.8 * len(rows)), squeeze=False
+    )
     for ax, row in zip(axes[:, 0], rows, strict=True):
         names = list(row.widths)
-        before = [row.widths[n][0] for n in names]
-        after = [row.widths[n][1] for n in names]
-        ax.bar(range(len(names)), before, color="#c6dbef", label="before")
-        ax.bar(range(len(names)), after, color="#2171b5", label="after")
-        ax.set_title(f"{report.model}: {row.name}")
-        ax.set_ylabel("output channels")
-        ax.set_xlabel("layer (conv / linear, in graph order)")
-        step = max(1, len(names) // 30)
-        ax.set_xticks(range(0, len(names), step))
-        ax.set_xticklabels(names[::step], rotation=60, ha="right", fontsize=7)
-        ax.legend()
+        before = np.array([row.widths[n][0] for n in names], dtype=float)
+        after = np.array([row.widths[n][1] for n in names], dtype=float)
+        kept = after / np.maximum(before, 1)
+        colors = ["#2171b5" if k < 1 else "#9ecae1" for k in kept]
+        bars = ax.bar(range(len(names)), kept, color=colors)
+        counts = [f"{a:.0f}/{b:.0f}" for a, b in zip(after, before, strict=True)]
+        many = len(names) > 12
+        ax.bar_label(bars, counts, fontsize=6 if many else 8, rotation=90 if many else 0, padding=2)
+        ax.set_ylim(0, 1.25)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        total = f"{after.sum():.0f} of {before.sum():.0f} channels kept ({after.sum() / before.sum():.0%})"
+        ax.set_title(f"{report.model}: {row.name}: {total}", fontsize=10)
+        ax.set_ylabel("fraction of output channels kept")
+        ax.set_xlabel("layer (conv / linear, in graph order); bar labels: after/before")
+        ax.set_xticks(
+            range(len(names)), names, rotation=70 if many else 0, ha="right" if many else "center",
+            fontsize=6 if many else 8,
+        )  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sqnr(report: Report, path: str | os.PathLike) -> None:
+    """Write a PNG of each int8 layer's SQNR (dB, that layer alone quantized), lowest first,
+    coloured by whether it runs int8 or fell back to fp32."""
+    plt = _pyplot()
+    rows = [r for r in report.rows if r.table and SQNR in r.table[0]]
+    if not rows:
+        raise RaccError("no int8 pass in the pipeline; there is no SQNR to plot")
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(max(8, 0.22 * len(rows[0].table) + 2), 4 * len(rows)), squeeze=False
+    )
+    for ax, row in zip(axes[:, 0], rows, strict=True):
+        table = sorted(row.table, key=lambda t: t[SQNR])
+        values = [min(t[SQNR], 99.0) for t in table]  # inf: a layer whose output is exact
+        colors = ["#2171b5" if t["runs"] == "int8" else "#de2d26" for t in table]
+        bars = ax.bar(range(len(table)), values, color=colors)
+        ax.bar_label(bars, [f"{v:.0f}" for v in values], fontsize=6, padding=1)
+        ax.set_xticks(
+            range(len(table)), [t["layer"] for t in table], rotation=70, ha="right", fontsize=6
+        )
+        ax.set_ylabel("SQNR (dB), this layer alone int8")
+        ax.set_title(f"{report.model}: {row.name}: SQNR per layer, lowest first", fontsize=10)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#2171b5", "#de2d26")]
+        ax.legend(handles, ["runs int8", "kept fp32"], fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -134,7 +175,9 @@ def passes(report: Report, path: str | os.PathLike) -> None:
             label={"macs": "MACs", "bytes": "size"}.get(what, what),
         )
         left.bar_label(bars, [f"{v:.2f}" for v in ratios], fontsize=7)
-    sizes = [f"{name}\n{mib(r.cost.bytes)}" for name, r in zip(names, report.rows, strict=True)]
+    sizes = [
+        f"{name}\n{byte_size(r.cost.bytes)}" for name, r in zip(names, report.rows, strict=True)
+    ]
     left.set_xticks(range(len(names)), sizes, fontsize=8)
     left.axhline(1.0, color="gray", lw=0.8, ls="--")
     left.set_ylabel("relative to the input model")
@@ -145,12 +188,24 @@ def passes(report: Report, path: str | os.PathLike) -> None:
     colors = [_EXACTNESS_COLORS.get(r.exactness, "gray") for r in rows]
     bars = right.bar(range(len(rows)), errors, color=colors)
     right.bar_label(
-        bars, [f"cos {r.error.cosine:.4f}" if r.error else "" for r in rows], fontsize=7
+        bars,
+        [f"{r.error.rel_l2:.2g}\ncos {r.error.cosine:.5f}" if r.error else "" for r in rows],
+        fontsize=7,
     )
     right.set_yscale("log")
+    known = [e for e in errors if not math.isnan(e)]
+    if known:  # whole decades around the bars, each labelled, and room for the labels
+        low = 10 ** (math.floor(math.log10(min(known))) - 1)
+        high = 10 ** math.ceil(math.log10(max(known)) + 0.5)
+        right.set_ylim(low, high)
+        right.set_yticks(
+            [10.0**k for k in range(round(math.log10(low)), round(math.log10(high)) + 1)]
+        )
     right.set_xticks(range(len(rows)), [f"{r.name}\n{r.exactness}" for r in rows], fontsize=8)
-    right.set_ylabel("rel. L2 change of the outputs")
+    right.set_ylabel("rel. L2 change of the outputs (log)")
     right.set_title("output change caused by each pass", fontsize=10)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _EXACTNESS_COLORS.values()]
+    right.legend(handles, list(_EXACTNESS_COLORS), fontsize=8, title="exactness", title_fontsize=8)
     fig.suptitle(f"{report.model}: per-pass cost and error")
     fig.savefig(path, dpi=110)
     plt.close(fig)

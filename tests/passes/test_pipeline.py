@@ -73,8 +73,10 @@ def test_bad_option_values_from_strings(text, message):
 
 
 def test_bad_option_values_from_python():
-    with pytest.raises(PassConfigError, match="option 'skip' must be tuple"):
-        FoldBatchNormIntoConv(skip="layer4.*")
+    with pytest.raises(PassConfigError, match="option 'skip' must be a list of str"):
+        FoldBatchNormIntoConv(skip=[1])
+    assert FoldBatchNormIntoConv(skip="layer4.*").skip == ("layer4.*",)  # one pattern
+    assert FoldBatchNormIntoConv(skip=["a", "b"]).skip == ("a", "b")  # a list
     with pytest.raises(PassConfigError, match="option 'steps' must be int, got True"):
         _Knobs(steps=True)
 

@@ -8,7 +8,6 @@ from torch import nn
 
 import racc
 from racc.errors import PassConfigError, PruneError
-from racc.passes import PruneChannelsByBnGamma
 from racc.sparsity import BnSparsity
 from tests.conftest import ZOO, assert_close, zoo_model
 
@@ -130,12 +129,6 @@ def test_groups_without_bn_fall_back_to_weight_norm():
 def test_bad_options(options, message):
     with pytest.raises(PassConfigError, match=message):
         racc.passes.parse_pipeline(f"prune-bn{{{options}}}")
-
-
-def test_protect_pattern_that_matches_nothing_lists_close_names():
-    model, x = zoo_model("resnet18")
-    with pytest.raises(PassConfigError, match="'layer9.*' matches no module; close names: layer"):
-        racc.compile(model, [PruneChannelsByBnGamma(ratio=0.5, protect=("layer9.*",))], (x,))
 
 
 def test_model_without_prunable_group():

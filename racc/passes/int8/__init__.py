@@ -46,11 +46,19 @@ from racc.ir.ops import is_depthwise
 from racc.metrics import OutputError
 from racc.nn.quant import deployed_bytes
 from racc.nn.rac import RacConv2d
-from racc.passes.base import Exactness, Pass, PassContext, PassResult, Skip
+from racc.passes.base import (
+    Exactness,
+    Pass,
+    PassContext,
+    PassResult,
+    Skip,
+    check_patterns,
+    module_names,
+)
 from racc.passes.fold_bn import FoldBatchNormIntoConv
 from racc.passes.int8.calibration import calibration_batches
 from racc.passes.int8.quantizers import DynamicQuantizer, Quantizer, StaticQuantizer
-from racc.text import mib
+from racc.text import byte_size
 
 
 class QuantizeInt8(Pass):
@@ -120,6 +128,8 @@ class QuantizeInt8(Pass):
         return [FoldBatchNormIntoConv()]  # a BN left standing would stay float between int8 layers
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        names = module_names(gm) + [n.name for n in gm.graph.nodes]  # skip= takes either
+        check_patterns(self.name, "skip", self.skip, names)
         batches = self._batches(ctx)
         if self.mode == "static":
             gm = _without_silu(gm, ctx.example_inputs)
@@ -144,7 +154,7 @@ class QuantizeInt8(Pass):
             + f", weights int8 {'per channel' if self.per_channel else 'per tensor'}",
             *self._target_notes(),
             f"{len(enabled)} of {len(quantizer.units)} layers int8; weights and biases "
-            f"{mib(before)} -> {mib(after)} as deployed ({before / after:.2f}x smaller)",
+            f"{byte_size(before)} -> {byte_size(after)} as deployed ({before / after:.2f}x smaller)",
             f"outputs vs fp32 on {_measured_on(batches, ctx)}: max abs "
             f"{error.max_abs:.3g} (outputs up to {error.scale:.3g}), rel L2 {error.rel_l2:.3g}, "
             f"cosine {error.cosine:.5f}",

@@ -36,6 +36,8 @@ from racc.passes.int8.placement import (
 if TYPE_CHECKING:
     from racc.passes.int8 import QuantizeInt8
 
+SQNR = "SQNR dB (alone)"  # the table's column: the layer's SQNR with only it quantized
+
 
 class Quantizer:
     """What both modes share: units (the layers that may be int8), skips, sensitivity, budget."""
@@ -132,7 +134,7 @@ class Quantizer:
                 {
                     "layer": self.label(u),
                     "op": _describe(module),
-                    "SQNR dB (alone)": self.sqnr[u],
+                    SQNR: self.sqnr[u],
                     "runs": "int8" if u in enabled else "fp32",
                     "why fp32": why.get(u),
                 }
