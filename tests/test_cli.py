@@ -439,3 +439,11 @@ def test_docs_cli_lists_every_command_and_flag():
             missing += [f"{name} {o}" for o in action.option_strings if o != "-h" and o not in text]
     missing += [o for a in parser._actions for o in a.option_strings if o not in text]
     assert missing == []
+
+
+def test_small_sizes_print_in_kib_not_as_zero_mib():
+    from racc.text import byte_size
+
+    assert byte_size(3 * 2**20) == "3.00 MiB"
+    assert byte_size(12_600) == "12.3 KiB"  # was "0.01 MiB"
+    assert byte_size(300) == "300 B"
