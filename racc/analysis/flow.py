@@ -38,7 +38,8 @@ class ParamAxis:
     ids: np.ndarray
     role: Role
     owner: str
-    is_parameter: bool
+    is_parameter: bool  # racc.zero_channels zeroes its slices: a parameter, or a float buffer
+    # that forward() reads directly (FrozenBatchNorm2d's statistics)
     feeds: fx.Node | None = None  # for role "in": the node whose channels are read
 
     @property
@@ -94,10 +95,13 @@ class Flow:
         role: Role,
         owner: str,
         feeds: fx.Node | None = None,
+        zeroed: bool | None = None,
     ) -> None:
+        """Record that axis `axis` of tensor `param` carries the channels `ids`. `zeroed`: whether
+        racc.zero_channels zeroes its slices (default: when it is a parameter)."""
         if self._parameter_names is None:
             self._parameter_names = {name for name, _ in self.gm.named_parameters()}
-        is_parameter = param in self._parameter_names
+        is_parameter = param in self._parameter_names if zeroed is None else zeroed
         self.param_axes.append(
             ParamAxis(param, axis, ids.numpy().copy(), role, owner, is_parameter, feeds)
         )

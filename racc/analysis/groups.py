@@ -25,6 +25,7 @@ from racc.analysis.flow import Flow, ParamAxis, squeeze_broadcast
 from racc.analysis.rules import NO_ID
 from racc.analysis.table import rule_for
 from racc.ir.fx import TracedModel
+from racc.ir.ops import CONVS
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +83,20 @@ class Analysis:
 
     def components_of(self, ids: np.ndarray) -> np.ndarray:
         return np.where(ids == NO_ID, NO_ID, self.component[np.maximum(ids, 0)])
+
+    def prunable_share(self) -> float:
+        """The share of the convs' output channels that lie in prunable groups (how much of the
+        model prune-bn can reach; 0 when it has no conv)."""
+        units = [g.units for g in self.groups if g.prunable]
+        prunable = np.concatenate(units) if units else np.empty(0, dtype=np.int64)
+        gm = self.traced.gm
+        total = reachable = 0
+        for axis in self.flow.param_axes:
+            if axis.role == "out" and isinstance(gm.get_submodule(axis.owner), CONVS):
+                comps = self.components_of(axis.ids)
+                total += len(comps)
+                reachable += int(np.isin(comps, prunable).sum())
+        return reachable / total if total else 0.0
 
     def __str__(self) -> str:
         prunable = [g for g in self.groups if g.prunable]
@@ -177,8 +192,9 @@ def _form_groups(an: Analysis) -> list[ChannelGroup]:
     nodes, site_ids = _site_ids(an)
     axes, n_sites = an.flow.param_axes, len(site_ids)
     # Every distinct (unit, site) pair, sorted by unit then site, in one vectorised pass.
-    comps = an.components_of(np.concatenate(site_ids))
-    sites = np.repeat(np.arange(n_sites), [len(i) for i in site_ids])
+    # int64: unit * n_sites overflows int32 on large graphs (3-D convs: millions of units)
+    comps = an.components_of(np.concatenate(site_ids)).astype(np.int64)
+    sites = np.repeat(np.arange(n_sites, dtype=np.int64), [len(i) for i in site_ids])
     pairs = _sorted_unique(comps[comps != NO_ID] * n_sites + sites[comps != NO_ID])
     comps, sites = pairs // n_sites, pairs % n_sites
     # A unit's signature: the sum of a random 64-bit key per site it is in.

@@ -116,7 +116,9 @@ def attribute(flow: Flow, node: fx.Node) -> None:
     elif len(long_axes) == 1:
         ids = flow.fresh(shape[long_axes[0]])
         flow.labels[node] = expand_channels(ids, shape, long_axes[0])
-        flow.add_axis(node.target, long_axes[0], ids, "channel", node.target)
+        # a float buffer read in forward() is zeroed with its channels like a parameter
+        zeroed = True if value.is_floating_point() else None
+        flow.add_axis(node.target, long_axes[0], ids, "channel", node.target, zeroed=zeroed)
         if flow.param_axes[-1].is_parameter:
             flow.zero_kind[node] = "zero"
     else:
@@ -184,6 +186,25 @@ def batch_norm(flow: Flow, node: fx.Node) -> None:
         if getattr(m, name, None) is not None:
             flow.add_axis(f"{node.target}.{name}", 0, ids, "channel", node.target)
     flow.zero_kind[node] = "zero" if m.affine else "nonzero"
+
+
+def batch_norm_function(flow: Flow, node: fx.Node) -> None:
+    """F.batch_norm / F.instance_norm with statistics and affine parameters read from attributes
+    (timm's BatchNormAct2d, norms written by hand): per channel like the module, each of those
+    tensors tied to the channel it normalises; zero out of zero in when it has a weight (zeroed
+    with the channel, gamma=0 gives 0 whatever the bias, which is zeroed too)."""
+    x = node.args[0]
+    ids = ids_along(flow.labels[x], 1)
+    if ids is None:
+        return wall(flow, node, "reads an input whose channels are mixed with other axes")
+    names = ("running_mean", "running_var", "weight", "bias")
+    given = {k: node.args[i + 1] if len(node.args) > i + 1 else node.kwargs.get(k)
+             for i, k in enumerate(names)}  # fmt: skip
+    for value in given.values():
+        if isinstance(value, fx.Node) and isinstance(flow.labels.get(value), torch.Tensor):
+            flow.union(flow.labels[value].reshape(-1), ids)
+    flow.labels[node] = flow.labels[x]
+    flow.zero_kind[node] = "zero" if isinstance(given["weight"], fx.Node) else "nonzero"
 
 
 def _normalize_over(flow: Flow, node: fx.Node, ndim: int, what: str) -> None:

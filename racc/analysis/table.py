@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 from racc.analysis import movement as mv
 from racc.analysis import rules as r
 from racc.analysis.flow import Flow, spec_of
-from racc.ir.fx import TensorSpec
+from racc.ir.fx import TensorSpec, torch_type
 from racc.ir.ops import CONVS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
 
 _PER_CHANNEL = (
@@ -95,6 +95,7 @@ FUNCTION_RULES: dict[object, r.Rule] = {
     operator.getitem: mv.getitem,
     **{f: mv.split for f in (torch.chunk, torch.split, torch.tensor_split)},
     **{f: mv.unary for f in ELEMENTWISE_FUNCTIONS},
+    **{f: mv.unary for f in (torch.rsqrt, torch.sqrt, torch.exp, torch.reciprocal)},
     **{
         f: mv.per_channel
         for f in (
@@ -114,6 +115,8 @@ FUNCTION_RULES: dict[object, r.Rule] = {
     },
     **{f: mv.reduce for f in (torch.mean, torch.sum, torch.amax, torch.amin)},
     F.layer_norm: r.layer_norm_function,
+    F.batch_norm: r.batch_norm_function,
+    F.instance_norm: r.batch_norm_function,
     F.group_norm: r.group_norm,
     F.softmax: r.softmax,
     torch.softmax: r.softmax,
@@ -145,6 +148,10 @@ METHOD_RULES: dict[str, r.Rule] = {
             "detach",
             "neg",
             "abs",
+            "rsqrt",
+            "sqrt",
+            "exp",
+            "reciprocal",
         )
     },
     **{m: mv.reduce for m in ("mean", "sum", "amax", "amin")},
@@ -170,7 +177,7 @@ def rule_for(flow: Flow, node: fx.Node) -> r.Rule:
     ):
         return r.constant
     if node.op == "call_module":
-        return MODULE_RULES.get(type(flow.gm.get_submodule(node.target)), r.wall)
+        return MODULE_RULES.get(torch_type(flow.gm.get_submodule(node.target)), r.wall)
     if node.op == "call_method":
         return METHOD_RULES.get(node.target, r.wall)
     qualified = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}"

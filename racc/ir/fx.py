@@ -48,8 +48,37 @@ class TracedModel:
     leaves: dict[str, str]  # qualified name -> why it could not be traced
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_OWN = {"__init__", "extra_repr", "reset_parameters", "__repr__"}
+
+
+def torch_type(module: nn.Module) -> type:
+    """The torch.nn layer class `module` computes as: its own class, or, for a subclass defined
+    outside torch that adds no submodules and overrides none of the base's methods besides
+    __init__ (torchvision's Conv3DSimple, a library's renamed Conv2d), that base."""
+    kind = type(module)
+    if kind.__module__.startswith("torch.nn") or module._modules:
+        return kind
+    base = next(
+        (b for b in kind.__mro__[1:] if b.__module__.startswith("torch.nn.modules")), nn.Module
+    )
+    if base is nn.Module or base in _CONTAINERS:
+        return kind
+    for cls in kind.__mro__[: kind.__mro__.index(base)]:
+        overridden = {k for k, v in vars(cls).items() if callable(v) and hasattr(base, k)}
+        if overridden - _OWN:
+            return kind
+    return base
+
+
 class _LeafTracer(fx.Tracer):
-    """A tracer that keeps some submodules opaque and remembers which module a failure came from."""
+    """A tracer that keeps some submodules opaque and remembers which module a failure came from.
+
+    Buffers a forward reads directly (FrozenBatchNorm2d's statistics, a layer's scale table) are
+    graph attributes like parameters, not constants folded at trace time, so the channel rules see
+    which channels they belong to and pruning slices them."""
+
+    proxy_buffer_attributes = True
 
     def __init__(self, leaves: set[str] = frozenset()):
         super().__init__()
@@ -61,6 +90,7 @@ class _LeafTracer(fx.Tracer):
             qualname in self.leaves
             or type(m).__module__.startswith("racc.nn.")
             or super().is_leaf_module(m, qualname)
+            or torch_type(m) is not type(m)  # a torch layer under another name
         )
 
     def call_module(self, m, forward, args, kwargs):

@@ -36,6 +36,15 @@ CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def is_batch_norm(module: nn.Module) -> bool:
+    """A BatchNorm: torch's, or one that holds per-channel statistics and a scale by the same names
+    (torchvision's FrozenBatchNorm2d, a hand-written or library norm computed with F.batch_norm)."""
+    if isinstance(module, BATCH_NORMS):
+        return True
+    tensors = [getattr(module, k, None) for k in ("weight", "running_mean", "running_var")]
+    return all(isinstance(t, torch.Tensor) and t.dim() == 1 for t in tensors)
+
+
 def is_depthwise(module: nn.Module) -> bool:
     """A conv with one input and one output channel per group."""
     return isinstance(module, CONVS) and module.in_channels == module.out_channels == module.groups

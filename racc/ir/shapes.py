@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from racc.ir.fx import EXAMPLE, check_inputs, record_examples, spec_of_value
+from racc.ir.fx import EXAMPLE, check_inputs, record_examples, spec_of_value, torch_type
 from racc.ir.ops import (
     BATCH_NORMS,
     BINARY_FUNCTIONS,
@@ -105,7 +105,7 @@ class _MetaRecorder(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         m = self.fetch_attr(target)
-        kind = type(m)
+        kind = torch_type(m)
         if kind in CONVS:
             return m._conv_forward(args[0], self.meta(m.weight), self.meta(m.bias))
         if kind in BATCH_NORMS or kind in _ELEMENTWISE_MODULES:

@@ -113,7 +113,7 @@ def zero_channels(model: nn.Module, request: Request) -> nn.Module:
         for axis in analysis.flow.param_axes:
             drop = np.flatnonzero(np.isin(analysis.components_of(axis.ids), removed))
             if axis.is_parameter and len(drop):
-                zeroed.get_parameter(axis.param).index_fill_(axis.axis, torch.from_numpy(drop), 0)
+                _get(zeroed, axis.param).index_fill_(axis.axis, torch.from_numpy(drop), 0)
     return zeroed
 
 

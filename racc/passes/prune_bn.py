@@ -31,7 +31,7 @@ from racc.analysis.flow import ParamAxis
 from racc.analysis.groups import ChannelGroup
 from racc.errors import PassConfigError, PruneError
 from racc.ir.fx import node_values
-from racc.ir.ops import BATCH_NORMS, CONVS, zero_padding
+from racc.ir.ops import CONVS, is_batch_norm, zero_padding
 from racc.metrics import OutputError
 from racc.passes.base import (
     Exactness,
@@ -202,13 +202,13 @@ def unit_importance(
     gm: fx.GraphModule, group: ChannelGroup, importance: str, aggregate: str
 ) -> tuple[np.ndarray, bool]:
     """One score per unit of `group`, and whether it came from BatchNorm gammas."""
-    norms = {m.owner for m in group.members if isinstance(gm.get_submodule(m.owner), BATCH_NORMS)}
+    norms = {m.owner for m in group.members if is_batch_norm(_holder(gm, m))}
     use_bn = importance == "bn_gamma" and bool(norms)
     values: list[np.ndarray] = []
     for member in group.members:
         is_weight = member.param.endswith(".weight")
         if is_weight and (member.owner in norms if use_bn else member.role == "out"):
-            tensor = gm.get_parameter(member.param).detach().float()
+            tensor = _tensor(gm, member.param).detach().float()
             per_slice = tensor.abs() if tensor.dim() == 1 else tensor.transpose(0, member.axis)
             if tensor.dim() > 1:
                 p = 1 if importance == "l1" else 2
@@ -287,21 +287,32 @@ def fold_constant_channels(gm: fx.GraphModule, request, inputs) -> list[str]:
     return folded
 
 
+def _holder(gm: fx.GraphModule, member: ParamAxis) -> nn.Module:
+    """The module holding a member's tensor: its owner, or for a tensor forward() reads directly
+    (its owner is the tensor's own name: F.batch_norm on a norm's weight) the module it is an
+    attribute of."""
+    owner = member.param.rpartition(".")[0] if member.owner == member.param else member.owner
+    return gm.get_submodule(owner)
+
+
+def _tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(gm.get_submodule(owner), attr)
+
+
 def _constant_sources(gm: fx.GraphModule, group, idx: np.ndarray) -> set[fx.Node]:
     """The group's nodes that output constants in the units `idx`: BNs whose scales are 0 there,
     convs and linears whose output weights are 0 there."""
     analysis, units = group.analysis, group.units[idx]
     zero = set()
     for member in group.members:
-        module = gm.get_submodule(member.owner)
-        is_scale = isinstance(module, BATCH_NORMS) and member.role == "channel"
+        module = _holder(gm, member)
+        is_scale = is_batch_norm(module) and member.role == "channel"
         is_output = member.role == "out" and isinstance(module, (nn.Linear, *CONVS))
         if not member.param.endswith(".weight") or not (is_scale or is_output):
             continue
         positions = np.flatnonzero(np.isin(analysis.components_of(member.ids), units))
-        weight = gm.get_parameter(member.param).index_select(
-            member.axis, torch.from_numpy(positions)
-        )
+        weight = _tensor(gm, member.param).index_select(member.axis, torch.from_numpy(positions))
         if len(positions) and not weight.any():
             zero.add(member.owner)
     return {n for n in group.nodes if n.op == "call_module" and n.target in zero}

@@ -1,0 +1,160 @@
+"""Layers real model code uses beyond torch.nn's own: functional norms whose parameters forward()
+reads from attributes (timm's BatchNormAct2d), FrozenBatchNorm2d (torchvision's detection
+backbones), torch layers subclassed under another name (torchvision's Conv3DSimple). Each makes
+its channels prunable, proved by the property the analysis lives by: zeroing channels and
+removing them give the same outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import racc
+from tests.conftest import assert_close
+
+RTOL, ATOL = 1e-5, 1e-5
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's layout: a BatchNorm2d subclass outside torch.nn that calls F.batch_norm with its own
+    parameters and statistics, then an activation."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps
+        )
+        return self.act(x)
+
+
+class AffineInstanceNorm(nn.Module):
+    """F.instance_norm with a scale and shift held as parameters."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+        self.bias = nn.Parameter(torch.randn(channels))
+
+    def forward(self, x):
+        return F.instance_norm(x, weight=self.weight, bias=self.bias)
+
+
+def _frozen_bn(channels: int) -> nn.Module:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    norm = FrozenBatchNorm2d(channels)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(norm, name).copy_(torch.rand(channels) + 0.5)
+    return norm
+
+
+def _net(norm) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), norm(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), norm(8), nn.ReLU(), nn.Conv2d(8, 4, 1),
+    ).eval()  # fmt: skip
+
+
+def _r3d_18() -> nn.Module:
+    from torchvision.models.video import r3d_18
+
+    torch.manual_seed(0)
+    return r3d_18().eval()
+
+
+def _fpn_backbone() -> nn.Module:
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    return resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5).eval()
+
+
+def _warmed_bn_act(channels: int) -> nn.Module:
+    norm = BatchNormAct2d(channels)
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.randn(channels))
+        norm.running_var.copy_(torch.rand(channels) + 0.5)
+        norm.weight.copy_(torch.rand(channels) + 0.5)
+    return norm
+
+
+CASES = {
+    "F.batch_norm (timm BatchNormAct2d)": (lambda: _net(_warmed_bn_act), (2, 3, 12, 12), 2),
+    "F.instance_norm": (lambda: _net(AffineInstanceNorm), (2, 3, 12, 12), 2),
+    "FrozenBatchNorm2d": (lambda: _net(_frozen_bn), (2, 3, 12, 12), 2),
+    "r3d_18 (Conv3DSimple)": (_r3d_18, (1, 3, 4, 32, 32), 12),
+    "resnet18 FPN backbone (FrozenBatchNorm2d)": (_fpn_backbone, (1, 3, 64, 64), 13),
+}
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        y = model(x)
+    return torch.cat([v.flatten() for v in y.values()]) if isinstance(y, dict) else y
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_zero_then_prune_through_real_layers(name):
+    build, shape, prunable_groups = CASES[name]
+    model = build()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    an = racc.analyze(model, (x,))
+    groups = [g for g in an.groups if g.prunable and g.size > 1]
+    assert len(groups) == prunable_groups, str(an)
+    rng = np.random.default_rng(0)
+    for group in groups[:4]:
+        idxs = sorted(rng.choice(group.size, size=max(1, group.size // 4), replace=False).tolist())
+        zeroed = racc.zero_channels(model, {group: idxs})
+        pruned = racc.prune_channels(model, {group: idxs}, (x,))
+        what = f"{name} {group.details(idxs)}"
+        assert_close(_outputs(pruned, x), _outputs(zeroed, x), RTOL, ATOL, what=what)
+        assert sum(p.numel() for p in pruned.parameters()) < sum(
+            p.numel() for p in model.parameters()
+        ), what
+
+
+@pytest.mark.parametrize("norm", [_warmed_bn_act, _frozen_bn], ids=["BatchNormAct2d", "Frozen"])
+def test_prune_bn_ranks_these_norms_by_their_gammas(norm):
+    model = _net(norm)
+    with torch.no_grad():
+        model[1].weight[:4] = torch.tensor([1e-4, 2e-4, 3e-4, 4e-4])  # the four to go
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    opt = racc.compile(model, "prune-bn{ratio=0.5,scope=local}", (x,))
+    assert "no BN" not in " ".join(opt.racc_report.rows[-1].matched)
+    assert opt.racc_report.rows[-1].widths["0"] == (8, 4)
+    kept = getattr(opt, "1").weight
+    assert torch.equal(kept, model[1].weight[4:])  # the smallest gammas were removed
+
+
+def test_a_subclass_that_changes_a_layer_is_not_taken_for_it():
+    from racc.ir.fx import torch_type
+
+    class Renamed(nn.Conv2d):
+        pass
+
+    class Changed(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(x, weight.abs(), bias)
+
+    assert torch_type(Renamed(3, 4, 3)) is nn.Conv2d
+    assert torch_type(Changed(3, 4, 3)) is Changed
+    assert torch_type(BatchNormAct2d(4)) is BatchNormAct2d  # forward and children of its own
+
+
+def test_the_share_of_conv_channels_prune_bn_can_reach():
+    from tests.conftest import zoo_model
+
+    model, x = zoo_model("resnet18")
+    assert racc.analyze(model, (x,)).prunable_share() == 1.0  # fc is the output, no conv is
+    fpn = racc.analyze(_fpn_backbone(), (torch.randn(1, 3, 64, 64),)).prunable_share()
+    assert 0.7 < fpn < 0.8  # all but the four FPN output convs (256 ch each); was 1 group in 18
+    one = nn.Sequential(nn.Conv2d(3, 4, 3))
+    assert racc.analyze(one, (torch.randn(1, 3, 8, 8),)).prunable_share() == 0.0
