@@ -84,10 +84,10 @@ def _check_same_model(model: nn.Module, analysis: Analysis) -> None:
     seen = analysis.traced.gm
     for axis in filter(lambda a: a.is_parameter, analysis.flow.param_axes):
         try:
-            mine = _get(model, axis.param)
+            mine = tensor_named(model, axis.param)
         except AttributeError:
             mine = None
-        theirs = _get(seen, axis.param)
+        theirs = tensor_named(seen, axis.param)
         if not isinstance(mine, torch.Tensor) or mine.shape != theirs.shape:
             has = (
                 f"shape {list(mine.shape)}" if isinstance(mine, torch.Tensor) else "no such tensor"
@@ -113,7 +113,7 @@ def zero_channels(model: nn.Module, request: Request) -> nn.Module:
         for axis in analysis.flow.param_axes:
             drop = np.flatnonzero(np.isin(analysis.components_of(axis.ids), removed))
             if axis.is_parameter and len(drop):
-                _get(zeroed, axis.param).index_fill_(axis.axis, torch.from_numpy(drop), 0)
+                tensor_named(zeroed, axis.param).index_fill_(axis.axis, torch.from_numpy(drop), 0)
     return zeroed
 
 
@@ -150,7 +150,7 @@ def _kept_indices(gm: fx.GraphModule, analysis: Analysis, removed: np.ndarray) -
         drop = np.isin(analysis.components_of(axis.ids), removed)
         if not drop.any():
             continue
-        tensor = _get(gm, axis.param)
+        tensor = tensor_named(gm, axis.param)
         if tensor.shape[axis.axis] != len(axis.ids):
             raise PruneError(
                 f"'{axis.param}' has {tensor.shape[axis.axis]} channels on axis "
@@ -167,7 +167,8 @@ def _kept_indices(gm: fx.GraphModule, analysis: Analysis, removed: np.ndarray) -
     return keep
 
 
-def _get(gm: fx.GraphModule, name: str) -> torch.Tensor:
+def tensor_named(gm: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer `name` ("layer1.0.bn1.weight") of `gm`."""
     owner, _, attr = name.rpartition(".")
     return getattr(gm.get_submodule(owner), attr)
 

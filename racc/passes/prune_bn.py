@@ -42,7 +42,7 @@ from racc.passes.base import (
     check_patterns,
     module_names,
 )
-from racc.passes.channels import prune_channels, zero_channels
+from racc.passes.channels import prune_channels, tensor_named, zero_channels
 
 
 class PruneChannelsByBnGamma(Pass):
@@ -208,7 +208,7 @@ def unit_importance(
     for member in group.members:
         is_weight = member.param.endswith(".weight")
         if is_weight and (member.owner in norms if use_bn else member.role == "out"):
-            tensor = _tensor(gm, member.param).detach().float()
+            tensor = tensor_named(gm, member.param).detach().float()
             per_slice = tensor.abs() if tensor.dim() == 1 else tensor.transpose(0, member.axis)
             if tensor.dim() > 1:
                 p = 1 if importance == "l1" else 2
@@ -295,11 +295,6 @@ def _holder(gm: fx.GraphModule, member: ParamAxis) -> nn.Module:
     return gm.get_submodule(owner)
 
 
-def _tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return getattr(gm.get_submodule(owner), attr)
-
-
 def _constant_sources(gm: fx.GraphModule, group, idx: np.ndarray) -> set[fx.Node]:
     """The group's nodes that output constants in the units `idx`: BNs whose scales are 0 there,
     convs and linears whose output weights are 0 there."""
@@ -312,7 +307,9 @@ def _constant_sources(gm: fx.GraphModule, group, idx: np.ndarray) -> set[fx.Node
         if not member.param.endswith(".weight") or not (is_scale or is_output):
             continue
         positions = np.flatnonzero(np.isin(analysis.components_of(member.ids), units))
-        weight = _tensor(gm, member.param).index_select(member.axis, torch.from_numpy(positions))
+        weight = tensor_named(gm, member.param).index_select(
+            member.axis, torch.from_numpy(positions)
+        )
         if len(positions) and not weight.any():
             zero.add(member.owner)
     return {n for n in group.nodes if n.op == "call_module" and n.target in zero}
