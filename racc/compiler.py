@@ -3,7 +3,9 @@ it and lowered (racc.backends.lowering) -> a plain nn.Module, or an ONNX model f
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import time
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ from racc.errors import EquivalenceError, RaccError
 from racc.ir.fx import node_values, record_examples, trace
 from racc.ir.source import open_source
 from racc.metrics import OutputError
+from racc.part import compile_part
 from racc.passes.base import Pass, PassContext
 from racc.passes.pipeline import as_passes
 from racc.report import PassRow, Report
@@ -35,7 +38,8 @@ def compile(
     explain: bool = False,
     calibration: Any = None,
     progress: bool = False,
-) -> fx.GraphModule | CompiledOnnx:
+    where: str | None = None,
+) -> fx.GraphModule | CompiledOnnx | nn.Module:
     """Transform a copy of `model` with `passes`, verifying each pass on `example_inputs`.
 
     Args:
@@ -50,10 +54,15 @@ def compile(
         calibration: input batches (a list or a DataLoader) for passes that calibrate (int8),
             so that a pipeline string such as "prune-bn{ratio=0.5},int8" can quantize.
         progress: show a progress bar over the passes (on stderr).
+        where: compile only this submodule (a qualified name such as "backbone") and return a
+            copy of the whole model with it swapped in: for detectors and models whose
+            post-processing fx cannot trace. `example_inputs` and `calibration` are the whole
+            model's; the part gets what it receives from them. See docs/compile.md.
 
     Returns:
         A torch.fx GraphModule (a plain nn.Module) with `.racc_report`; for an ONNX model, a
-        `CompiledOnnx` with `.model` (an onnx.ModelProto) and `.racc_report`.
+        `CompiledOnnx` with `.model` (an onnx.ModelProto) and `.racc_report`; with `where`,
+        the whole model (of its own class) with `.racc_report`.
 
     Raises:
         EquivalenceError: a pass declared exact changed the outputs.
@@ -63,17 +72,28 @@ def compile(
         >>> print(opt.racc_report)
     """
     pipeline = as_passes(passes)
+    if where is not None:
+        return compile_part(
+            model,
+            where,
+            example_inputs,
+            calibration,
+            lambda part, inputs, batches: compile(
+                part, pipeline, inputs, explain, batches, progress
+            ),
+        )
     source = open_source(model, example_inputs)
     for p in pipeline:  # before any pass runs: what a pass cannot do on this kind of model
         p.check_source(source.kind)
     lowering = lowering_for(source)
     inputs = source.inputs
-    traced = trace(source.module)
+    traced = trace(source.module, n_inputs=len(source.inputs))
     gm = traced.gm
     grid = block_grid(source.module)  # from the user's module classes, which the trace lacks
     start = time.perf_counter()
     outputs = record_examples(gm, inputs)
-    report = Report(source.name, leaves=traced.leaves, explain=explain)
+    capture = traced.capture if source.kind == "torch" else "the ONNX graph, mirrored in torch.fx"
+    report = Report(source.name, leaves=traced.leaves, explain=explain, capture=capture)
     cost, seconds = measure_cost(gm, inputs), time.perf_counter() - start
     report.rows.append(
         PassRow("input", "-", [], [], None, cost, seconds, blocks=block_params(gm, grid))
@@ -96,9 +116,14 @@ def compile(
     return lowering.result(gm, report)
 
 
+# How much the second size adds along every spatial axis: 8, else 32 for a model whose feature
+# maps at stride 32 must line up (a detector's FPN, a U-Net).
+_SECOND_SIZE_STEPS = (8, 32)
+
+
 def probe_inputs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> list[tuple[str, tuple]]:
     """Inputs besides the example that an `exact` pass must be exact on: a second batch (two more
-    samples, drawn like the example's values), and a second size (8 more along every spatial axis)
+    samples, drawn like the example's values), and a second size (8 more along every spatial axis, else 32 more)
     where the model takes one. A claim checked on the example alone can hold by accident: a
     channel read after global pooling looks constant in a batch of 1, a border effect vanishes at
     one size."""
@@ -111,19 +136,23 @@ def probe_inputs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> list[t
         return (float(x.mean()) + spread * torch.randn(shape, generator=generator)).to(x.dtype)
 
     batch = tuple(like(x, (x.shape[0] + 2, *x.shape[1:])) for x in inputs)
-    candidates = [(f"a second batch of {len(batch[0])}", batch)]
+    candidates = [[(f"a second batch of {len(batch[0])}", batch)]]
     if all(x.dim() >= 3 for x in inputs):
-        sized = tuple(like(x, (*x.shape[:2], *(n + 8 for n in x.shape[2:]))) for x in inputs)
-        size = "x".join(str(n) for n in sized[0].shape[2:])
-        candidates.append((f"a second size, {size}", sized))
+        sizes = []
+        for grow in _SECOND_SIZE_STEPS:
+            sized = tuple(like(x, (*x.shape[:2], *(n + grow for n in x.shape[2:]))) for x in inputs)
+            sizes.append((f"a second size, {'x'.join(map(str, sized[0].shape[2:]))}", sized))
+        candidates.append(sizes)
     probes = []
-    for label, probe in candidates:
-        try:
-            with torch.no_grad():
-                gm(*probe)
-        except Exception:  # the model takes only the example's sizes: nothing to probe
-            continue
-        probes.append((label, probe))
+    for alternatives in candidates:  # the first alternative the model runs on
+        for label, probe in alternatives:
+            try:  # fx prints the failing line of a traced module to stderr before raising
+                with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                    gm(*probe)
+            except Exception:  # the model does not take this size: try the next
+                continue
+            probes.append((label, probe))
+            break
     return probes
 
 

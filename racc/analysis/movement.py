@@ -10,6 +10,7 @@ is recorded so that pruning can rewrite its sizes.
 from __future__ import annotations
 
 import numbers
+import operator
 
 import torch
 import torch.fx as fx
@@ -146,8 +147,83 @@ def reshape(flow: Flow, node: fx.Node) -> None:
         sizes = list(sizes[0])
     out = flow.labels[node]
     for d, size in enumerate(sizes):
-        if d > 0 and isinstance(size, int) and size not in (-1, 1) and varies_along(out, d):
+        if d == 0 or not varies_along(out, d):
+            continue
+        if isinstance(size, int) and size not in (-1, 1):
             flow.union(out, out.narrow(d, 0, 1))
+        elif isinstance(size, fx.Node):
+            _tie_to_size(flow, node, out, d, size)
+
+
+def _tie_to_size(flow: Flow, node: fx.Node, out: torch.Tensor, axis: int, size: fx.Node) -> None:
+    """Axis `axis` of a reshape gets its size from another tensor's shape, read in forward()
+    (B, C, H, W = x.shape; y.view(B, C, H, W), as attention blocks do). Pruning changes that
+    size with the channels of the tensor it was read from, so those channels and the axis' go
+    together, one for one (unless they are those channels reordered). A size computed from a
+    channel count (C // heads) fixes both."""
+    # a size read from the reshaped tensor itself (C // groups in a channel shuffle) changes with
+    # it; one from the batch or spatial sizes never changes
+    reads = [(t, d) for t, d in _channel_sizes(flow, size) if t is not node.args[0]]
+    if not reads:
+        return
+    mine, (tensor, d) = ids_along(out, axis), reads[0]
+    theirs = ids_along(flow.labels[tensor], d)
+    if (
+        _size_read(size) is not None
+        and mine is not None
+        and theirs is not None
+        and len(mine) == len(theirs)
+    ):
+        # the same channels in another order (a channel shuffle's transpose) keep the count
+        # equal by themselves; other channels are removed one for one with those
+        if set(mine.tolist()) != set(theirs.tolist()):
+            flow.union(mine, theirs)
+        return
+    flow.union(out, out.narrow(axis, 0, 1))
+    for tensor, _ in reads:
+        flow.mark(
+            flow.labels[tensor],
+            "broken",
+            f"its channel count, read in forward(), sets axis {axis} of '{node.name}' "
+            "through arithmetic racc cannot rewrite",
+        )
+
+
+def _channel_sizes(flow: Flow, size: fx.Node) -> list[tuple[fx.Node, int]]:
+    """The (tensor, axis) whose sizes the int `size` is computed from, where channels vary along
+    the axis: x.shape[d], x.size(d), x.size()[d], and arithmetic on them."""
+    reads, stack, seen = [], [size], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        read = _size_read(n)
+        if read is not None:
+            tensor, d = read
+            labels = flow.labels.get(tensor)
+            if isinstance(labels, torch.Tensor) and varies_along(labels, d % labels.dim()):
+                reads.append((tensor, d % labels.dim()))
+            continue
+        if isinstance(flow.labels.get(n), torch.Tensor):  # a tensor's values, not a size
+            continue
+        stack.extend(n.all_input_nodes)
+    return reads
+
+
+def _size_read(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """(x, d) for a node that reads the size of axis d of tensor x."""
+    if node.op == "call_method" and node.target == "size":
+        d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return (node.args[0], d) if isinstance(d, int) else None
+    if node.target is operator.getitem and isinstance(node.args[1], int):
+        source = node.args[0]
+        if isinstance(source, fx.Node) and (
+            (source.target is getattr and source.args[1:] == ("shape",))
+            or (source.op == "call_method" and source.target == "size" and len(source.args) == 1)
+        ):
+            return source.args[0], node.args[1]
+    return None
 
 
 def getitem(flow: Flow, node: fx.Node) -> None:

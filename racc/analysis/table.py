@@ -17,7 +17,8 @@ from torch.utils._pytree import tree_leaves
 from racc.analysis import movement as mv
 from racc.analysis import rules as r
 from racc.analysis.flow import Flow, spec_of
-from racc.ir.fx import TensorSpec, torch_type
+from racc.ir.capture import torch_type
+from racc.ir.fx import TensorSpec
 from racc.ir.ops import CONVS, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES
 
 _PER_CHANNEL = (

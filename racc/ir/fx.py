@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from racc.errors import InputError, UnsupportedModelError
+from racc.ir.capture import Proxy, concrete_args, drop_concrete_placeholders, pieces, torch_type
 
 try:  # private since torch 2.2; the public class is the same minus lazy code generation
     from torch.fx._lazy_graph_module import _LazyGraphModule
@@ -46,29 +47,14 @@ class TracedModel:
 
     gm: fx.GraphModule
     leaves: dict[str, str]  # qualified name -> why it could not be traced
+    fixed: tuple[str, ...] = ()  # forward's arguments fixed to a value (capture.concrete_args)
 
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-_OWN = {"__init__", "extra_repr", "reset_parameters", "__repr__"}
-
-
-def torch_type(module: nn.Module) -> type:
-    """The torch.nn layer class `module` computes as: its own class, or, for a subclass defined
-    outside torch that adds no submodules and overrides none of the base's methods besides
-    __init__ (torchvision's Conv3DSimple, a library's renamed Conv2d), that base."""
-    kind = type(module)
-    if kind.__module__.startswith("torch.nn") or module._modules:
-        return kind
-    base = next(
-        (b for b in kind.__mro__[1:] if b.__module__.startswith("torch.nn.modules")), nn.Module
-    )
-    if base is nn.Module or base in _CONTAINERS:
-        return kind
-    for cls in kind.__mro__[: kind.__mro__.index(base)]:
-        overridden = {k for k, v in vars(cls).items() if callable(v) and hasattr(base, k)}
-        if overridden - _OWN:
-            return kind
-    return base
+    @property
+    def capture(self) -> str:
+        """How the graph was captured, as the report says it."""
+        if not self.fixed:
+            return "torch.fx symbolic trace"
+        return f"torch.fx symbolic trace, with {', '.join(self.fixed)} of forward() fixed"
 
 
 class _LeafTracer(fx.Tracer):
@@ -92,6 +78,18 @@ class _LeafTracer(fx.Tracer):
             or super().is_leaf_module(m, qualname)
             or torch_type(m) is not type(m)  # a torch layer under another name
         )
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return Proxy(node, self)
+
+    def iter(self, obj: fx.Proxy):
+        """Iterate the result of an op whose number of pieces the call itself says:
+        chunk(n), split([sizes]), tensor_split(n) (list(x.chunk(2, 1)), as YOLO's C2f does).
+        fx iterates only a result unpacked into names; any other iteration fails as before."""
+        count = pieces(obj.node)
+        if count is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(count)])
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
@@ -172,11 +170,13 @@ def eval_mode(model: nn.Module):
             m.training = training
 
 
-def trace(model: nn.Module, copy_model: bool = True) -> TracedModel:
+def trace(model: nn.Module, copy_model: bool = True, n_inputs: int | None = None) -> TracedModel:
     """Symbolically trace `model` in eval mode; untraceable submodules become leaves.
 
     With `copy_model` (the default) the result owns a deep copy of the model. Without it the result
     shares the model's submodules: for analyses, which only read them, run inside `eval_mode`.
+    With `n_inputs`, the number of example inputs, forward's later parameters that have defaults
+    are fixed to them (see `racc.ir.capture.concrete_args`).
     """
     check_model(model)
     if isinstance(model, fx.GraphModule):
@@ -186,10 +186,11 @@ def trace(model: nn.Module, copy_model: bool = True) -> TracedModel:
         return TracedModel(fx.GraphModule(model, copy.deepcopy(model.graph)), leaves)
     root = copy.deepcopy(model).eval() if copy_model else model
     leaves: dict[str, str] = {}
+    concrete = concrete_args(root, n_inputs)
     for _ in range(_MAX_LEAF_RETRIES):
         tracer = _LeafTracer(set(leaves))
         try:
-            graph = tracer.trace(root)
+            graph = tracer.trace(root, concrete_args=concrete or None)
         except Exception as e:
             failing = getattr(e, "_racc_module", "")
             if not failing or failing in leaves:
@@ -200,11 +201,12 @@ def trace(model: nn.Module, copy_model: bool = True) -> TracedModel:
                 ) from e
             leaves[failing] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             continue
+        drop_concrete_placeholders(graph, concrete)
         # Analyses never call forward(): a lazy module skips generating its code (about 20 ms).
         module_class = fx.GraphModule if copy_model else _LazyGraphModule
         gm = module_class(tracer.root, graph, type(model).__name__)
         gm.racc_leaves = leaves
-        return TracedModel(gm, leaves)
+        return TracedModel(gm, leaves, tuple(f"{k}={v!r}" for k, v in concrete.items()))
     raise UnsupportedModelError(
         f"gave up tracing {type(model).__name__} after {_MAX_LEAF_RETRIES} opaque submodules"
     )
@@ -220,6 +222,8 @@ def spec_of_value(value: Any) -> Any:
         return TensorSpec(tuple(value.shape), value.dtype)
     if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
         return type(value)(spec_of_value(v) for v in value)
+    if isinstance(value, dict):
+        return {k: spec_of_value(v) for k, v in value.items()}
     return value
 
 

@@ -8,6 +8,7 @@ through their functional form with meta copies of the parameters. Anything the m
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from typing import Any
 
@@ -16,8 +17,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_map
 
-from racc.ir.fx import EXAMPLE, check_inputs, record_examples, spec_of_value, torch_type
+from racc.ir.capture import torch_type
+from racc.ir.fx import EXAMPLE, check_inputs, record_examples, spec_of_value
 from racc.ir.ops import (
     BATCH_NORMS,
     BINARY_FUNCTIONS,
@@ -67,10 +70,15 @@ def _like(*values: Any) -> torch.Tensor:
     )
 
 
+_META = torch.device("meta")
+_MISSING = object()
+
+
 class _MetaRecorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self._meta: dict[int, torch.Tensor] = {}
+        self.device = torch.device("cpu")
 
     def meta(self, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:
@@ -81,12 +89,20 @@ class _MetaRecorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
-        n.meta[EXAMPLE] = spec_of_value(value)
+        # a device read in forward() (x.device) is the inputs' device, as a real run records it
+        n.meta[EXAMPLE] = spec_of_value(
+            tree_map(
+                lambda v: self.device if isinstance(v, torch.device) and v == _META else v, value
+            )
+        )
         return value
 
     def placeholder(self, target, args, kwargs):
         value = super().placeholder(target, args, kwargs)
-        return value.to("meta") if isinstance(value, torch.Tensor) else value
+        if isinstance(value, torch.Tensor):
+            self.device = value.device
+            return value.to("meta")
+        return value
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
@@ -119,10 +135,26 @@ class _MetaRecorder(fx.Interpreter):
                 raise ValueError(f"'{target}' expects {m.in_features} features")
             shape = (*args[0].shape[:-1], m.out_features)
             return torch.empty(shape, dtype=args[0].dtype, device="meta")
-        if next(m.parameters(), None) is None and next(m.buffers(), None) is None:
-            return m(*args, **kwargs)
-        state = {k: self.meta(v) for k, v in (*m.named_parameters(), *m.named_buffers())}
-        return functional_call(m, state, args, kwargs)
+        with _attributes_kept(m):  # a forward that caches (YOLO's anchors) keeps no meta tensor
+            if next(m.parameters(), None) is None and next(m.buffers(), None) is None:
+                return m(*args, **kwargs)
+            state = {k: self.meta(v) for k, v in (*m.named_parameters(), *m.named_buffers())}
+            return functional_call(m, state, args, kwargs)
+
+
+@contextlib.contextmanager
+def _attributes_kept(module: nn.Module):
+    """Restore the plain attributes of `module` and its submodules that a call sets or adds."""
+    saved = [(m, dict(vars(m))) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attributes in saved:
+            for name in set(vars(m)) - set(attributes):
+                delattr(m, name)
+            for name, value in attributes.items():
+                if vars(m).get(name, _MISSING) is not value:
+                    object.__setattr__(m, name, value)
 
 
 def record_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:

@@ -49,17 +49,35 @@ class Report:
     rows: list[PassRow] = field(default_factory=list)
     leaves: dict[str, str] = field(default_factory=dict)
     explain: bool = False
+    capture: str = "torch.fx"  # how the graph was captured (racc.ir.source)
+    # compiled with where=: how far the whole model's outputs moved, or why they cannot be compared
+    whole: OutputError | str | None = None
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "model": self.model,
+            "capture": self.capture,
             "leaves": dict(self.leaves),
             "passes": [r.to_dict() for r in self.rows],
         }
+        if self.whole is not None:
+            data["whole"] = self.whole if isinstance(self.whole, str) else asdict(self.whole)
+        return data
 
     def to_markdown(self) -> str:
-        lines = [
-            f"racc report for {self.model}",
+        capture = self.capture + (
+            f", {len(self.leaves)} submodule(s) kept opaque" if self.leaves else ""
+        )
+        lines = [f"racc report for {self.model}", "", f"captured with {capture}"]
+        if isinstance(self.whole, OutputError):
+            w = self.whole
+            lines.append(
+                f"the whole model with this part compiled: max abs err {w.max_abs:.3g}, "
+                f"rel L2 {w.rel_l2:.3g}, cosine {w.cosine:.6f} (against the original)"
+            )
+        elif self.whole is not None:
+            lines.append(f"the whole model with this part compiled: {self.whole}")
+        lines += [
             "",
             "| pass | exactness | matched | skipped | max abs err | rel L2 | cosine "
             "| params | MACs | size | time |",

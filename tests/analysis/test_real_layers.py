@@ -86,13 +86,83 @@ def _warmed_bn_act(channels: int) -> nn.Module:
     return norm
 
 
+class CSPBlock(nn.Module):
+    """YOLO's C2f layout: one conv's output split in two with list(x.chunk(2, 1)), a chain of
+    convs on the second half, every piece concatenated."""
+
+    def __init__(self, channels: int = 8, n: int = 2):
+        super().__init__()
+        self.cv1 = nn.Sequential(nn.Conv2d(3, channels, 1), nn.BatchNorm2d(channels), nn.SiLU())
+        self.m = nn.ModuleList(
+            nn.Conv2d(channels // 2, channels // 2, 3, padding=1) for _ in range(n)
+        )
+        self.cv2 = nn.Conv2d(channels // 2 * (2 + n), 4, 1)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class SizedView(nn.Module):
+    """A view whose channel count is read from another tensor (B, C, H, W = x.shape), as YOLO's
+    PSA block merges its attention heads: pruning x's channels changes that count, so the viewed
+    tensor's channels must go with them."""
+
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.b = nn.Conv2d(channels, channels, 1)
+        self.out = nn.Conv2d(2 * channels, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x).relu()
+        B, C, H, W = x.shape
+        y = self.b(x).flatten(2).view(B, C, H, W)
+        return self.out(torch.cat([x, y], 1))
+
+
+class Attention(nn.Module):
+    """YOLO's PSA attention: heads split from one qkv conv, merged back by a view to the input's
+    channel count. matmul has no channel rule, so nothing after `pre` is prunable, and the view
+    keeps the input's channels from being pruned alone (which broke the view)."""
+
+    def __init__(self, channels: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.pre = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stem = nn.Conv2d(8, channels, 3, padding=1)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        self.out = nn.Conv2d(channels, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(self.pre(x)).relu()
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x).view(B, self.heads, -1, H * W).chunk(3, dim=2)
+        attention = (q.transpose(-2, -1) @ k).softmax(dim=-1)
+        y = (v @ attention.transpose(-2, -1)).view(B, C, H, W)
+        return self.out(x + self.proj(y))
+
+
 CASES = {
     "F.batch_norm (timm BatchNormAct2d)": (lambda: _net(_warmed_bn_act), (2, 3, 12, 12), 2),
     "F.instance_norm": (lambda: _net(AffineInstanceNorm), (2, 3, 12, 12), 2),
     "FrozenBatchNorm2d": (lambda: _net(_frozen_bn), (2, 3, 12, 12), 2),
     "r3d_18 (Conv3DSimple)": (_r3d_18, (1, 3, 4, 32, 32), 12),
     "resnet18 FPN backbone (FrozenBatchNorm2d)": (_fpn_backbone, (1, 3, 64, 64), 13),
+    "list(x.chunk(2, 1)) (YOLO's C2f)": (lambda: _seeded(CSPBlock), (2, 3, 12, 12), 4),
+    "view to a size read from another tensor (YOLO's PSA)": (
+        lambda: _seeded(SizedView),
+        (2, 3, 6, 6),
+        1,
+    ),
 }
+
+
+def _seeded(build) -> nn.Module:
+    torch.manual_seed(0)
+    return build().eval()
 
 
 def _outputs(model, x):
@@ -135,7 +205,7 @@ def test_prune_bn_ranks_these_norms_by_their_gammas(norm):
 
 
 def test_a_subclass_that_changes_a_layer_is_not_taken_for_it():
-    from racc.ir.fx import torch_type
+    from racc.ir.capture import torch_type
 
     class Renamed(nn.Conv2d):
         pass
@@ -158,3 +228,14 @@ def test_the_share_of_conv_channels_prune_bn_can_reach():
     assert 0.7 < fpn < 0.8  # all but the four FPN output convs (256 ch each); was 1 group in 18
     one = nn.Sequential(nn.Conv2d(3, 4, 3))
     assert racc.analyze(one, (torch.randn(1, 3, 8, 8),)).prunable_share() == 0.0
+
+
+def test_prune_bn_runs_through_attention_whose_view_reads_the_input_size():
+    model = _seeded(Attention)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    an = racc.analyze(model, (x,))
+    stem = next(g for g in an.groups if "stem.out" in str(g))
+    assert not stem.prunable and "proj.in" in str(stem)  # tied to the view's channels
+    opt = racc.compile(model, "prune-bn{ratio=0.5}", (x,))  # was an InputError at the view
+    widths = opt.racc_report.rows[-1].widths
+    assert widths["pre.0"] == (8, 4) and widths["stem"] == (8, 8), widths

@@ -70,3 +70,82 @@ def test_untraceable_root_names_the_model_and_the_reason():
         match="cannot trace Root.forward with torch.fx: TraceError.*Remove data-dependent",
     ):
         trace(Root())
+
+
+class Caching(nn.Module):
+    """A head that caches tensors made for the input size on itself, as YOLO's Detect caches its
+    anchors: fx cannot trace it (its `if` reads a shape), so it stays opaque."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 4, 1)
+        self.shape = None
+        self.grid = None
+
+    def forward(self, x):
+        if self.shape != x.shape:
+            self.grid, self.shape = torch.arange(x.shape[-1], device=x.device) * 1.0, x.shape
+        y = self.conv(x)
+        return {"boxes": y + self.grid, "scores": y.sigmoid()}
+
+
+class Detector(nn.Module):
+    """Ultralytics' layout: forward(x, *args, **kwargs) with flags further down, a dict out."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU()
+        )
+        self.head = Caching()
+
+    def forward(self, x, *args, **kwargs):
+        if isinstance(x, dict):
+            return self.loss(x, *args, **kwargs)
+        return self.predict(x, *args, **kwargs)
+
+    def predict(self, x, profile=False, augment=False):
+        if profile or augment:
+            raise NotImplementedError
+        return self.head(self.stem(x))
+
+
+class Flags(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, scale=None, *, negate=False):
+        y = self.conv(x) if scale is None else self.conv(x) * scale
+        return -y if negate else y
+
+
+def test_varargs_and_flags_are_fixed_and_the_trace_takes_the_inputs_alone():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 10, 10)
+    for model in (Detector().eval(), Flags().eval()):
+        traced = trace(model, n_inputs=1)
+        placeholders = [n.name for n in traced.gm.graph.nodes if n.op == "placeholder"]
+        assert placeholders == ["x"], placeholders
+        assert "_assert" not in traced.gm.code  # fx's checks of the fixed values are gone
+        with torch.no_grad():
+            expected, got = model(x), traced.gm(x)
+        assert type(got) is type(expected)
+        assert_close(torch.cat([v.flatten() for v in (got.values() if isinstance(got, dict) else [got])]),
+                     torch.cat([v.flatten() for v in (expected.values() if isinstance(expected, dict) else [expected])]),
+                     0, 0)  # fmt: skip
+
+
+def test_an_opaque_head_that_caches_keeps_no_meta_tensor_and_the_model_is_not_changed():
+    torch.manual_seed(0)
+    model = Detector().eval()
+    x = torch.randn(1, 3, 10, 10)
+    an = racc.analyze(model, (x,))  # shapes come from a run on the meta device
+    assert model.head.grid is None and model.head.shape is None  # the user's model: untouched
+    assert list(an.leaves) == ["head"]
+    assert next(g for g in an.groups if "stem.0.out" in g.names()).prunable
+    assert not next(g for g in an.groups if "stem.3.out" in g.names()).prunable  # the head's
+    opt = racc.compile(model, "prune-bn{ratio=0.5}", (x,))  # was: a meta grid in the real run
+    widths = opt.racc_report.rows[-1].widths
+    assert widths["stem.0"] == (8, 4) and widths["stem.3"] == (8, 8), widths
+    assert opt.head.grid.device.type == "cpu"
