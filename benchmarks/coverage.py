@@ -3,6 +3,8 @@
 python -m benchmarks.coverage                  # every model below: the table in BENCHMARKS.md
 python -m benchmarks.coverage --quick          # one model per source
 python -m benchmarks.coverage --only timm:     # the models whose spec starts with this
+python -m benchmarks.coverage --jsonl rows.jsonl   # also each row as it is done; then
+python -m benchmarks.coverage --table rows.jsonl   # the table of those rows
 
 Models are built from their definitions with seeded random weights (no download) and BN warmed
 up. Each cell is one of:
@@ -69,14 +71,23 @@ PASSES = {
 
 
 def specs() -> list[str]:
-    tv = [f"torchvision:{n}" for n in torchvision_names() if n not in TOO_LARGE]
+    """Every model, the most varied first: YOLO, one timm model per family, segmentation, video,
+    detection, then torchvision's classifiers, the smallest first (a run cut short has seen the
+    most kinds of model)."""
+    import torchvision
+
+    def params(name: str) -> int:
+        weights = torchvision.models.get_model_weights(name)
+        return next(iter(weights)).meta.get("num_params", 0)
+
+    tv = sorted((n for n in torchvision_names() if n not in TOO_LARGE), key=params)
     return [
-        *tv,
+        *(f"yolo:{n}" for n in YOLO),
+        *(f"timm:{n}" for n in TIMM),
         *(f"segmentation:{n}" for n in SEGMENTATION),
         *(f"video:{n}" for n in VIDEO),
         *(f"detection:{n}" for n in DETECTION),
-        *(f"timm:{n}" for n in TIMM),
-        *(f"yolo:{n}" for n in YOLO),
+        *(f"torchvision:{n}" for n in tv),
     ]
 
 
@@ -237,10 +248,11 @@ def _child(spec: str) -> Row:
     return Row(**json.loads(lines[-1]))
 
 
-def table(rows: list[Row]) -> str:
+def table(rows: list[Row], total: int | None = None) -> str:
     columns = ["zero->prune", *PASSES]
+    of = f" of the {total} listed (the run was cut short)" if total and total > len(rows) else ""
     lines = [
-        f"### Coverage: {len(rows)} models users bring (random weights, BN warmed; "
+        f"### Coverage: {len(rows)} models users bring{of} (random weights, BN warmed; "
         f"{SIDE}x{SIDE} unless the model needs its own size)",
         "",
         "Written by `python -m benchmarks.coverage`. ok: ran and verified (prune-bn and int8: "
@@ -284,6 +296,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="models whose spec starts with this")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: one model, a JSON line
     parser.add_argument("--jsonl", help="also append each row as JSON to this file")
+    parser.add_argument("--table", help="print the table of the rows in this --jsonl file")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
@@ -291,6 +304,10 @@ def main() -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             row = run_one(args.one)
         print(json.dumps(asdict(row)))
+        return
+    if args.table:  # rows a run wrote with --jsonl, as the table
+        rows = [Row(**json.loads(line)) for line in open(args.table) if line.strip()]
+        print(table(rows, total=len(specs())))
         return
     chosen = [s for s in specs() if s.startswith(args.only)]
     if args.quick:

@@ -244,10 +244,18 @@ def _indexes_channels(labels: torch.Tensor, index) -> bool:
     for i in index:
         if i is None:
             continue
-        if not (isinstance(i, slice) and i == slice(None)) and varies_along(labels, dim):
+        if not _whole(i, labels.shape[dim]) and varies_along(labels, dim):
             return True
         dim += 1
     return False
+
+
+def _whole(index, length: int) -> bool:
+    """A slice that selects the whole axis, now and after pruning shortens it: x[:, :n] with n
+    at least the axis' length (GhostNet's out[:, :self.oup] where oup is every channel)."""
+    if not isinstance(index, slice) or index.step not in (None, 1) or index.start not in (None, 0):
+        return False
+    return index.stop is None or (isinstance(index.stop, int) and index.stop >= length)
 
 
 def split(flow: Flow, node: fx.Node) -> None:

@@ -175,6 +175,55 @@ def linear(flow: Flow, node: fx.Node) -> None:
     flow.zero_kind[node] = "zero"
 
 
+# Ops a parameter passes through on its way to a functional layer (timm's Linear casts it).
+_PARAMETER_VIEWS = {"to", "contiguous", "float", "type_as", "detach"}
+
+
+def _parameter_read(flow: Flow, arg: Any) -> str | None:
+    """The name of the parameter (or buffer) `arg` is, read with get_attr, possibly cast."""
+    while isinstance(arg, fx.Node) and arg.op == "call_method" and arg.target in _PARAMETER_VIEWS:
+        arg = arg.args[0]
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        return arg.target
+    return None
+
+
+def _argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _functional_layer(flow: Flow, node: fx.Node, axis: int) -> None:
+    """F.linear (axis -1) and F.conv1d/2d/3d (axis 1) on a weight and bias read from parameters
+    (timm's Linear and pad-same convs, layers written by hand): the layer's rule, with the
+    parameters found by name; a weight computed in forward() (a standardised weight) is a wall."""
+    x, weight, bias = node.args[0], _argument(node, 1, "weight"), _argument(node, 2, "bias")
+    weight_name = _parameter_read(flow, weight)
+    bias_name = _parameter_read(flow, bias) if bias is not None else None
+    if weight_name is None or (bias is not None and bias_name is None):
+        return wall(flow, node, "takes a weight or bias computed in forward(), not a parameter")
+    if axis == 1 and _argument(node, 6, "groups", 1) != 1:
+        return wall(flow, node, "is a functional grouped conv, whose groups racc does not rewrite")
+    in_ids = ids_along(flow.labels[x], axis)
+    if in_ids is None:
+        return wall(flow, node, "reads an input whose channels are mixed with other axes")
+    out_ids = flow.fresh(operator.attrgetter(weight_name)(flow.gm).shape[0])
+    flow.labels[node] = expand_channels(out_ids, spec_of(node).shape, axis)
+    owner = weight_name.rpartition(".")[0] or node.name  # its module, as reports name layers
+    flow.add_axis(weight_name, 0, out_ids, "out", owner)
+    if bias_name is not None:  # the bias, read with get_attr, has its ids: they are the outputs'
+        flow.union(ids_along(flow.labels[bias], 0), out_ids)
+    flow.add_axis(weight_name, 1, in_ids, "in", owner, feeds=x)
+    flow.zero_kind[node] = "zero"
+
+
+def linear_function(flow: Flow, node: fx.Node) -> None:
+    _functional_layer(flow, node, -1)
+
+
+def conv_function(flow: Flow, node: fx.Node) -> None:
+    _functional_layer(flow, node, 1)
+
+
 def batch_norm(flow: Flow, node: fx.Node) -> None:
     """BatchNorm / InstanceNorm: per channel; zero out of zero in only when affine (gamma=beta=0)."""
     m, x = module_of(flow, node), node.args[0]

@@ -145,6 +145,24 @@ class Attention(nn.Module):
         return self.out(x + self.proj(y))
 
 
+class Functional(nn.Module):
+    """Layers that call F.conv2d and F.linear on their own parameters (timm's Linear, pad-same
+    convs, hand-written layers), the weight cast on the way as timm does; a slice that keeps the
+    whole channel axis (GhostNet's out[:, :self.oup]) and one that does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.weight = nn.Parameter(torch.randn(12, 8, 3, 3) * 0.2)
+        self.bias = nn.Parameter(torch.randn(12))
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = torch.cat([self.stem(x).relu(), x], 1)[:, :8]  # a strict prefix: the stem is walled
+        x = F.conv2d(x, self.weight.to(x.dtype), self.bias, padding=1).relu()[:, :12]  # whole
+        return F.linear(x.mean((2, 3)), self.fc.weight, self.fc.bias)
+
+
 CASES = {
     "F.batch_norm (timm BatchNormAct2d)": (lambda: _net(_warmed_bn_act), (2, 3, 12, 12), 2),
     "F.instance_norm": (lambda: _net(AffineInstanceNorm), (2, 3, 12, 12), 2),
@@ -152,6 +170,11 @@ CASES = {
     "r3d_18 (Conv3DSimple)": (_r3d_18, (1, 3, 4, 32, 32), 12),
     "resnet18 FPN backbone (FrozenBatchNorm2d)": (_fpn_backbone, (1, 3, 64, 64), 13),
     "list(x.chunk(2, 1)) (YOLO's C2f)": (lambda: _seeded(CSPBlock), (2, 3, 12, 12), 4),
+    "F.conv2d and F.linear on parameters, x[:, :n] over the whole axis": (
+        lambda: _seeded(Functional),
+        (2, 3, 8, 8),
+        1,
+    ),
     "view to a size read from another tensor (YOLO's PSA)": (
         lambda: _seeded(SizedView),
         (2, 3, 6, 6),
@@ -239,3 +262,11 @@ def test_prune_bn_runs_through_attention_whose_view_reads_the_input_size():
     opt = racc.compile(model, "prune-bn{ratio=0.5}", (x,))  # was an InputError at the view
     widths = opt.racc_report.rows[-1].widths
     assert widths["pre.0"] == (8, 4) and widths["stem"] == (8, 8), widths
+
+
+def test_functional_layers_and_slices_group_as_their_modules_do():
+    an = racc.analyze(_seeded(Functional), (torch.randn(2, 3, 8, 8),))
+    (group,) = [g for g in an.groups if g.prunable]
+    assert group.size == 12 and {"conv2d.out", "bias", "fc.in"} <= set(group.names()), group
+    stem = next(g for g in an.groups if "stem.out" in g.names())
+    assert not stem.prunable and "indexes the channel axis with constants" in stem.reason
