@@ -73,3 +73,34 @@ def test_yolo_compiles_exports_and_ort_agrees(model, passes, tmp_path):
     # export_onnx checks ONNX Runtime's outputs against torch's (and, for int8, that ORT fused
     # every planned QLinearConv); a failure raises
     racc.export_onnx(opt, tmp_path / "yolo.onnx")
+
+
+def test_the_pruned_yolo_trains_with_ultralytics_own_loss():
+    """docs/models.md's recipe: the compiled module in train mode gives what the Detect head
+    gives in training, which the original model's criterion (Ultralytics' v8DetectionLoss, read
+    from the unpruned head's strides and classes) scores against Ultralytics' batch dicts."""
+    from ultralytics.cfg import get_cfg
+
+    model = yolo("yolov8n.yaml")
+    model.args = get_cfg()  # Ultralytics' default hyperparameters (the loss gains)
+    opt = racc.compile(model, "prune-bn{ratio=0.5}", (_x(),))
+    g = torch.Generator().manual_seed(0)
+    batch = {  # 4 images with 2 boxes each (class, normalised xywh), as Ultralytics' loader gives
+        "img": torch.rand(4, 3, SIZE, SIZE, generator=g),
+        "cls": torch.randint(0, 80, (8, 1), generator=g).float(),
+        "bboxes": torch.rand(8, 4, generator=g) * 0.4 + 0.2,
+        "batch_idx": torch.arange(4).repeat_interleave(2).float(),
+    }
+    opt.train()
+    optimizer = torch.optim.Adam(opt.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(10):
+        loss, _ = model.loss(batch, opt(batch["img"]))
+        loss.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.sum()))
+    assert min(losses[-3:]) < 0.75 * losses[0], losses  # it learns this batch
+    opt.eval()
+    with torch.no_grad():
+        assert torch.isfinite(opt(_x())[0]).all()
