@@ -226,6 +226,20 @@ def _size_read(node: fx.Node) -> tuple[fx.Node, int] | None:
     return None
 
 
+def pixel_shuffle(flow: Flow, node: fx.Node) -> None:
+    """pixel_shuffle / pixel_unshuffle move values between channels and space: run on the
+    labels. After a shuffle each output channel holds r*r input channels spread over space; they
+    are tied, so pruning removes r*r input channels per output channel and the op stays valid.
+    After an unshuffle each input channel fills r*r output channels, one id for all of them."""
+    move(flow, node)
+    out = flow.labels[node]
+    if out.dim() < 3 or ids_along(out, 1) is not None:
+        return
+    corner = out[(slice(None), slice(None), *([slice(0, 1)] * (out.dim() - 2)))]
+    flow.union(out, corner)
+    flow.labels[node] = expand_channels(corner[0].reshape(-1), out.shape, 1)
+
+
 def getitem(flow: Flow, node: fx.Node) -> None:
     """Indexing a tuple is free; a constant index on a tensor's channel axis is a wall."""
     source = flow.labels[node.args[0]]

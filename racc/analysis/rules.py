@@ -161,6 +161,24 @@ def conv(flow: Flow, node: fx.Node) -> None:
     flow.zero_kind[node] = "zero"
 
 
+def conv_transpose(flow: Flow, node: fx.Node) -> None:
+    """ConvTranspose1d/2d/3d: the conv's rule with the weight's axes swapped (in on axis 0, out
+    on axis 1); output_padding and output_size change space only. Grouped: a wall for now."""
+    m, x = module_of(flow, node), node.args[0]
+    if m.groups != 1:
+        return wall(flow, node, "is a grouped transposed conv, which racc does not prune yet")
+    in_ids = ids_along(flow.labels[x], 1)
+    if in_ids is None:
+        return wall(flow, node, "reads an input whose channels are mixed with other axes")
+    out_ids = flow.fresh(m.out_channels)
+    flow.labels[node] = expand_channels(out_ids, spec_of(node).shape, 1)
+    flow.add_axis(f"{node.target}.weight", 1, out_ids, "out", node.target)
+    if m.bias is not None:
+        flow.add_axis(f"{node.target}.bias", 0, out_ids, "out", node.target)
+    flow.add_axis(f"{node.target}.weight", 0, in_ids, "in", node.target, feeds=x)
+    flow.zero_kind[node] = "zero"
+
+
 def linear(flow: Flow, node: fx.Node) -> None:
     m, x = module_of(flow, node), node.args[0]
     in_ids = ids_along(flow.labels[x], -1)

@@ -49,6 +49,8 @@ _PER_CHANNEL = (
 
 MODULE_RULES: dict[type, r.Rule] = {
     **{t: r.conv for t in CONVS},
+    **{t: r.conv_transpose for t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)},
+    **{t: mv.pixel_shuffle for t in (nn.PixelShuffle, nn.PixelUnshuffle)},
     nn.Linear: r.linear,
     **{
         t: r.batch_norm
@@ -93,6 +95,7 @@ FUNCTION_RULES: dict[object, r.Rule] = {
         )
     },
     torch.reshape: mv.reshape,
+    **{f: mv.pixel_shuffle for f in (F.pixel_shuffle, F.pixel_unshuffle)},
     operator.getitem: mv.getitem,
     **{f: mv.split for f in (torch.chunk, torch.split, torch.tensor_split)},
     **{f: mv.unary for f in ELEMENTWISE_FUNCTIONS},

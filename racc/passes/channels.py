@@ -186,7 +186,10 @@ def _slice(gm: fx.GraphModule, name: str, axis: int, index: torch.Tensor) -> Non
 
 def _resize_attributes(module: nn.Module) -> None:
     """Bring a module's size attributes in line with its sliced parameters."""
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight: in, out / groups, ...
+        module.in_channels = module.weight.shape[0]
+        module.out_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.conv._ConvNd):
         old_out, old_groups = module.out_channels, module.groups
         module.out_channels = module.weight.shape[0]
         if old_groups > 1:

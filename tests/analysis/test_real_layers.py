@@ -163,6 +163,24 @@ class Functional(nn.Module):
         return F.linear(x.mean((2, 3)), self.fc.weight, self.fc.bias)
 
 
+class UpDown(nn.Module):
+    """A U-Net's decoder step (ConvTranspose2d with output_padding) and a sub-pixel upsampler
+    (ESPCN: conv to C*r*r channels, PixelShuffle), after a PixelUnshuffle (space to depth)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, 8, 3, padding=1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.expand = nn.Conv2d(6, 16, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+        self.out = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        x = self.bn(self.up(self.down(x))).relu()
+        return self.out(F.pixel_unshuffle(self.shuffle(self.expand(x)), 2).relu())
+
+
 CASES = {
     "F.batch_norm (timm BatchNormAct2d)": (lambda: _net(_warmed_bn_act), (2, 3, 12, 12), 2),
     "F.instance_norm": (lambda: _net(AffineInstanceNorm), (2, 3, 12, 12), 2),
@@ -175,6 +193,7 @@ CASES = {
         (2, 3, 8, 8),
         1,
     ),
+    "ConvTranspose2d, PixelShuffle and PixelUnshuffle": (lambda: _seeded(UpDown), (2, 3, 8, 8), 3),
     "view to a size read from another tensor (YOLO's PSA)": (
         lambda: _seeded(SizedView),
         (2, 3, 6, 6),
@@ -270,3 +289,13 @@ def test_functional_layers_and_slices_group_as_their_modules_do():
     assert group.size == 12 and {"conv2d.out", "bias", "fc.in"} <= set(group.names()), group
     stem = next(g for g in an.groups if "stem.out" in g.names())
     assert not stem.prunable and "indexes the channel axis with constants" in stem.reason
+
+
+def test_prune_bn_through_conv_transpose_and_pixel_shuffle_exports(tmp_path):
+    model = _seeded(UpDown)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    opt = racc.compile(model, "prune-bn{ratio=0.5}", (x,))
+    widths = opt.racc_report.rows[-1].widths
+    assert widths["up"] == (6, 3) and widths["expand"] == (16, 8), widths  # 8 = 2 shuffled x 4
+    assert (opt.up.in_channels, opt.up.out_channels) == (4, 3)
+    racc.export_onnx(opt, tmp_path / "updown.onnx")  # ONNX Runtime agrees with torch
