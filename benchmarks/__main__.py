@@ -23,6 +23,7 @@ TABLES = [
     "benchmarks.rac",
     "benchmarks.onnx_in",
     "benchmarks.fuzz",
+    "benchmarks.coverage",
 ]
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,6 +5,7 @@ python -m benchmarks.coverage --quick          # one model per source
 python -m benchmarks.coverage --only timm:     # the models whose spec starts with this
 python -m benchmarks.coverage --jsonl rows.jsonl   # also each row as it is done; then
 python -m benchmarks.coverage --table rows.jsonl   # the table of those rows
+python -m benchmarks.coverage --table rows.jsonl --into BENCHMARKS.md   # in place of its section
 
 Models are built from their definitions with seeded random weights (no download) and BN warmed
 up. Each cell is one of:
@@ -251,11 +252,15 @@ def _child(spec: str) -> Row:
 def table(rows: list[Row], total: int | None = None) -> str:
     columns = ["zero->prune", *PASSES]
     of = f" of the {total} listed (the run was cut short)" if total and total > len(rows) else ""
+    from benchmarks.common import machine
+
     lines = [
         f"### Coverage: {len(rows)} models users bring{of} (random weights, BN warmed; "
         f"{SIDE}x{SIDE} unless the model needs its own size)",
         "",
-        "Written by `python -m benchmarks.coverage`. ok: ran and verified (prune-bn and int8: "
+        f"- Command: `python -m benchmarks.coverage` (its own run, on this machine: {machine()})",
+        "",
+        "ok: ran and verified (prune-bn and int8: "
         "exported and checked in ONNX Runtime); n/a: nothing to do on this model; miss: a "
         "RaccError that says why (last column); RAW: any other exception. Detectors are "
         'compiled with `where="backbone"`.',
@@ -297,6 +302,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: one model, a JSON line
     parser.add_argument("--jsonl", help="also append each row as JSON to this file")
     parser.add_argument("--table", help="print the table of the rows in this --jsonl file")
+    parser.add_argument("--into", help="replace the coverage section of this markdown file")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
@@ -307,7 +313,7 @@ def main() -> None:
         return
     if args.table:  # rows a run wrote with --jsonl, as the table
         rows = [Row(**json.loads(line)) for line in open(args.table) if line.strip()]
-        print(table(rows, total=len(specs())))
+        _emit(table(rows, total=len(specs())), args.into)
         return
     chosen = [s for s in specs() if s.startswith(args.only)]
     if args.quick:
@@ -320,7 +326,24 @@ def main() -> None:
         if args.jsonl:
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps(asdict(row)) + "\n")
-    print(table(rows))
+    _emit(table(rows), args.into)
+
+
+def _emit(text: str, into: str | None) -> None:
+    """Print the table, or put it in place of the coverage section of the markdown file `into`."""
+    if not into:
+        print(text)
+        return
+    with open(into) as f:
+        document = f.read()
+    start = document.find("### Coverage:")
+    if start < 0:
+        document = document.rstrip() + "\n\n" + text + "\n"
+    else:
+        end = document.find("\n### ", start + 1)
+        document = document[:start] + text + ("\n" + document[end:] if end >= 0 else "\n")
+    with open(into, "w") as f:
+        f.write(document)
 
 
 if __name__ == "__main__":

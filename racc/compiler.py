@@ -87,7 +87,7 @@ def compile(
         p.check_source(source.kind)
     lowering = lowering_for(source)
     inputs = source.inputs
-    traced = trace(source.module, n_inputs=len(source.inputs))
+    traced = trace(source.module, example_inputs=source.inputs)
     gm = traced.gm
     grid = block_grid(source.module)  # from the user's module classes, which the trace lacks
     start = time.perf_counter()

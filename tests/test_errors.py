@@ -58,7 +58,7 @@ def test_untraceable_model():
         def forward(self, x):
             return x.relu() if float(x.mean()) > 0 else x
 
-    with pytest.raises(UnsupportedModelError, match="cannot trace Branchy.forward"):
+    with pytest.raises(UnsupportedModelError, match="cannot capture Branchy.forward"):
         racc.compile(Branchy(), "fold-bn", (torch.randn(1, 3, 4, 4),))
 
 

@@ -53,7 +53,7 @@ def _x(batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 def test_a_model_fx_cannot_trace_is_compiled_through_its_backbone():
     model, x = _detector(), _x()
-    with pytest.raises(UnsupportedModelError, match="cannot trace Detector.forward"):
+    with pytest.raises(UnsupportedModelError, match="cannot capture Detector.forward"):
         racc.compile(model, "fold-bn", (x,))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     opt = racc.compile(model, "fold-bn", (x,), where="backbone")

@@ -31,7 +31,7 @@ def analyze(model: nn.Module | str | os.PathLike, example_inputs: Any = None) ->
     """
     source = open_source(model, example_inputs)
     with eval_mode(source.module):  # read-only: the analysis shares the model's modules, no copy
-        traced = trace(source.module, copy_model=False, n_inputs=len(source.inputs))
+        traced = trace(source.module, copy_model=False, example_inputs=source.inputs)
         record_shapes(traced.gm, source.inputs)
         return analyze_traced(traced)
 

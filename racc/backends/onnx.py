@@ -225,7 +225,8 @@ def torch_export(model, inputs, path, opset, names, outputs, where=None, axes=No
                     torch.onnx.export(
                         model, inputs, os.fspath(path), dynamic_axes=axes, dynamo=False, **common
                     )
-            except torch.onnx.errors.OnnxExporterError:
+            except torch.onnx.errors.OnnxExporterError as e:
+                first = e  # what the TorchScript exporter could not express
                 dims: dict[str, torch.export.Dim] = {}
                 shapes = tuple(
                     {
@@ -234,21 +235,34 @@ def torch_export(model, inputs, path, opset, names, outputs, where=None, axes=No
                     }
                     for n in names
                 )
-                torch.onnx.export(
-                    model,
-                    inputs,
-                    os.fspath(path),
-                    dynamic_shapes=shapes,
-                    dynamo=True,
-                    verbose=False,
-                    **common,
-                )
+                try:
+                    torch.onnx.export(
+                        model,
+                        inputs,
+                        os.fspath(path),
+                        dynamic_shapes=shapes,
+                        dynamo=True,
+                        verbose=False,
+                        **common,
+                    )
+                except Exception as e:
+                    raise ExportError(
+                        f"torch.onnx.export failed: {_first_line(first)}; the dynamo exporter, "
+                        f"tried next, failed too: {_first_line(e)}"
+                    ) from e
     except OSError as e:
         raise ExportError(
             f"cannot write '{where or path}': {e.strerror or e}; choose a writable path"
         ) from e
+    except ExportError:
+        raise
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 @contextlib.contextmanager

@@ -78,16 +78,22 @@ def concrete_args(model: nn.Module, n_inputs: int | None) -> dict[str, Any]:
 _CHECKS = (torch._assert, _assert_is_none)
 
 
-def drop_concrete_placeholders(graph: fx.Graph, concrete: dict[str, Any]) -> None:
-    """Remove the placeholders (and the checks of their value) fx makes for arguments fixed by
-    `concrete`: the traced model takes exactly the example inputs, and returns its outputs as
-    forward() does (fx flattens them when it fixes a *args)."""
+def plain_codegen(graph: fx.Graph) -> None:
+    """Give `graph` fx's plain calling convention: its placeholders are its arguments and its
+    output is returned as built (fx flattens both when it fixes a *args, torch.export always)."""
     codegen = graph._codegen
     if isinstance(codegen, _PyTreeCodeGen):
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         spec = codegen.pytree_info.out_spec
         output.args = (tree_unflatten(list(output.args[0]), spec) if spec else output.args[0],)
         graph.set_codegen(fx.graph.CodeGen())
+
+
+def drop_concrete_placeholders(graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """Remove the placeholders (and the checks of their value) fx makes for arguments fixed by
+    `concrete`: the traced model takes exactly the example inputs, and returns its outputs as
+    forward() does (fx flattens them when it fixes a *args)."""
+    plain_codegen(graph)
     fixed = {k for k in concrete if not k.startswith("*")}
     for node in list(graph.nodes):
         if node.op != "placeholder" or node.target.rpartition("_")[0] not in fixed:

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from racc.errors import InputError, UnsupportedModelError
 from racc.ir.capture import Proxy, concrete_args, drop_concrete_placeholders, pieces, torch_type
+from racc.ir.export import EXPORT_CAPTURE, export_instead
 
 try:  # private since torch 2.2; the public class is the same minus lazy code generation
     from torch.fx._lazy_graph_module import _LazyGraphModule
@@ -47,14 +48,7 @@ class TracedModel:
 
     gm: fx.GraphModule
     leaves: dict[str, str]  # qualified name -> why it could not be traced
-    fixed: tuple[str, ...] = ()  # forward's arguments fixed to a value (capture.concrete_args)
-
-    @property
-    def capture(self) -> str:
-        """How the graph was captured, as the report says it."""
-        if not self.fixed:
-            return "torch.fx symbolic trace"
-        return f"torch.fx symbolic trace, with {', '.join(self.fixed)} of forward() fixed"
+    capture: str = "torch.fx symbolic trace"  # how the graph was captured, as reports say it
 
 
 class _LeafTracer(fx.Tracer):
@@ -170,13 +164,16 @@ def eval_mode(model: nn.Module):
             m.training = training
 
 
-def trace(model: nn.Module, copy_model: bool = True, n_inputs: int | None = None) -> TracedModel:
+def trace(
+    model: nn.Module, copy_model: bool = True, example_inputs: tuple | None = None
+) -> TracedModel:
     """Symbolically trace `model` in eval mode; untraceable submodules become leaves.
 
     With `copy_model` (the default) the result owns a deep copy of the model. Without it the result
     shares the model's submodules: for analyses, which only read them, run inside `eval_mode`.
-    With `n_inputs`, the number of example inputs, forward's later parameters that have defaults
-    are fixed to them (see `racc.ir.capture.concrete_args`).
+    With `example_inputs`, forward's parameters after them that have defaults are fixed to them
+    (see `racc.ir.capture.concrete_args`), and a forward fx cannot trace is captured with
+    torch.export instead (racc.ir.export).
     """
     check_model(model)
     if isinstance(model, fx.GraphModule):
@@ -186,30 +183,34 @@ def trace(model: nn.Module, copy_model: bool = True, n_inputs: int | None = None
         return TracedModel(fx.GraphModule(model, copy.deepcopy(model.graph)), leaves)
     root = copy.deepcopy(model).eval() if copy_model else model
     leaves: dict[str, str] = {}
-    concrete = concrete_args(root, n_inputs)
+    concrete = concrete_args(root, None if example_inputs is None else len(example_inputs))
     for _ in range(_MAX_LEAF_RETRIES):
         tracer = _LeafTracer(set(leaves))
         try:
             graph = tracer.trace(root, concrete_args=concrete or None)
         except Exception as e:
             failing = getattr(e, "_racc_module", "")
-            if not failing or failing in leaves:
-                raise UnsupportedModelError(
-                    f"cannot trace {type(model).__name__}.forward with torch.fx: {type(e).__name__}: "
-                    f"{e}. Remove data-dependent Python control flow from forward(), or wrap that "
-                    "code in a submodule so racc can keep it opaque"
-                ) from e
-            leaves[failing] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if not failing or failing in leaves:  # the root's own forward
+                gm = export_instead(root, example_inputs, _first_line(e), _LeafTracer)
+                gm.racc_leaves = {}
+                return TracedModel(gm, {}, capture=EXPORT_CAPTURE)
+            leaves[failing] = _first_line(e)
             continue
         drop_concrete_placeholders(graph, concrete)
         # Analyses never call forward(): a lazy module skips generating its code (about 20 ms).
         module_class = fx.GraphModule if copy_model else _LazyGraphModule
         gm = module_class(tracer.root, graph, type(model).__name__)
         gm.racc_leaves = leaves
-        return TracedModel(gm, leaves, tuple(f"{k}={v!r}" for k, v in concrete.items()))
+        fixed = ", ".join(f"{k}={v!r}" for k, v in concrete.items())
+        how = "torch.fx symbolic trace" + (f", with {fixed} of forward() fixed" if fixed else "")
+        return TracedModel(gm, leaves, how)
     raise UnsupportedModelError(
         f"gave up tracing {type(model).__name__} after {_MAX_LEAF_RETRIES} opaque submodules"
     )
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def example_of(node: fx.Node) -> Any:

@@ -11,6 +11,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from racc.ir.capture import torch_type
+
 # Elementwise, shape-preserving modules (activations, and dropout/identity in eval mode).
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
@@ -34,6 +36,13 @@ BINARY_FUNCTIONS: tuple = (
 
 CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCH_NORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def computes_as(module: nn.Module, kinds: tuple[type[nn.Module], ...]) -> bool:
+    """Whether `module` computes as one of the torch layers `kinds`: of one of those classes, or
+    a subclass that only renames it. A subclass that overrides forward (timm's Conv2dSame pads
+    by the input's size) is not taken for its base: its weight would be used another way."""
+    return torch_type(module) in kinds
 
 
 def is_batch_norm(module: nn.Module) -> bool:

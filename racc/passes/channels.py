@@ -131,7 +131,7 @@ def prune_channels(model: nn.Module, request: Request, example_inputs: Any) -> f
     analysis, removed = _removed_units(request, pruning=True)
     _check_same_model(model, analysis)
     inputs = normalize_inputs(example_inputs)
-    gm = trace(model).gm
+    gm = trace(model, example_inputs=inputs).gm
     keep = _kept_indices(gm, analysis, removed)
     with torch.no_grad():
         for (param, axis), kept in keep.items():

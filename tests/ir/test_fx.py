@@ -67,9 +67,10 @@ def test_untraceable_root_names_the_model_and_the_reason():
 
     with pytest.raises(
         UnsupportedModelError,
-        match="cannot trace Root.forward with torch.fx: TraceError.*Remove data-dependent",
+        match=r"cannot capture Root.forward: torch.fx refuses it \(TraceError.*torch.export too"
+        r".*Remove the data-dependent Python control flow",
     ):
-        trace(Root())
+        trace(Root(), example_inputs=(torch.randn(1, 3, 4, 4),))
 
 
 class Caching(nn.Module):
@@ -124,7 +125,7 @@ def test_varargs_and_flags_are_fixed_and_the_trace_takes_the_inputs_alone():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 10, 10)
     for model in (Detector().eval(), Flags().eval()):
-        traced = trace(model, n_inputs=1)
+        traced = trace(model, example_inputs=(x,))
         placeholders = [n.name for n in traced.gm.graph.nodes if n.op == "placeholder"]
         assert placeholders == ["x"], placeholders
         assert "_assert" not in traced.gm.code  # fx's checks of the fixed values are gone
@@ -149,3 +150,51 @@ def test_an_opaque_head_that_caches_keeps_no_meta_tensor_and_the_model_is_not_ch
     widths = opt.racc_report.rows[-1].widths
     assert widths["stem.0"] == (8, 4) and widths["stem.3"] == (8, 8), widths
     assert opt.head.grid.device.type == "cpu"
+
+
+class ShapeChecked(nn.Module):
+    """A segmentation-style model whose forward checks the input size in Python: fx refuses the
+    `if` on a shape; torch.export decides it for the example's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = Net().head
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            raise ValueError("the side must be even")
+        return self.body(self.stem(x)).flatten(1)
+
+
+def test_a_forward_fx_refuses_is_captured_with_torch_export_and_lifted():
+    torch.manual_seed(0)
+    model = warm_up_bn_stats(ShapeChecked())
+    x = torch.randn(2, 3, 10, 10)
+    traced = trace(model, example_inputs=(x,))
+    assert traced.capture.startswith("torch.export (non-strict), lifted to torch ops")
+    kinds = {n.target: type(traced.gm.get_submodule(n.target)).__name__
+             for n in traced.gm.graph.nodes if n.op == "call_module"}  # fmt: skip
+    assert kinds == {
+        "stem.0": "Conv2d",
+        "stem.1": "BatchNorm2d",
+        "body.0": "Conv2d",
+        "body.1": "BatchNorm2d",
+        "body.3": "Conv2d",
+    }  # the model's own names
+    an = racc.analyze(model, (x,))
+    group = next(g for g in an.groups if "stem.0.out" in g.names())
+    assert group.prunable and "body.0.in" in group.names()
+    zeroed = racc.zero_channels(model, {group: [1, 4]})
+    pruned = racc.prune_channels(model, {group: [1, 4]}, (x,))
+    with torch.no_grad():
+        assert_close(pruned(x), zeroed(x), 1e-5, 1e-5, what="zero then prune, exported")
+    opt = racc.compile(model, "prune-bn{ratio=0.5}", (x,))
+    assert "captured with torch.export (non-strict)" in str(opt.racc_report)
+    assert opt.racc_report.rows[-1].widths["stem.0"] == (8, 4)
+
+
+def warm_up_bn_stats(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 10, 10))
+    return model.eval()

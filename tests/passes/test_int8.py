@@ -425,3 +425,30 @@ def test_an_op_added_to_the_qlinear_table_is_placed_and_emulated(monkeypatch):
     monkeypatch.setattr(ort_int8, "QLINEAR", (*ort_int8.QLINEAR, added))
     assert quantizers() == before + 1  # the leaky ReLU now ends in its own quantizer
     assert calls and calls[-1] == (2, 8, 8, 8)  # and eval mode ran its kernel
+
+
+class PadSameConv(nn.Conv2d):
+    """timm's Conv2dSame layout: a Conv2d subclass whose forward pads by the input's size. fx
+    cannot trace its padding arithmetic, so it is one opaque call."""
+
+    def forward(self, x):
+        pad = max(self.kernel_size[0] - 1 - (x.shape[-1] - 1) % self.stride[0], 0)
+        x = nn.functional.pad(x, [pad // 2, pad - pad // 2, pad // 2, pad - pad // 2])
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+def test_a_conv_subclass_with_its_own_forward_stays_fp32_and_is_not_quantized_as_a_conv(tmp_path):
+    torch.manual_seed(0)
+    model = warm_up_bn(
+        nn.Sequential(
+            PadSameConv(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1),
+        ),
+        16,
+    )  # fmt: skip
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    opt = racc.compile(model, "int8", (x,), calibration=[x])  # was a size mismatch at layer '0'
+    row = opt.racc_report.rows[-1]
+    assert row.matched == ["3", "5"], row.matched  # the plain convs; '0' keeps its own forward
+    assert row.error.cosine > 0.99
+    racc.export_onnx(opt, tmp_path / "padsame.onnx")

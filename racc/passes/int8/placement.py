@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from racc.ir.fx import TensorSpec, example_of
-from racc.ir.ops import CONVS, RELU, RELU6, Family, matches
+from racc.ir.ops import CONVS, RELU, RELU6, Family, computes_as, matches
 from racc.nn.ort_int8 import qlinear_op
 
 # ReLU-like clamps whose lower end is 0: fused into the quantizer that follows them. The ops
@@ -40,7 +40,7 @@ def kind_of(gm: fx.GraphModule, node: fx.Node) -> str:
     """weighted | clamp | int8 | pass | float | other, as ONNX Runtime's CPU provider treats it."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if (isinstance(m, CONVS) and m.padding_mode == "zeros") or isinstance(m, nn.Linear):
+        if (computes_as(m, CONVS) and m.padding_mode == "zeros") or computes_as(m, (nn.Linear,)):
             return "weighted"
     if node.op in ("placeholder", "output", "get_attr") or not is_tensor(node):
         return "other"
@@ -59,7 +59,9 @@ def kind_of(gm: fx.GraphModule, node: fx.Node) -> str:
 
 def linear_to_output(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A Linear whose value only leaves the model: QGemm returns float, so no quantizer."""
-    is_linear = node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear)
+    is_linear = node.op == "call_module" and computes_as(
+        gm.get_submodule(node.target), (nn.Linear,)
+    )
     return is_linear and all(user.op == "output" for user in node.users)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from racc.ir.fx import module_call_counts, node_values
+from racc.ir.ops import computes_as
 from racc.metrics import OutputError
 from racc.nn.ort_int8 import QuantizedGraphModule
 from racc.nn.quant import (
@@ -329,8 +330,8 @@ class DynamicQuantizer(Quantizer):
     """Linear layers with int8 weights; their inputs quantized per call."""
 
     def candidate(self, node: fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(
-            self.gm.get_submodule(node.target), nn.Linear
+        return node.op == "call_module" and computes_as(
+            self.gm.get_submodule(node.target), (nn.Linear,)
         )
 
     def build(self, enabled: list[str]) -> fx.GraphModule:
