@@ -140,57 +140,71 @@ def constant(flow: Flow, node: fx.Node) -> None:
     flow.zero_kind[node] = "nonzero"
 
 
-def conv(flow: Flow, node: fx.Node) -> None:
-    m, x = module_of(flow, node), node.args[0]
-    in_ids = ids_along(flow.labels[x], 1)
+def _weighted(
+    flow: Flow,
+    node: fx.Node,
+    axis: int,
+    weight: str,
+    out_channels: int,
+    owner: str,
+    bias: str | None = None,
+    weight_axes: tuple[int, int] = (0, 1),
+    record_in: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A layer with a weight (conv, linear, their transposed and functional forms): fresh output
+    channels along `axis`, the weight's and bias' slices tied to them (`weight_axes`: its out and
+    in axes), its in axis to the input's channels; zero out where the channel's slices are zero.
+    Returns (in ids, out ids), or None after walling an input whose channels are mixed."""
+    x = node.args[0]
+    in_ids = ids_along(flow.labels[x], axis)
     if in_ids is None:
-        return wall(flow, node, "reads an input whose channels are mixed with other axes")
-    out_ids = flow.fresh(m.out_channels)
-    flow.labels[node] = expand_channels(out_ids, spec_of(node).shape, 1)
-    flow.add_axis(f"{node.target}.weight", 0, out_ids, "out", node.target)
-    if m.bias is not None:
-        flow.add_axis(f"{node.target}.bias", 0, out_ids, "out", node.target)
-    if m.groups == 1:
-        flow.add_axis(f"{node.target}.weight", 1, in_ids, "in", node.target, feeds=x)
-    else:
+        wall(flow, node, "reads an input whose channels are mixed with other axes")
+        return None
+    out_ids = flow.fresh(out_channels)
+    flow.labels[node] = expand_channels(out_ids, spec_of(node).shape, axis)
+    flow.add_axis(weight, weight_axes[0], out_ids, "out", owner)
+    if bias is not None:
+        flow.add_axis(bias, 0, out_ids, "out", owner)
+    if record_in:
+        flow.add_axis(weight, weight_axes[1], in_ids, "in", owner, feeds=x)
+    flow.zero_kind[node] = "zero"
+    return in_ids, out_ids
+
+
+def _module_bias(m: nn.Module, target: str) -> str | None:
+    return f"{target}.bias" if m.bias is not None else None
+
+
+def conv(flow: Flow, node: fx.Node) -> None:
+    m, target = module_of(flow, node), node.target
+    ids = _weighted(
+        flow, node, 1, f"{target}.weight", m.out_channels, target, _module_bias(m, target),
+        record_in=m.groups == 1,
+    )  # fmt: skip
+    if ids is not None and m.groups > 1:
         # The channels of one conv group (in and out) can only be removed together: the group
         # count drops by one and every group keeps its width.
+        in_ids, out_ids = ids
         first = in_ids.view(m.groups, -1)[:, :1]
         flow.union(in_ids.view(m.groups, -1), first)
         flow.union(out_ids.view(m.groups, -1), first)
-    flow.zero_kind[node] = "zero"
 
 
 def conv_transpose(flow: Flow, node: fx.Node) -> None:
     """ConvTranspose1d/2d/3d: the conv's rule with the weight's axes swapped (in on axis 0, out
     on axis 1); output_padding and output_size change space only. Grouped: a wall for now."""
-    m, x = module_of(flow, node), node.args[0]
+    m, target = module_of(flow, node), node.target
     if m.groups != 1:
         return wall(flow, node, "is a grouped transposed conv, which racc does not prune yet")
-    in_ids = ids_along(flow.labels[x], 1)
-    if in_ids is None:
-        return wall(flow, node, "reads an input whose channels are mixed with other axes")
-    out_ids = flow.fresh(m.out_channels)
-    flow.labels[node] = expand_channels(out_ids, spec_of(node).shape, 1)
-    flow.add_axis(f"{node.target}.weight", 1, out_ids, "out", node.target)
-    if m.bias is not None:
-        flow.add_axis(f"{node.target}.bias", 0, out_ids, "out", node.target)
-    flow.add_axis(f"{node.target}.weight", 0, in_ids, "in", node.target, feeds=x)
-    flow.zero_kind[node] = "zero"
+    _weighted(
+        flow, node, 1, f"{target}.weight", m.out_channels, target, _module_bias(m, target),
+        weight_axes=(1, 0),
+    )  # fmt: skip
 
 
 def linear(flow: Flow, node: fx.Node) -> None:
-    m, x = module_of(flow, node), node.args[0]
-    in_ids = ids_along(flow.labels[x], -1)
-    if in_ids is None:
-        return wall(flow, node, "reads features that are mixed with other axes")
-    out_ids = flow.fresh(m.out_features)
-    flow.labels[node] = expand_channels(out_ids, spec_of(node).shape, -1)
-    flow.add_axis(f"{node.target}.weight", 0, out_ids, "out", node.target)
-    if m.bias is not None:
-        flow.add_axis(f"{node.target}.bias", 0, out_ids, "out", node.target)
-    flow.add_axis(f"{node.target}.weight", 1, in_ids, "in", node.target, feeds=x)
-    flow.zero_kind[node] = "zero"
+    m, target = module_of(flow, node), node.target
+    _weighted(flow, node, -1, f"{target}.weight", m.out_features, target, _module_bias(m, target))
 
 
 # Ops a parameter passes through on its way to a functional layer (timm's Linear casts it).
@@ -214,24 +228,18 @@ def _functional_layer(flow: Flow, node: fx.Node, axis: int) -> None:
     """F.linear (axis -1) and F.conv1d/2d/3d (axis 1) on a weight and bias read from parameters
     (timm's Linear and pad-same convs, layers written by hand): the layer's rule, with the
     parameters found by name; a weight computed in forward() (a standardised weight) is a wall."""
-    x, weight, bias = node.args[0], _argument(node, 1, "weight"), _argument(node, 2, "bias")
+    weight, bias = _argument(node, 1, "weight"), _argument(node, 2, "bias")
     weight_name = _parameter_read(flow, weight)
     bias_name = _parameter_read(flow, bias) if bias is not None else None
     if weight_name is None or (bias is not None and bias_name is None):
         return wall(flow, node, "takes a weight or bias computed in forward(), not a parameter")
     if axis == 1 and _argument(node, 6, "groups", 1) != 1:
         return wall(flow, node, "is a functional grouped conv, whose groups racc does not rewrite")
-    in_ids = ids_along(flow.labels[x], axis)
-    if in_ids is None:
-        return wall(flow, node, "reads an input whose channels are mixed with other axes")
-    out_ids = flow.fresh(operator.attrgetter(weight_name)(flow.gm).shape[0])
-    flow.labels[node] = expand_channels(out_ids, spec_of(node).shape, axis)
+    out_channels = operator.attrgetter(weight_name)(flow.gm).shape[0]
     owner = weight_name.rpartition(".")[0] or node.name  # its module, as reports name layers
-    flow.add_axis(weight_name, 0, out_ids, "out", owner)
-    if bias_name is not None:  # the bias, read with get_attr, has its ids: they are the outputs'
-        flow.union(ids_along(flow.labels[bias], 0), out_ids)
-    flow.add_axis(weight_name, 1, in_ids, "in", owner, feeds=x)
-    flow.zero_kind[node] = "zero"
+    ids = _weighted(flow, node, axis, weight_name, out_channels, owner)
+    if ids is not None and bias_name is not None:  # the bias (read with get_attr) has its ids
+        flow.union(ids_along(flow.labels[bias], 0), ids[1])
 
 
 def linear_function(flow: Flow, node: fx.Node) -> None:
