@@ -203,6 +203,60 @@ def explicit_same_padding(model: nn.Module) -> nn.Module:
     return model
 
 
+def explicit_adaptive_pooling(model: nn.Module, inputs: tuple) -> nn.Module:
+    """`model`, or a copy whose AdaptiveAvgPool2d layers that ONNX cannot express (an output size
+    that does not divide the input's: VGG's 7x7 of a 2x2 map) average by two matrix products.
+
+    Adaptive average pooling is linear and separable: out = P_h @ x @ P_w^T, where row i of P
+    averages the input cells of output cell i (torch's bins: floor(i*n/m) to ceil((i+1)*n/m)).
+    The sizes are the ones the example inputs give; other sizes are checked like any export."""
+    sizes: dict[nn.Module, tuple[int, ...]] = {}
+    pools = [m for m in model.modules() if type(m) is nn.AdaptiveAvgPool2d]
+    if not pools:
+        return model
+    hooks = [p.register_forward_pre_hook(_record_size(sizes)) for p in pools]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    odd = {p for p, (h, w) in sizes.items() if _pool_matrices(p, h, w) is not None}
+    if not odd:
+        return model
+    names = {p: name for name, p in model.named_modules() if p in odd}
+    model = copy.deepcopy(model)
+    for pool, name in names.items():
+        rows, cols = _pool_matrices(pool, *sizes[pool])
+        layer = model.get_submodule(name)
+        layer.forward = lambda x, rows=rows, cols=cols: torch.matmul(torch.matmul(rows, x), cols)
+    return model
+
+
+def _record_size(sizes: dict):
+    def record(module, args):
+        sizes[module] = tuple(args[0].shape[-2:])
+
+    return record
+
+
+def _pool_matrices(pool: nn.AdaptiveAvgPool2d, h: int, w: int):
+    """(P_h, P_w^T) for a pooling ONNX cannot express, else None."""
+    out = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
+    out = tuple(n if o is None else o for o, n in zip(out, (h, w), strict=True))
+    if all(n % o == 0 for o, n in zip(out, (h, w), strict=True)):
+        return None
+
+    def matrix(m: int, n: int) -> torch.Tensor:
+        p = torch.zeros(m, n)
+        for i in range(m):
+            start, end = (i * n) // m, -((-(i + 1) * n) // m)
+            p[i, start:end] = 1.0 / (end - start)
+        return p
+
+    return matrix(out[0], h), matrix(out[1], w).T.contiguous()
+
+
 def _padded_first(forward, pads: list[int]):
     def padded(x, weight, bias):
         return forward(F.pad(x, pads), weight, bias)
@@ -215,7 +269,7 @@ def torch_export(model, inputs, path, opset, names, outputs, where=None, axes=No
     (e.g. adaptive pooling to a size that does not divide the input). `axes`: torch.onnx's
     dynamic_axes (default: axis 0 of every input and output)."""
     axes = axes or {n: {0: "batch"} for n in (*names, *outputs)}
-    model = explicit_same_padding(model)
+    model = explicit_adaptive_pooling(explicit_same_padding(model), inputs)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -104,3 +104,23 @@ def test_bad_names_and_axes_are_refused_and_leave_no_file(tmp_path, options, mes
     with pytest.raises(ExportError, match=message):
         racc.export_onnx(model, tmp_path / "m.onnx", example_inputs=(x,), **options)
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("pipeline", [None, "int8"])
+def test_adaptive_pooling_onnx_cannot_express_is_exported_as_matrix_products(pipeline, tmp_path):
+    """VGG at 64x64: a 2x2 map pooled to 7x7 (7 does not divide 2). torch.onnx refuses it; the
+    file averages with two MatMuls, and ONNX Runtime agrees with torch (export_onnx checks)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((7, 5)),
+        nn.Flatten(), nn.Linear(8 * 35, 4),
+    ).eval()  # fmt: skip
+    x = torch.randn(1, 3, 8, 12, generator=torch.Generator().manual_seed(1))  # a 2x3 map
+    if pipeline:
+        model = racc.compile(model, pipeline, (x,), calibration=[torch.randn(4, 3, 8, 12)])
+    proto = racc.export_onnx(model, tmp_path / "pool.onnx", (x,))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMul") == 2 and "AveragePool" not in ops, ops
+    assert "forward" not in vars(model.get_submodule("2"))  # the model's own layer is untouched
