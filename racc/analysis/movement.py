@@ -56,6 +56,8 @@ def per_channel(flow: Flow, node: fx.Node) -> None:
     ids = ids_along(labels, 1)
     if ids is None or not hasattr(spec, "shape"):
         return wall(flow, node, "mixes channels with other axes")
+    if len(spec.shape) != labels.dim() or spec.shape[1] != labels.shape[1]:
+        return wall(flow, node, "changes the size of axis 1, where channels are")  # F.pad of it
     flow.labels[node] = expand_channels(ids, spec.shape, 1)
     flow.zero_kind[node] = "all" if _pads_with_zero(flow, node, labels.dim()) else "nonzero"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import networkx as nx
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import racc
@@ -126,3 +127,21 @@ def test_op_graph_is_a_networkx_dag_of_the_traced_nodes():
     assert nx.is_directed_acyclic_graph(an.graph)
     assert an.graph.has_edge("layer1_0_conv1", "layer1_0_bn1")
     assert an.graph.nodes["layer1_0_conv1"]["op"] == "call_module"
+
+
+def test_a_pad_of_the_channel_axis_is_a_wall_not_a_crash():
+    """timm's BotNet and HaloNet pad the last axis of 2-D tensors in their position embeddings:
+    F.pad of axis 1 changes the channel count; per-channel ops must not assume it keeps it."""
+
+    class PadsAxisOne(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(11, 4)
+
+        def forward(self, x):
+            y = self.a(x).mean((2, 3))  # (N, 8): the channels on axis 1
+            return self.fc(F.pad(y, [0, 3]))  # (N, 11)
+
+    an = racc.analyze(PadsAxisOne(), (torch.randn(2, 3, 4, 4),))
+    group = _group_with(an, "a.out")
+    assert not group.prunable and "changes the size of axis 1" in group.reason

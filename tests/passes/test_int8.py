@@ -452,3 +452,25 @@ def test_a_conv_subclass_with_its_own_forward_stays_fp32_and_is_not_quantized_as
     assert row.matched == ["3", "5"], row.matched  # the plain convs; '0' keeps its own forward
     assert row.error.cosine > 0.99
     racc.export_onnx(opt, tmp_path / "padsame.onnx")
+
+
+def test_a_layer_whose_weight_forward_also_reads_stays_fp32():
+    """EdgeNeXt casts a tensor to its projection conv's weight dtype: the graph reads that
+    weight directly, so the conv keeps its weight (was a graph naming a removed attribute)."""
+
+    class ReadsWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.proj = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            y = self.stem(x).relu()
+            return self.proj(y.to(self.proj.weight.dtype)) + y
+
+    torch.manual_seed(0)
+    model = ReadsWeight().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    opt = racc.compile(model, "int8", (x,), calibration=[x])
+    row = opt.racc_report.rows[-1]
+    assert row.matched == ["stem"], row.matched
+    assert [s.node for s in row.skipped] == ["proj"] and "reads" in row.skipped[0].reason

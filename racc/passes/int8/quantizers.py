@@ -48,6 +48,10 @@ class Quantizer:
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.skipped: list[Skip] = []
         calls = module_call_counts(gm)
+        # modules whose tensors forward() also reads directly (weight.dtype, a shared weight)
+        self.read_directly = {
+            n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"
+        }
         self.units: list[str] = []
         for node in gm.graph.nodes:
             if not self.candidate(node):
@@ -78,6 +82,8 @@ class Quantizer:
             return f"'{node.target}' is called more than once: kept fp32"
         if not is_tensor(node.args[0]):
             return "its input is not a single tensor: kept fp32"
+        if node.target in self.read_directly:
+            return f"forward() also reads '{node.target}'s tensors directly: kept fp32"
         return ""
 
     def label(self, name: str) -> str:
