@@ -5,6 +5,7 @@ python -m benchmarks.coverage --quick          # one model per source
 python -m benchmarks.coverage --only timm:     # the models whose spec starts with this
 python -m benchmarks.coverage --jsonl rows.jsonl   # also each row as it is done; then
 python -m benchmarks.coverage --table rows.jsonl   # the table of those rows
+python -m benchmarks.coverage --table a.jsonl,b.jsonl  # b's rows replace a's for the same model
 python -m benchmarks.coverage --table rows.jsonl --into BENCHMARKS.md   # in place of its section
 
 Models are built from their definitions with seeded random weights (no download) and BN warmed
@@ -172,7 +173,8 @@ def run_one(spec: str) -> Row:
         prunable = [g for g in analysis.groups if g.prunable and g.size > 1]
         row.groups = f"{len(prunable)}/{len(analysis.groups)}"
         row.share = analysis.prunable_share()
-        row.capture = "fx" + (f" + {len(analysis.leaves)} opaque" if analysis.leaves else "")
+        how = "torch.export" if analysis.traced.capture.startswith("torch.export") else "fx"
+        row.capture = how + (f" + {len(analysis.leaves)} opaque" if analysis.leaves else "")
         row.cells["zero->prune"] = _zero_then_prune(part, part_inputs, analysis, prunable)
     except Exception as e:
         row.cells["zero->prune"] = _verdict(e, row)
@@ -249,7 +251,7 @@ def _child(spec: str) -> Row:
     return Row(**json.loads(lines[-1]))
 
 
-def table(rows: list[Row], total: int | None = None) -> str:
+def table(rows: list[Row], total: int | None = None, note: str = "") -> str:
     columns = ["zero->prune", *PASSES]
     of = f" of the {total} listed (the run was cut short)" if total and total > len(rows) else ""
     from benchmarks.common import machine
@@ -259,6 +261,7 @@ def table(rows: list[Row], total: int | None = None) -> str:
         f"{SIDE}x{SIDE} unless the model needs its own size)",
         "",
         f"- Command: `python -m benchmarks.coverage` (its own run, on this machine: {machine()})",
+        *([f"- {note}"] if note else []),
         "",
         "ok: ran and verified (prune-bn and int8: "
         "exported and checked in ONNX Runtime); n/a: nothing to do on this model; miss: a "
@@ -303,6 +306,7 @@ def main() -> None:
     parser.add_argument("--jsonl", help="also append each row as JSON to this file")
     parser.add_argument("--table", help="print the table of the rows in this --jsonl file")
     parser.add_argument("--into", help="replace the coverage section of this markdown file")
+    parser.add_argument("--note", default="", help="a line under the table's heading")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
@@ -312,8 +316,12 @@ def main() -> None:
         print(json.dumps(asdict(row)))
         return
     if args.table:  # rows a run wrote with --jsonl, as the table
-        rows = [Row(**json.loads(line)) for line in open(args.table) if line.strip()]
-        _emit(table(rows, total=len(specs())), args.into)
+        rows = {}  # by model: a row from a later file replaces an earlier one
+        for path in args.table.split(","):
+            for line in filter(str.strip, open(path)):
+                row = Row(**json.loads(line))
+                rows[row.spec] = row
+        _emit(table(list(rows.values()), total=len(specs()), note=args.note), args.into)
         return
     chosen = [s for s in specs() if s.startswith(args.only)]
     if args.quick:
