@@ -261,7 +261,8 @@ def table(rows: list[Row], total: int | None = None, note: str = "") -> str:
         f"### Coverage: {len(rows)} models users bring{of} (random weights, BN warmed; "
         f"{SIDE}x{SIDE} unless the model needs its own size)",
         "",
-        f"- Command: `python -m benchmarks.coverage` (its own run, on this machine: {machine()})",
+        "- Command: `python -m benchmarks.coverage` (its own run, not `make bench`'s machine)",
+        f"- Machine: {machine()}",
         *([f"- {note}"] if note else []),
         "",
         "ok: ran and verified (prune-bn and int8: "
