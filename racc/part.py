@@ -44,9 +44,12 @@ def _as_args(inputs: Any) -> tuple:
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
 
-def inputs_of(model: nn.Module, where: str, inputs: Any) -> tuple[torch.Tensor, ...]:
+def inputs_of(
+    model: nn.Module, where: str, inputs: Any, what: str = "the example inputs"
+) -> tuple[torch.Tensor, ...]:
     """The tensors submodule `where` is called with when `model` runs (in eval mode) on
-    `inputs`. Raises `InputError` if it is not called exactly once with tensors alone."""
+    `inputs` (`what` they are, for the error). Raises `InputError` if the model fails on them or
+    the submodule is not called exactly once with tensors alone."""
     part = submodule(model, where)
     calls: list[tuple[tuple, dict]] = []
 
@@ -59,8 +62,9 @@ def inputs_of(model: nn.Module, where: str, inputs: Any) -> tuple[torch.Tensor, 
             model(*_as_args(inputs))
     except Exception as e:
         raise InputError(
-            f"where={where!r}: the whole {type(model).__name__} fails on the example inputs: "
-            f"{type(e).__name__}: {e}; pass the inputs the whole model takes"
+            f"where={where!r}: the whole {type(model).__name__} fails on {what}: "
+            f"{type(e).__name__}: {e}; pass inputs the whole model takes (a tensor, or a tuple "
+            "of its arguments)"
         ) from e
     finally:
         handle.remove()
@@ -102,7 +106,10 @@ def compile_part(
             raise InputError(
                 f"calibration must be an iterable of input batches, got {type(calibration).__name__}"
             )
-        batches = [inputs_of(whole, where, _whole_batch(b, example_inputs)) for b in calibration]
+        batches = [
+            inputs_of(whole, where, _whole_batch(b, example_inputs), f"calibration batch {k}")
+            for k, b in enumerate(calibration)
+        ]
     compiled = compile_fn(submodule(whole, where), inputs, batches)
     parent, _, name = where.rpartition(".")
     setattr(whole.get_submodule(parent) if parent else whole, name, compiled)
@@ -120,10 +127,11 @@ def compile_part(
 def _whole_batch(batch: Any, example_inputs: Any) -> Any:
     """A calibration batch for the whole model, given like its example inputs; of an
     (inputs, target) pair, the inputs."""
-    n = len(_as_args(example_inputs))
-    if isinstance(batch, torch.Tensor) or n == 1 and not isinstance(example_inputs, (tuple, list)):
+    if isinstance(batch, torch.Tensor):
         return batch
-    return tuple(batch)[:n]
+    if isinstance(example_inputs, torch.Tensor):  # one input: the pair's first item
+        return tuple(batch)[0]
+    return tuple(batch)[: len(example_inputs)]
 
 
 def _whole_error(before: Any, after: Any) -> OutputError | str:

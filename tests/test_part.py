@@ -101,6 +101,10 @@ def test_bad_where_says_what_to_pass():
 
     with pytest.raises(InputError, match="called 2 times"):
         racc.compile(Twice(), "fold-bn", (x,), where="block")
+    with pytest.raises(InputError, match="calibration batch 1"):
+        racc.compile(
+            model, "int8", (x,), calibration=[x, torch.randn(1, 5, 16, 16)], where="backbone"
+        )
     with pytest.raises(InputError, match="fails on the example inputs"):
         racc.compile(model, "fold-bn", (torch.randn(1, 5, 16, 16),), where="backbone")
 
@@ -117,3 +121,10 @@ def test_torchvision_faster_rcnn_backbone_pruned_in_place():
     with torch.no_grad():
         detections = opt(images)
     assert isinstance(detections, list) and set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+def test_calibration_pairs_with_a_single_tensor_example():
+    model, x = _detector(), _x()
+    calibration = [(_x(4, seed), torch.zeros(4)) for seed in range(2, 4)]  # (inputs, target)
+    opt = racc.compile(model, "int8", x, calibration=calibration, where="backbone")
+    assert opt.racc_report.rows[-1].name == "int8" and len(opt.racc_report.rows[-1].matched) == 3

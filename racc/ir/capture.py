@@ -61,17 +61,18 @@ def concrete_args(model: nn.Module, n_inputs: int | None) -> dict[str, Any]:
     except (TypeError, ValueError):  # pragma: no cover - a builtin forward
         return {}
     concrete: dict[str, Any] = {}
-    positional = 0
+    inputs = 0  # positional parameters the example inputs fill
     for p in parameters:
         if p.kind is p.VAR_POSITIONAL:
             concrete["*" + p.name] = ()
         elif p.kind is p.VAR_KEYWORD:
             concrete["**" + p.name] = {}
-        elif p.kind is p.KEYWORD_ONLY or positional >= (n_inputs or 0):
-            if n_inputs is not None and p.default is not p.empty:
-                concrete[p.name] = p.default
-        else:
-            positional += 1
+        elif n_inputs is None:
+            continue
+        elif p.kind is not p.KEYWORD_ONLY and inputs < n_inputs:
+            inputs += 1
+        elif p.default is not p.empty:
+            concrete[p.name] = p.default
     return concrete
 
 

@@ -32,7 +32,7 @@ EXPORT_CAPTURE = (
 _LAYERS = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
 _BATCH_NORMS = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 # aten ops whose torch function of the same name takes other arguments
-_RENAMED = {"view": torch.reshape, "_unsafe_view": torch.reshape, "sym_size": None}
+_RENAMED = {"view": torch.reshape, "_unsafe_view": torch.reshape}
 
 
 def export_instead(
