@@ -15,6 +15,7 @@ An op without a rule is a wall: its channels are marked unremovable with the rea
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -188,6 +189,70 @@ def conv(flow: Flow, node: fx.Node) -> None:
         first = in_ids.view(m.groups, -1)[:, :1]
         flow.union(in_ids.view(m.groups, -1), first)
         flow.union(out_ids.view(m.groups, -1), first)
+
+
+def conv_subclass(flow: Flow, node: fx.Node) -> None:
+    """A conv subclass whose forward() fx could not trace, one opaque call (timm's Conv2dSame
+    pads by the input's size in Python): the conv's rule where its forward() keeps a conv's
+    channels, proved on a seeded input of the traced shape. A forward that keeps the outputs
+    apart but mixes the inputs (a weight standardised over them) prunes its outputs only; else
+    a wall, saying which part failed."""
+    m, x = module_of(flow, node), spec_of(node.args[0])
+    if not isinstance(x, TensorSpec):
+        return wall(flow, node, "has its own forward(), on an input racc cannot build")
+    outputs, inputs = _conv_channels_kept(m, x.shape)
+    if outputs:
+        return wall(flow, node, f"has its own forward(), which does not keep {outputs}")
+    if inputs:
+        reason = f"{_describe(flow, node)} has its own forward(), which does not keep {inputs}"
+        flow.mark(flow.labels[node.args[0]], "broken", reason)
+        flow.walls.append(reason)
+        _weighted(
+            flow, node, 1, f"{node.target}.weight", m.out_channels, node.target,
+            _module_bias(m, node.target), record_in=False,
+        )  # fmt: skip
+        return None
+    conv(flow, node)
+
+
+def _conv_channels_kept(m: nn.Module, shape: tuple[int, ...]) -> tuple[str | None, str | None]:
+    """What of a conv's channel behaviour `m` does not keep, on its outputs and on its inputs
+    (None where it does): its output has out_channels on axis 1, and a copy with the last
+    output channel removed computes the other outputs, one with the last input channel removed
+    computes the outputs with that input zeroed; grouped, one with the last group removed."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    per_in, per_out = m.in_channels // m.groups, m.out_channels // m.groups
+    with torch.no_grad():
+        y = m(x)
+        if y.dim() < 2 or y.shape[1] != m.out_channels:
+            return f"out_channels ({m.out_channels}) on axis 1 of its output", None
+        if m.groups > 1:  # a group goes whole: its inputs and outputs together
+            cut = _conv_without(m, -per_out, slice(None), groups=m.groups - 1)
+            same = _close(cut(x[:, :-per_in]), y[:, :-per_out])
+            return (None if same else "a conv's groups when one is removed"), None
+        outputs = None
+        if not _close(_conv_without(m, -1, slice(None))(x), y[:, :-1]):
+            outputs = "its other outputs when an output channel is removed"
+        zeroed = x.clone()
+        zeroed[:, -1] = 0
+        inputs = None
+        if not _close(_conv_without(m, None, slice(0, -1))(x[:, :-1]), m(zeroed)):
+            inputs = "a conv's sum over input channels when one is removed"
+    return outputs, inputs
+
+
+def _conv_without(m: nn.Module, out_end: int | None, in_slice: slice, groups: int = 1):
+    cut = copy.deepcopy(m)
+    cut.weight = nn.Parameter(m.weight[:out_end, in_slice])
+    if m.bias is not None:
+        cut.bias = nn.Parameter(m.bias[:out_end])
+    cut.out_channels, cut.groups = cut.weight.shape[0], groups
+    cut.in_channels = cut.weight.shape[1] * groups
+    return cut
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 def conv_transpose(flow: Flow, node: fx.Node) -> None:

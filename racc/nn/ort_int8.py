@@ -16,6 +16,9 @@ own arithmetic (MLAS, x86), so the numbers are the file's:
 - QLinearMul: round(float32((q_a - z_a) * (q_b - z_b)) * (s_a * s_b / s_c) + z_c).
 - QLinearGlobalAveragePool: round(float32(sum(q_x) - z_x * n) * (s_x / (s_y * n))) + z_y.
 - QuantizeLinear: round(x / s) + z (torch's fake-quant rounds x * (1 / s), which differs at ties).
+  A quantizer of a constant (a buffer, a table computed from parameters) is not run by ONNX
+  Runtime: the file stores its codes, rounded as torch rounds (racc.backends.qdq), so it runs as
+  torch's fake-quant here too.
 
 Every product and quotient of scales is float32, in the kernels' order. A ReLU or ReLU6 between a
 kernel and its quantizer is the quantizer's own clamp, as in the file (racc.backends.qdq drops it).
@@ -68,8 +71,9 @@ class OrtInt8Interpreter(fx.Interpreter):
         super().__init__(gm)
         self.modules = dict(gm.named_modules())
         self.kernels: dict[fx.Node, Callable] = {}
+        stored = _stored_quantizers(gm, self.modules)
         for node in gm.graph.nodes:
-            kernel = self._kernel(node)
+            kernel = None if node in stored else self._kernel(node)
             if kernel is not None:
                 self.kernels[node] = kernel
 
@@ -127,6 +131,24 @@ class OrtInt8Interpreter(fx.Interpreter):
             return None
         zero = int(out.zero_point)
         return out if clamp_absorbed(float(out.scale), zero, out.qmin, out.qmax, 0, high) else None
+
+
+def _stored_quantizers(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> set[fx.Node]:
+    """The quantizers whose input is a constant in the file: computed from parameters and
+    buffers alone, through no quantizer (a DequantizeLinear is never folded)."""
+    constant: set[fx.Node] = set()
+    stored: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        quantizer = node.op == "call_module" and isinstance(modules[node.target], FakeQuant)
+        inputs_constant = all(a in constant for a in node.all_input_nodes)
+        if quantizer:
+            if inputs_constant:
+                stored.add(node)
+        elif inputs_constant:
+            constant.add(node)
+    return stored
 
 
 def _codes(x: torch.Tensor, q: FakeQuant) -> torch.Tensor:

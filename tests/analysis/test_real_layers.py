@@ -181,6 +181,34 @@ class UpDown(nn.Module):
         return self.out(F.pixel_unshuffle(self.shuffle(self.expand(x)), 2).relu())
 
 
+class PadSameConv(nn.Conv2d):
+    """timm's Conv2dSame: pads by the input's size in Python, which fx cannot trace, so it is
+    one opaque call; its forward keeps a conv's channels, which the analysis proves."""
+
+    def forward(self, x):
+        pad = [max((-(-n // s) - 1) * s + k - n, 0) for n, k, s in
+               zip(x.shape[-2:], self.kernel_size, self.stride, strict=True)]  # fmt: skip
+        x = F.pad(x, [pad[1] // 2, pad[1] - pad[1] // 2, pad[0] // 2, pad[0] - pad[0] // 2])
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+class OpaqueStandardizedConv(PadSameConv):
+    """A pad-same conv that also standardises each filter over its input channels (timm's
+    StdConv2dSame): removing an input channel changes the others' weights."""
+
+    def _conv_forward(self, x, weight, bias):
+        flat = F.batch_norm(weight.reshape(1, self.out_channels, -1), None, None, training=True)
+        return super()._conv_forward(x, flat.reshape_as(weight), bias)
+
+
+def _opaque_convs(conv: type[nn.Conv2d]) -> nn.Module:
+    return nn.Sequential(
+        conv(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        conv(8, 8, 3, stride=2, groups=8 if conv is PadSameConv else 1), nn.BatchNorm2d(8),
+        nn.ReLU(), nn.Conv2d(8, 4, 1),
+    )  # fmt: skip
+
+
 CASES = {
     "F.batch_norm (timm BatchNormAct2d)": (lambda: _net(_warmed_bn_act), (2, 3, 12, 12), 2),
     "F.instance_norm": (lambda: _net(AffineInstanceNorm), (2, 3, 12, 12), 2),
@@ -191,6 +219,16 @@ CASES = {
     "F.conv2d and F.linear on parameters, x[:, :n] over the whole axis": (
         lambda: _seeded(Functional),
         (2, 3, 8, 8),
+        1,
+    ),
+    "pad-same conv fx cannot trace, depthwise too (timm's Conv2dSame)": (
+        lambda: _seeded(lambda: _opaque_convs(PadSameConv)),
+        (2, 3, 15, 15),
+        1,
+    ),
+    "weight-standardising conv fx cannot trace: its outputs only": (
+        lambda: _seeded(lambda: _opaque_convs(OpaqueStandardizedConv)),
+        (2, 3, 15, 15),
         1,
     ),
     "ConvTranspose2d, PixelShuffle and PixelUnshuffle": (lambda: _seeded(UpDown), (2, 3, 8, 8), 3),
@@ -299,3 +337,16 @@ def test_prune_bn_through_conv_transpose_and_pixel_shuffle_exports(tmp_path):
     assert widths["up"] == (6, 3) and widths["expand"] == (16, 8), widths  # 8 = 2 shuffled x 4
     assert (opt.up.in_channels, opt.up.out_channels) == (4, 3)
     racc.export_onnx(opt, tmp_path / "updown.onnx")  # ONNX Runtime agrees with torch
+
+
+def test_an_opaque_conv_that_does_not_keep_a_convs_channels_says_which_part():
+    model = _seeded(lambda: _opaque_convs(OpaqueStandardizedConv))
+    an = racc.analyze(model, (torch.randn(2, 3, 15, 15),))
+    first = next(g for g in an.groups if "0.out" in str(g))
+    assert not first.prunable
+    assert (
+        "'3' (OpaqueStandardizedConv) has its own forward(), which does not keep a conv's sum "
+        "over input channels" in str(an)
+    )
+    second = next(g for g in an.groups if "3.out" in str(g))
+    assert second.prunable  # the filters standardise one by one: an output channel goes alone

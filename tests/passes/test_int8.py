@@ -474,3 +474,35 @@ def test_a_layer_whose_weight_forward_also_reads_stays_fp32():
     row = opt.racc_report.rows[-1]
     assert row.matched == ["stem"], row.matched
     assert [s.node for s in row.skipped] == ["proj"] and "reads" in row.skipped[0].reason
+
+
+class TableBias(nn.Module):
+    """Swin V2's continuous position bias: a Linear over a constant table of log-spaced
+    coordinates, added to the features."""
+
+    def __init__(self):
+        super().__init__()
+        t = torch.arange(-7, 8.0) / 7 * 8
+        coords = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1)
+        self.register_buffer("table", torch.sign(coords) * torch.log2(coords.abs() + 1.0) / 3)
+        self.mlp, self.stem = nn.Linear(2, 8), nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.stem(x) + self.mlp(self.table).relu().permute(2, 0, 1)
+
+
+def test_eval_mode_quantizes_a_constant_as_the_file_stores_it(tmp_path):
+    """The file stores a constant's codes rounded as torch rounds (x * (1/s)); ONNX Runtime
+    never runs that QuantizeLinear. Eval mode rounds it the same way (it divided, as MLAS does
+    at run time: codes at ties came out one apart, and two output steps after the Linear)."""
+    torch.manual_seed(0)
+    model = TableBias().eval()
+    x = torch.randn(2, 3, 15, 15, generator=torch.Generator().manual_seed(1))
+    batches = [
+        torch.randn(2, 3, 15, 15, generator=torch.Generator().manual_seed(s)) for s in range(3)
+    ]
+    opt = racc.compile(model, "int8", (x,), calibration=batches)
+    path = tmp_path / "table.onnx"
+    racc.export_onnx(opt, path)
+    with torch.no_grad():
+        assert torch.equal(opt(x), _ort(path, x))
