@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from racc.analysis.flow import Flow, expand_channels, ids_along, spec_of, unique_ids, varies_along
 from racc.ir.fx import TensorSpec
+from racc.ir.ops import resize_attributes
 
 NO_ID = -1  # label of an element that belongs to no channel (a constant)
 Rule = Callable[[Flow, fx.Node], None]
@@ -220,14 +221,14 @@ def _conv_channels_kept(m: nn.Module, shape: tuple[int, ...]) -> tuple[str | Non
     (None where it does): its output has out_channels on axis 1, and a copy with the last
     output channel removed computes the other outputs, one with the last input channel removed
     computes the outputs with that input zeroed; grouped, one with the last group removed."""
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(m.weight)
     per_in, per_out = m.in_channels // m.groups, m.out_channels // m.groups
     with torch.no_grad():
         y = m(x)
         if y.dim() < 2 or y.shape[1] != m.out_channels:
             return f"out_channels ({m.out_channels}) on axis 1 of its output", None
         if m.groups > 1:  # a group goes whole: its inputs and outputs together
-            cut = _conv_without(m, -per_out, slice(None), groups=m.groups - 1)
+            cut = _conv_without(m, -per_out, slice(None))
             same = _close(cut(x[:, :-per_in]), y[:, :-per_out])
             return (None if same else "a conv's groups when one is removed"), None
         outputs = None
@@ -241,13 +242,13 @@ def _conv_channels_kept(m: nn.Module, shape: tuple[int, ...]) -> tuple[str | Non
     return outputs, inputs
 
 
-def _conv_without(m: nn.Module, out_end: int | None, in_slice: slice, groups: int = 1):
+def _conv_without(m: nn.Module, out_end: int | None, in_slice: slice) -> nn.Module:
+    """A copy of conv `m` with its weight sliced as pruning slices it (bias along)."""
     cut = copy.deepcopy(m)
     cut.weight = nn.Parameter(m.weight[:out_end, in_slice])
     if m.bias is not None:
         cut.bias = nn.Parameter(m.bias[:out_end])
-    cut.out_channels, cut.groups = cut.weight.shape[0], groups
-    cut.in_channels = cut.weight.shape[1] * groups
+    resize_attributes(cut)
     return cut
 
 

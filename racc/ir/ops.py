@@ -1,5 +1,6 @@
 """Op families that more than one stage needs to recognise (the shape run, the channel rules, the
-int8 planner and its emulation of ONNX Runtime), and how a conv pads: read here, never again."""
+int8 planner and its emulation of ONNX Runtime), how a conv pads, and how a layer's size attributes
+follow its sliced parameters (pruning, and the analysis's proofs): read here, never again."""
 
 from __future__ import annotations
 
@@ -115,3 +116,21 @@ def zero_padding(conv: nn.Module) -> tuple[int, ...] | None:
         totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
         return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
     return tuple(conv.padding)
+
+
+def resize_attributes(module: nn.Module) -> None:
+    """Bring a module's size attributes in line with its sliced parameters."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight: in, out / groups, ...
+        module.in_channels = module.weight.shape[0]
+        module.out_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        old_out, old_groups = module.out_channels, module.groups
+        module.out_channels = module.weight.shape[0]
+        if old_groups > 1:
+            module.groups = module.out_channels // (old_out // old_groups)
+        module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        source = module.weight if module.weight is not None else module.running_mean
+        module.num_features = len(source)

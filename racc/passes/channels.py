@@ -20,6 +20,7 @@ from torch import nn
 from racc.analysis.groups import Analysis, ChannelGroup
 from racc.errors import PruneError
 from racc.ir.fx import normalize_inputs, record_examples, trace
+from racc.ir.ops import resize_attributes
 
 Request = Mapping[ChannelGroup, Sequence[int]]
 
@@ -137,7 +138,7 @@ def prune_channels(model: nn.Module, request: Request, example_inputs: Any) -> f
         for (param, axis), kept in keep.items():
             _slice(gm, param, axis, torch.from_numpy(np.flatnonzero(kept)))
     for owner in {param.rpartition(".")[0] for param, _ in keep}:
-        _resize_attributes(gm.get_submodule(owner))
+        resize_attributes(gm.get_submodule(owner))
     _rewrite_splits(gm, analysis, removed)
     gm.recompile()
     record_examples(gm, inputs)
@@ -182,24 +183,6 @@ def _slice(gm: fx.GraphModule, name: str, axis: int, index: torch.Tensor) -> Non
         setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
     else:
         module.register_buffer(attr, new, persistent=attr not in module._non_persistent_buffers_set)
-
-
-def _resize_attributes(module: nn.Module) -> None:
-    """Bring a module's size attributes in line with its sliced parameters."""
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight: in, out / groups, ...
-        module.in_channels = module.weight.shape[0]
-        module.out_channels = module.weight.shape[1] * module.groups
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        old_out, old_groups = module.out_channels, module.groups
-        module.out_channels = module.weight.shape[0]
-        if old_groups > 1:
-            module.groups = module.out_channels // (old_out // old_groups)
-        module.in_channels = module.weight.shape[1] * module.groups
-    elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        source = module.weight if module.weight is not None else module.running_mean
-        module.num_features = len(source)
 
 
 def _rewrite_splits(gm: fx.GraphModule, analysis: Analysis, removed: np.ndarray) -> None:
