@@ -8,7 +8,12 @@ makes the file what ONNX Runtime's QDQ fusions expect (docs/ort-int8.md):
 - the float bias of a Conv/Gemm with quantized input and weight -> an int32 initializer with
   scale input_scale * weight_scale and a DequantizeLinear, as QLinearConv / QGemm take it;
 - a Relu or Clip(0, c) whose only user is a QuantizeLinear whose range already starts at 0 and
-  ends within c is removed: the quantizer clamps exactly as it did.
+  ends within c is removed (not right after a DequantizeLinear): the quantizer clamps exactly as
+  it did.
+- a float layer (Conv, ConvTranspose, Gemm with a float weight) reading a DequantizeLinear,
+  directly or across ops ONNX Runtime looks across (MaxPool, reshapes, x * 1), gets its own
+  DequantizeLinear with the scale written per channel: ONNX Runtime quantizes the weights of a
+  float layer behind a one-scale DequantizeLinear itself, not behind this one.
 Numbers do not change: every rewrite computes the same values the fake-quant graph computes.
 """
 
@@ -39,15 +44,104 @@ def lower_qdq(path: str | os.PathLike) -> None:
     G_LOGGER.severity = G_LOGGER.ERROR  # its notes on folding large weights are expected here
     graph = gs.import_onnx(onnx.load(os.fspath(path)))
     graph.fold_constants(should_exclude_node=lambda node: node.op == "DequantizeLinear")
-    graph.cleanup()
+    # the channel counts of weights computed in forward() are known once folded
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(gs.export_onnx(graph.cleanup())))
     for node in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
         if all(isinstance(t, gs.Constant) for t in node.inputs):
             _store_quantized(node)
     for node in [n for n in graph.nodes if n.op in _WEIGHTED]:
         _quantize_bias(graph, node)
     drop_redundant_clamps(graph)
+    copies: dict[str, gs.Variable] = {}
+    for node in [n for n in graph.nodes if n.op in _QUANTIZED_BY_ORT]:
+        _keep_float(graph, node, copies)
     graph.cleanup().toposort()
     onnx.save(gs.export_onnx(graph), os.fspath(path))
+
+
+# Layers ONNX Runtime quantizes itself (per tensor, full range: neither racc's integers nor
+# portable ones) when their weight is float and their input comes from a DequantizeLinear with
+# one scale; and the ops it moves a DequantizeLinear across, or drops, on the way to them.
+_QUANTIZED_BY_ORT = ("Conv", "ConvTranspose", "Gemm")
+_LOOKED_ACROSS = {
+    "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Resize",
+    "Identity", "Dropout",
+}  # fmt: skip
+_NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}  # x op c == x
+
+
+def _keep_float(graph: gs.Graph, node: gs.Node, copies: dict[str, gs.Variable]) -> None:
+    """A float layer (its weight not dequantized) reading a DequantizeLinear, directly or across
+    ops ONNX Runtime looks across: it gets a DequantizeLinear of its own with the scale written
+    once per channel (the same numbers), which ONNX Runtime does not quantize behind. The ops
+    between are copied for it, so the int8 ops reading them keep their quantizer."""
+    if _dequantized(node.inputs[1]):
+        return
+    between, tensor = [], node.inputs[0]
+    while tensor.inputs and _looked_across(tensor.inputs[0]):
+        between.append(tensor.inputs[0])
+        tensor = tensor.inputs[0].inputs[0]
+    dq = _dequantized(tensor)
+    if dq is None or len(dq.inputs) != 3:
+        return
+    scale, zero = dq.inputs[1:]
+    channels = _channels(tensor, None if between else node)
+    if not isinstance(scale, gs.Constant) or not isinstance(zero, gs.Constant) or channels is None:
+        return
+    if scale.values.size != 1:
+        return
+    own = copies.get(tensor.name)
+    if own is None:
+        own = copies[tensor.name] = _per_channel_copy(graph, dq, tensor, channels)
+    for op in reversed(between):
+        if op.outputs[0].name not in copies:
+            copy = gs.Variable(f"{op.outputs[0].name}_float_reader", dtype=op.outputs[0].dtype)
+            graph.nodes.append(
+                gs.Node(op.op, f"{op.name}_float_reader", dict(op.attrs), [own, *op.inputs[1:]], [copy])
+            )  # fmt: skip
+            copies[op.outputs[0].name] = copy
+        own = copies[op.outputs[0].name]
+    node.inputs[0] = own
+
+
+def _channels(tensor: gs.Variable, reader: gs.Node | None) -> int | None:
+    """The size of `tensor`'s axis 1: from shape inference, else from the layer reading it
+    directly (its weight's input axis)."""
+    shape = tensor.shape
+    if shape and len(shape) >= 2 and isinstance(shape[1], int):
+        return shape[1]
+    weight = reader.inputs[1] if reader is not None else None
+    if not isinstance(weight, gs.Constant) or weight.values.ndim < 2:
+        return None
+    if reader.op == "Conv":
+        return weight.shape[1] * reader.attrs.get("group", 1)
+    if reader.op == "Gemm":
+        return weight.shape[1] if reader.attrs.get("transB", 0) else weight.shape[0]
+    return None  # ConvTranspose: its weight's input axis is 0, whole only when not grouped
+
+
+def _per_channel_copy(
+    graph: gs.Graph, dq: gs.Node, tensor: gs.Variable, channels: int
+) -> gs.Variable:
+    """`tensor` again, from a DequantizeLinear of the same codes with its one scale and zero point
+    written once per channel (axis 1)."""
+    scale, zero = (t.values.reshape(()) for t in dq.inputs[1:3])
+    own = gs.Variable(f"{tensor.name}_float_reader", dtype=tensor.dtype, shape=tensor.shape)
+    per_channel = [
+        gs.Constant(f"{own.name}_{what}", np.full(channels, v, dtype=v.dtype))
+        for what, v in (("scale", scale), ("zero_point", zero))
+    ]
+    graph.nodes.append(
+        gs.Node("DequantizeLinear", f"{own.name}_dq", {"axis": 1}, [dq.inputs[0], *per_channel], [own])
+    )  # fmt: skip
+    return own
+
+
+def _looked_across(op: gs.Node) -> bool:
+    if op.op in _LOOKED_ACROSS:
+        return True
+    other = constant_behind(op.inputs[1]) if op.op in _NEUTRAL and len(op.inputs) == 2 else None
+    return other is not None and other.values.size == 1 and float(other.values) == _NEUTRAL[op.op]
 
 
 def _store_quantized(node: gs.Node) -> None:
@@ -125,6 +219,11 @@ def _drop_redundant_clamp(graph: gs.Graph, node: gs.Node) -> None:
     source = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
     if source is not None and source.op in _WEIGHTED and not _dequantized(source.inputs[1]):
         return  # an fp32 layer: without the clamp between, ORT would quantize its weights
+    if source is not None and source.op == "DequantizeLinear":
+        # a DequantizeLinear meeting a QuantizeLinear: ONNX Runtime merges the pair into the
+        # quantizer before it, at another scale (other numbers, and the layer after no longer
+        # fuses: its bias was rounded at this scale)
+        return
     q = users[0]
     if not all(isinstance(t, gs.Constant) for t in q.inputs[1:]) or q.inputs[1].values.size != 1:
         return
@@ -219,13 +318,19 @@ def _optimized_nodes(model: str | os.PathLike | onnx.ModelProto) -> list[onnx.No
 
 
 def check_int8_kernels(model: str | os.PathLike | onnx.ModelProto, where: str = "") -> None:
-    """Raise if a Conv with quantized input and weight did not become a QLinearConv in ORT."""
+    """Raise unless ONNX Runtime runs as QLinearConv exactly the Convs the file plans to: those
+    with quantized input and weight whose output goes to a QuantizeLinear. Fewer: a planned
+    kernel stayed float. More: ONNX Runtime quantized a Conv racc keeps float (it does, per
+    tensor, for a float weight whose input comes from a DequantizeLinear)."""
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model))
     graph = gs.import_onnx(proto)
     planned = sum(
         1
         for n in graph.nodes
-        if n.op == "Conv" and _dequantized(n.inputs[0]) and _dequantized(n.inputs[1])
+        if n.op == "Conv"
+        and _dequantized(n.inputs[0])
+        and _dequantized(n.inputs[1])
+        and any(user.op == "QuantizeLinear" for user in n.outputs[0].outputs)
     )
     nodes = _optimized_nodes(model)
     fused = sum(n.op_type == "QLinearConv" for n in nodes)
@@ -236,4 +341,12 @@ def check_int8_kernels(model: str | os.PathLike | onnx.ModelProto, where: str = 
             f"{fused} into QLinearConv; still float in its optimized graph: {floats}. Those "
             "Convs would run in float: report this with the model; export with check=False to "
             "write the file anyway"
+        )
+    if fused > planned:
+        raise ExportError(
+            f"{where or _where(model)}: ONNX Runtime runs {fused} Convs as QLinearConv where the file "
+            f"plans {planned}: it quantized the weights of {fused - planned} Conv(s) racc keeps "
+            "float (per tensor, full range: neither the integers racc computed nor portable "
+            "ones), as it does for a float weight whose input comes from a DequantizeLinear: "
+            "report this with the model; export with check=False to write the file anyway"
         )

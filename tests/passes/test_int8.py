@@ -476,6 +476,54 @@ def test_a_layer_whose_weight_forward_also_reads_stays_fp32():
     assert [s.node for s in row.skipped] == ["proj"] and "reads" in row.skipped[0].reason
 
 
+def _float_and_int8_convs(path) -> tuple[int, int]:
+    ops = ort_optimized_ops(path)
+    return ops["Conv"] + ops["FusedConv"], ops["QLinearConv"]
+
+
+def test_a_conv_kept_fp32_stays_float_in_onnx_runtime(tmp_path):
+    """layer2.0.conv1 reads layer1's int8 residual sum. Given that tensor through a
+    DequantizeLinear with one scale, ONNX Runtime quantizes a float conv's weights itself (per
+    tensor, full range) and ran it as QLinearConv; its own DequantizeLinear, with the scale
+    written per channel, keeps it float, and the sum stays QLinearAdd."""
+    model, x = zoo_model("resnet18")
+    opt = racc.compile(model, "int8{skip=layer2.0.conv1}", (x,), calibration=_batches(64, 3))
+    path = tmp_path / "skip.onnx"
+    racc.export_onnx(opt, path)
+    assert _float_and_int8_convs(path) == (1, 19)  # was (0, 20)
+    assert ort_optimized_ops(path)["QLinearAdd"] == 8
+
+
+class StandardizedConvNet(nn.Module):
+    """NF-ResNet's layout: a max pool, then x * beta (1 in the first block) into a conv whose
+    weight forward() standardises (timm's ScaledStdConv2d, F.conv2d on a computed weight). ONNX
+    Runtime drops the x * 1 and moves the pool's DequantizeLinear across the pool: the conv gets
+    its own copies of both, behind a per-channel DequantizeLinear, and keeps its float weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2)
+        self.weight = nn.Parameter(torch.randn(8, 8, 3, 3))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.pool(self.stem(x).relu()) * 1.0
+        w = nn.functional.batch_norm(self.weight.reshape(1, 8, -1), None, None, training=True)
+        return self.head(nn.functional.conv2d(x, w.reshape_as(self.weight), padding=1).relu())
+
+
+def test_a_conv_on_a_computed_weight_stays_float_behind_ops_onnx_runtime_looks_across(tmp_path):
+    torch.manual_seed(0)
+    model = StandardizedConvNet().eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    opt = racc.compile(model, "int8", (x,), calibration=_batches(16, 3))
+    assert opt.racc_report.rows[-1].matched == ["stem", "head"]
+    path = tmp_path / "std.onnx"
+    racc.export_onnx(opt, path)
+    # was (0, 3): the standardised conv ran int8 on weights ONNX Runtime quantized itself
+    assert _float_and_int8_convs(path) == (1, 2)
+
+
 class TableBias(nn.Module):
     """Swin V2's continuous position bias: a Linear over a constant table of log-spaced
     coordinates, added to the features."""
@@ -504,5 +552,32 @@ def test_eval_mode_quantizes_a_constant_as_the_file_stores_it(tmp_path):
     opt = racc.compile(model, "int8", (x,), calibration=batches)
     path = tmp_path / "table.onnx"
     racc.export_onnx(opt, path)
+    with torch.no_grad():
+        assert torch.equal(opt(x), _ort(path, x))
+
+
+class FloatThenRelu(nn.Module):
+    """An int8 conv, a float op (GELU has no integer kernel), then a ReLU into the next conv:
+    the ReLU reads a dequantized tensor and has its own quantizer, of another range."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(nn.functional.gelu(self.stem(x)).relu())
+
+
+def test_a_relu_right_after_a_dequantize_stays_in_the_file(tmp_path):
+    """Dropping it (its quantizer clamps the same) left a DequantizeLinear meeting a
+    QuantizeLinear, a pair ONNX Runtime merges with the GELU's quantizer into one of another
+    scale: other numbers, and the head, whose bias was rounded at the ReLU's scale, ran float."""
+    torch.manual_seed(0)
+    model = FloatThenRelu().eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    opt = racc.compile(model, "int8", (x,), calibration=_batches(16, 3))
+    path = tmp_path / "relu.onnx"
+    racc.export_onnx(opt, path)
+    assert _float_and_int8_convs(path) == (0, 2)
     with torch.no_grad():
         assert torch.equal(opt(x), _ort(path, x))
