@@ -217,8 +217,6 @@ def _drop_redundant_clamp(graph: gs.Graph, node: gs.Node) -> None:
     if len(users) != 1 or users[0].op != "QuantizeLinear" or node.outputs[0] in graph.outputs:
         return
     source = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-    if source is not None and source.op in _WEIGHTED and not _dequantized(source.inputs[1]):
-        return  # an fp32 layer: without the clamp between, ORT would quantize its weights
     if source is not None and source.op == "DequantizeLinear":
         # a DequantizeLinear meeting a QuantizeLinear: ONNX Runtime merges the pair into the
         # quantizer before it, at another scale (other numbers, and the layer after no longer

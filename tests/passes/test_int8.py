@@ -581,3 +581,19 @@ def test_a_relu_right_after_a_dequantize_stays_in_the_file(tmp_path):
     assert _float_and_int8_convs(path) == (0, 2)
     with torch.no_grad():
         assert torch.equal(opt(x), _ort(path, x))
+
+
+def test_a_layer_reading_an_fp32_layer_directly_is_int8(tmp_path):
+    """It was kept fp32 too, lest ONNX Runtime quantize the fp32 layer's weights itself; the
+    fp32 layer's own per-channel DequantizeLinear prevents that now, so it is int8."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    opt = racc.compile(model, "int8{skip=0}", (x,), calibration=_batches(16, 3))
+    assert opt.racc_report.rows[-1].matched == ["1", "3", "4"]  # was ["3", "4"]
+    path = tmp_path / "chain.onnx"
+    racc.export_onnx(opt, path)  # checks ONNX Runtime's QLinearConv against the plan both ways
+    assert _float_and_int8_convs(path) == (1, 3)

@@ -95,10 +95,6 @@ class Quantizer:
             outputs = [model(*b) for b in self.batches]
         return OutputError.between(self.reference, outputs)
 
-    def effective(self, enabled: list[str]) -> list[str]:
-        """The units that can run int8 when `enabled` are asked to."""
-        return enabled
-
     def within_budget(self, budget: float | None) -> tuple[list[str], dict[str, str]]:
         """All units, minus the most sensitive ones until the output error is within budget;
         with the reason each unit left out runs fp32."""
@@ -106,16 +102,11 @@ class Quantizer:
         wanted = list(self.units)
         order = sorted(wanted, key=lambda u: self.sqnr[u])
         while budget is not None and order:
-            self.budget_trail.append(self.output_error(self.build(self.effective(wanted))).rel_l2)
+            self.budget_trail.append(self.output_error(self.build(wanted)).rel_l2)
             if self.budget_trail[-1] <= budget:
                 break
             wanted.remove(order.pop(0))
-        enabled = self.effective(wanted)
-        why = {u: "error budget" for u in self.units if u not in wanted}
-        for u in wanted:
-            if u not in enabled:
-                why[u] = f"reads fp32 '{self.label(self.nodes[u].args[0].name)}' directly"
-        return enabled, why
+        return wanted, {u: "error budget" for u in self.units if u not in wanted}
 
     def sensitivity(self) -> dict[str, float]:
         """SQNR (dB) of each unit's output when only that unit is quantized, on a few batches."""
@@ -187,16 +178,6 @@ class StaticQuantizer(Quantizer):
             if self.kinds.get(source.name) in ("weighted", "int8") and len(source.users) == 1:
                 fused[node.name] = source.name
         return fused
-
-    def effective(self, enabled: list[str]) -> list[str]:
-        """`enabled` minus layers that read an fp32 layer's output directly: a quantizer between
-        two such convs would make ONNX Runtime quantize the fp32 one's weights itself."""
-        kept = set(enabled)
-        for node in self.gm.graph.nodes:
-            if node.name in kept and self.kinds[node.args[0].name] == "weighted":
-                if node.args[0].name not in kept:
-                    kept.discard(node.name)
-        return [u for u in enabled if u in kept]
 
     def _activity(self, enabled: set[str]) -> tuple[set[str], set[str]]:
         """(active, fp32): the nodes that run as integer kernels, and the values that stay float
