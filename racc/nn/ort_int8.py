@@ -73,7 +73,10 @@ class OrtInt8Interpreter(fx.Interpreter):
         self.kernels: dict[fx.Node, Callable] = {}
         stored = _stored_quantizers(gm, self.modules)
         for node in gm.graph.nodes:
-            kernel = None if node in stored else self._kernel(node)
+            if node in stored:  # torch's rounding, as the module computes it, without its hooks
+                kernel = functools.partial(FakeQuant.forward, self.modules[node.target])
+            else:
+                kernel = self._kernel(node)
             if kernel is not None:
                 self.kernels[node] = kernel
 

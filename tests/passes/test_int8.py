@@ -597,3 +597,27 @@ def test_a_layer_reading_an_fp32_layer_directly_is_int8(tmp_path):
     path = tmp_path / "chain.onnx"
     racc.export_onnx(opt, path)  # checks ONNX Runtime's QLinearConv against the plan both ways
     assert _float_and_int8_convs(path) == (1, 3)
+
+
+class LayerScale(nn.Module):
+    """ConvNeXt's layer scale: features times a reshaped parameter, a constant QLinearMul reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        return self.stem(x) * self.gamma.reshape(1, -1, 1, 1)
+
+
+def test_a_quantized_parameter_runs_in_eval_mode_under_the_cost_count(tmp_path):
+    """The reshaped gamma's quantizer ran as a module call in eval mode, and the FLOP counter's
+    module hooks raised on a parameter view (a raw AssertionError from compile)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    opt = racc.compile(LayerScale().eval(), "int8", (x,), calibration=_batches(8, 3))
+    path = tmp_path / "scale.onnx"
+    racc.export_onnx(opt, path)
+    with torch.no_grad():
+        assert torch.equal(opt(x), _ort(path, x))
