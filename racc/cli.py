@@ -105,6 +105,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     check_output(args.plots, "--plots", folder=True)
     calibrates = _needs_calibration(args.pipeline)  # a bad pipeline fails before the model loads
     model = _load(args)
+    _check_where(args, model)
     data = _read_array(args.calib_data) if calibrates and args.calib_data else None
     shape = _input_shape(args, model, data)
     out = Path(args.out)
@@ -125,6 +126,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
         explain=args.explain,
         calibration=calibration,
         progress=True,
+        where=args.where,
     )
     report = opt.racc_report
     if model.module is not None:  # an ONNX model's report already names the file
@@ -137,14 +139,31 @@ def cmd_compile(args: argparse.Namespace) -> None:
     if args.plots:
         for name, result in report.plots(args.plots).items():
             print(f"wrote {result}" if result.endswith(".png") else f"{name} {result}")
+    # With --where the file holds the compiled part: the rest of the model is the user's own
+    # code (a detector's post-processing), which neither format can hold.
+    written = opt.get_submodule(args.where) if args.where else opt
     if out.suffix == ".onnx":
-        racc.export_onnx(opt, out, check=_CHECKS[args.check])
+        racc.export_onnx(written, out, check=_CHECKS[args.check])
         what = {"full": "checked in ONNX Runtime", "graph": "its graph checked in ONNX Runtime"}
         what = f"ONNX, {what.get(args.check, 'NOT checked')}"
     else:
-        racc.save(opt, out)
+        racc.save(written, out)
         what = "racc save file; racc.load reads it"
+    if args.where:
+        what += (
+            f"; the compiled submodule '{args.where}' alone: put it back with "
+            f"model.set_submodule({args.where!r}, ...)"
+        )
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB, {what})")
+
+
+def _check_where(args: argparse.Namespace, model) -> None:
+    """--where names a submodule of a torch model (racc.part checks the name itself)."""
+    if args.where is not None and model.module is None:
+        raise PassConfigError(
+            f"option --where: '{args.model}' is an ONNX file, which has no submodules; compile "
+            "it whole, or give the torch model"
+        )
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -302,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="markdown report path (default OUT.report.md; JSON next to it)")
     p.add_argument("--plots", help="folder for passes.png, params.png and channels.png")
     p.add_argument("--explain", action="store_true", help="list every skipped node with its reason")
+    p.add_argument(
+        "--where",
+        metavar="SUBMODULE",
+        help="compile only this submodule (e.g. backbone) in place, on what it receives from the "
+        "whole model; OUT then holds the compiled submodule",
+    )
     p.add_argument(
         "--check",
         choices=list(_CHECKS),

@@ -447,3 +447,51 @@ def test_small_sizes_print_in_kib_not_as_zero_mib():
     assert byte_size(3 * 2**20) == "3.00 MiB"
     assert byte_size(12_600) == "12.3 KiB"  # was "0.01 MiB"
     assert byte_size(300) == "300 B"
+
+
+SSDLITE = "torchvision.models.detection:ssdlite320_mobilenet_v3_large:weights=None,weights_backbone=None"  # fmt: skip
+
+
+def test_compile_where_writes_the_compiled_submodule_and_it_goes_back_in(capsys, tmp_path):
+    """--where compiles the detector's backbone in place (its forward is Python over boxes);
+    both file kinds hold the compiled backbone, which ORT runs and the detector takes back."""
+    from racc.models import load_model
+
+    args = ["compile", SSDLITE, "-p", "prune-bn{ratio=0.5}", "--where", "backbone"]
+    onnx_file, racc_file = tmp_path / "ssd.onnx", tmp_path / "ssd.racc"
+    for out in (onnx_file, racc_file):
+        code, stdout, err = run(capsys, *args, "-o", str(out), "--input-shape", "1,3,320,320")
+        assert code == 0, err
+        assert "the compiled submodule 'backbone' alone" in stdout
+        assert "SSD.backbone (SSDLiteFeatureExtractorMobileNet" in stdout  # the report's title
+    detector = load_model(SSDLITE, 320).module
+    backbone = racc.load(racc_file)
+    x = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = backbone(x)
+    features = list(features.values()) if isinstance(features, dict) else features
+    got = ort_session(onnx_file, threads=1).run(None, {"input": x.numpy()})
+    assert [g.shape for g in got] == [tuple(f.shape) for f in features]
+    for g, f in zip(got, features, strict=True):
+        np.testing.assert_allclose(g, f.numpy(), rtol=1e-3, atol=1e-3)
+    original = sum(p.numel() for p in detector.backbone.parameters())
+    assert sum(p.numel() for p in backbone.parameters()) < 0.6 * original
+    detector.set_submodule("backbone", backbone)
+    with torch.no_grad():
+        (detections,) = detector([x[0]])
+    assert set(detections) == {"boxes", "scores", "labels"}
+
+
+def test_compile_where_errors_name_the_option(capsys, tmp_path):
+    source = tmp_path / "r18.onnx"
+    assert run(capsys, "compile", "torchvision:resnet18", "-p", "fold-bn", "-o", str(source), *SHAPE)[0] == 0  # fmt: skip
+    code, _, err = run(
+        capsys, "compile", str(source), "-p", "fold-bn", "--where", "layer1", "-o", str(source)
+    )
+    assert code == 1 and "option --where: " in err and "has no submodules" in err
+    code, _, err = run(
+        capsys, "compile", "torchvision:resnet18", "-p", "fold-bn", "--where", "layer9",
+        "-o", str(tmp_path / "x.onnx"), *SHAPE,
+    )  # fmt: skip
+    assert code == 1 and "where='layer9'" in err and "did you mean layer4" in err
+    assert not (tmp_path / "x.onnx").exists()
