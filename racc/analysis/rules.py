@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn import functional as F
 from torch.utils._pytree import tree_leaves, tree_map
 
 from racc.analysis.flow import Flow, expand_channels, ids_along, spec_of, unique_ids, varies_along
@@ -152,10 +153,13 @@ def _weighted(
     bias: str | None = None,
     weight_axes: tuple[int, int] = (0, 1),
     record_in: bool = True,
+    record_out: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A layer with a weight (conv, linear, their transposed and functional forms): fresh output
     channels along `axis`, the weight's and bias' slices tied to them (`weight_axes`: its out and
     in axes), its in axis to the input's channels; zero out where the channel's slices are zero.
+    A grouped conv's weight spans one group on its in axis (a transposed one's on its out axis):
+    that axis is not recorded (`record_in`, `record_out`), as pruning removes whole groups.
     Returns (in ids, out ids), or None after walling an input whose channels are mixed."""
     x = node.args[0]
     in_ids = ids_along(flow.labels[x], axis)
@@ -164,7 +168,8 @@ def _weighted(
         return None
     out_ids = flow.fresh(out_channels)
     flow.labels[node] = expand_channels(out_ids, spec_of(node).shape, axis)
-    flow.add_axis(weight, weight_axes[0], out_ids, "out", owner)
+    if record_out:
+        flow.add_axis(weight, weight_axes[0], out_ids, "out", owner)
     if bias is not None:
         flow.add_axis(bias, 0, out_ids, "out", owner)
     if record_in:
@@ -183,13 +188,18 @@ def conv(flow: Flow, node: fx.Node) -> None:
         flow, node, 1, f"{target}.weight", m.out_channels, target, _module_bias(m, target),
         record_in=m.groups == 1,
     )  # fmt: skip
-    if ids is not None and m.groups > 1:
-        # The channels of one conv group (in and out) can only be removed together: the group
-        # count drops by one and every group keeps its width.
-        in_ids, out_ids = ids
-        first = in_ids.view(m.groups, -1)[:, :1]
-        flow.union(in_ids.view(m.groups, -1), first)
-        flow.union(out_ids.view(m.groups, -1), first)
+    _tie_groups(flow, ids, m.groups)
+
+
+def _tie_groups(flow: Flow, ids: tuple[torch.Tensor, torch.Tensor] | None, groups: int) -> None:
+    """The channels of one conv group (in and out) can only be removed together: the group
+    count drops by one and every group keeps its width."""
+    if ids is None or groups == 1:
+        return
+    in_ids, out_ids = ids
+    first = in_ids.view(groups, -1)[:, :1]
+    flow.union(in_ids.view(groups, -1), first)
+    flow.union(out_ids.view(groups, -1), first)
 
 
 def conv_subclass(flow: Flow, node: fx.Node) -> None:
@@ -258,14 +268,14 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def conv_transpose(flow: Flow, node: fx.Node) -> None:
     """ConvTranspose1d/2d/3d: the conv's rule with the weight's axes swapped (in on axis 0, out
-    on axis 1); output_padding and output_size change space only. Grouped: a wall for now."""
+    on axis 1, one group wide); output_padding and output_size change space only. Grouped,
+    whole groups go, as for a conv."""
     m, target = module_of(flow, node), node.target
-    if m.groups != 1:
-        return wall(flow, node, "is a grouped transposed conv, which racc does not prune yet")
-    _weighted(
+    ids = _weighted(
         flow, node, 1, f"{target}.weight", m.out_channels, target, _module_bias(m, target),
-        weight_axes=(1, 0),
+        weight_axes=(1, 0), record_out=m.groups == 1,
     )  # fmt: skip
+    _tie_groups(flow, ids, m.groups)
 
 
 def linear(flow: Flow, node: fx.Node) -> None:
@@ -277,7 +287,7 @@ def linear(flow: Flow, node: fx.Node) -> None:
 _PARAMETER_VIEWS = {"to", "contiguous", "float", "type_as", "detach"}
 
 
-def _parameter_read(flow: Flow, arg: Any) -> str | None:
+def parameter_read(arg: Any) -> str | None:
     """The name of the parameter (or buffer) `arg` is, read with get_attr, possibly cast."""
     while isinstance(arg, fx.Node) and arg.op == "call_method" and arg.target in _PARAMETER_VIEWS:
         arg = arg.args[0]
@@ -286,7 +296,7 @@ def _parameter_read(flow: Flow, arg: Any) -> str | None:
     return None
 
 
-def _argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+def argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
@@ -294,18 +304,34 @@ def _functional_layer(flow: Flow, node: fx.Node, axis: int) -> None:
     """F.linear (axis -1) and F.conv1d/2d/3d (axis 1) on a weight and bias read from parameters
     (timm's Linear and pad-same convs, layers written by hand): the layer's rule, with the
     parameters found by name; a weight computed in forward() (a standardised weight) is a wall."""
-    weight, bias = _argument(node, 1, "weight"), _argument(node, 2, "bias")
-    weight_name = _parameter_read(flow, weight)
-    bias_name = _parameter_read(flow, bias) if bias is not None else None
+    weight, bias = argument(node, 1, "weight"), argument(node, 2, "bias")
+    weight_name = parameter_read(weight)
+    bias_name = parameter_read(bias) if bias is not None else None
     if weight_name is None or (bias is not None and bias_name is None):
         return wall(flow, node, "takes a weight or bias computed in forward(), not a parameter")
-    if axis == 1 and _argument(node, 6, "groups", 1) != 1:
-        return wall(flow, node, "is a functional grouped conv, whose groups racc does not rewrite")
+    groups = argument(node, 6, "groups", 1) if axis == 1 else 1
+    if not isinstance(groups, int):
+        return wall(flow, node, "is a conv whose groups are computed in forward()")
     out_channels = operator.attrgetter(weight_name)(flow.gm).shape[0]
     owner = weight_name.rpartition(".")[0] or node.name  # its module, as reports name layers
-    ids = _weighted(flow, node, axis, weight_name, out_channels, owner)
+    ids = _weighted(flow, node, axis, weight_name, out_channels, owner, record_in=groups == 1)
     if ids is not None and bias_name is not None:  # the bias (read with get_attr) has its ids
         flow.union(ids_along(flow.labels[bias], 0), ids[1])
+    _tie_groups(flow, ids, groups)  # pruning rewrites the call's groups: functional_conv_groups
+
+
+FUNCTIONAL_CONVS = (F.conv1d, F.conv2d, F.conv3d)
+
+
+def functional_conv_groups(node: fx.Node) -> tuple[str, int] | None:
+    """(its weight's parameter name, its groups) for a call of F.conv1d/2d/3d on a parameter
+    with more than one group; else None."""
+    if node.op != "call_function" or node.target not in FUNCTIONAL_CONVS:
+        return None
+    weight, groups = parameter_read(argument(node, 1, "weight")), argument(node, 6, "groups", 1)
+    return (
+        (weight, groups) if weight is not None and isinstance(groups, int) and groups > 1 else None
+    )
 
 
 def linear_function(flow: Flow, node: fx.Node) -> None:

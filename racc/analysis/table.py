@@ -119,7 +119,7 @@ FUNCTION_RULES: dict[object, r.Rule] = {
     },
     **{f: mv.reduce for f in (torch.mean, torch.sum, torch.amax, torch.amin)},
     F.linear: r.linear_function,
-    **{f: r.conv_function for f in (F.conv1d, F.conv2d, F.conv3d)},
+    **{f: r.conv_function for f in r.FUNCTIONAL_CONVS},
     F.layer_norm: r.layer_norm_function,
     F.batch_norm: r.batch_norm_function,
     F.instance_norm: r.batch_norm_function,

@@ -121,7 +121,10 @@ def zero_padding(conv: nn.Module) -> tuple[int, ...] | None:
 def resize_attributes(module: nn.Module) -> None:
     """Bring a module's size attributes in line with its sliced parameters."""
     if isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight: in, out / groups, ...
+        old_in, old_groups = module.in_channels, module.groups
         module.in_channels = module.weight.shape[0]
+        if old_groups > 1:
+            module.groups = module.in_channels // (old_in // old_groups)
         module.out_channels = module.weight.shape[1] * module.groups
     elif isinstance(module, nn.modules.conv._ConvNd):
         old_out, old_groups = module.out_channels, module.groups

@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from racc.analysis.groups import Analysis, ChannelGroup
+from racc.analysis.rules import functional_conv_groups
 from racc.errors import PruneError
 from racc.ir.fx import normalize_inputs, record_examples, trace
 from racc.ir.ops import resize_attributes
@@ -140,6 +141,7 @@ def prune_channels(model: nn.Module, request: Request, example_inputs: Any) -> f
     for owner in {param.rpartition(".")[0] for param, _ in keep}:
         resize_attributes(gm.get_submodule(owner))
     _rewrite_splits(gm, analysis, removed)
+    _rewrite_conv_groups(gm, keep)
     gm.recompile()
     record_examples(gm, inputs)
     return gm
@@ -183,6 +185,21 @@ def _slice(gm: fx.GraphModule, name: str, axis: int, index: torch.Tensor) -> Non
         setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
     else:
         module.register_buffer(attr, new, persistent=attr not in module._non_persistent_buffers_set)
+
+
+def _rewrite_conv_groups(gm: fx.GraphModule, keep: dict) -> None:
+    """A functional grouped conv whose weight lost output channels lost whole groups (the
+    analysis ties each group's channels): the call's groups argument follows."""
+    for node in gm.graph.nodes:
+        grouped = functional_conv_groups(node)
+        kept = keep.get((grouped[0], 0)) if grouped else None
+        if kept is None:
+            continue
+        groups = grouped[1] * int(kept.sum()) // len(kept)
+        if len(node.args) > 6:
+            node.args = (*node.args[:6], groups, *node.args[7:])
+        else:
+            node.kwargs = {**node.kwargs, "groups": groups}
 
 
 def _rewrite_splits(gm: fx.GraphModule, analysis: Analysis, removed: np.ndarray) -> None:

@@ -288,11 +288,9 @@ def fold_constant_channels(gm: fx.GraphModule, request, inputs) -> list[str]:
 
 
 def _holder(gm: fx.GraphModule, member: ParamAxis) -> nn.Module:
-    """The module holding a member's tensor: its owner, or for a tensor forward() reads directly
-    (its owner is the tensor's own name: F.batch_norm on a norm's weight) the module it is an
-    attribute of."""
-    owner = member.param.rpartition(".")[0] if member.owner == member.param else member.owner
-    return gm.get_submodule(owner)
+    """The module holding a member's tensor (the model itself for a parameter forward() reads
+    from its own attributes: F.conv2d(x, self.weight))."""
+    return gm.get_submodule(member.param.rpartition(".")[0])
 
 
 def _constant_sources(gm: fx.GraphModule, group, idx: np.ndarray) -> set[fx.Node]:

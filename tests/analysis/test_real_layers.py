@@ -181,6 +181,34 @@ class UpDown(nn.Module):
         return self.out(F.pixel_unshuffle(self.shuffle(self.expand(x)), 2).relu())
 
 
+class GroupedUp(nn.Module):
+    """Grouped convs in the forms real decoders use: a grouped F.conv2d on its own parameters, a
+    grouped ConvTranspose2d (learned upsampling per group), a depthwise one (groups = channels)
+    and a grouped one without a bias. Each group's channels go together, so each prunable group
+    counts conv groups: 4 (stem + F.conv2d), 4 (lift + up + depthwise), 2 (mix + merge)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.weight = nn.Parameter(torch.randn(8, 2, 3, 3) * 0.3)  # 4 groups of 2 in, 2 out
+        self.bias = nn.Parameter(torch.randn(8) * 0.1)
+        self.bn = nn.BatchNorm2d(8)
+        self.lift = nn.Conv2d(8, 12, 1)
+        self.up = nn.ConvTranspose2d(12, 12, 3, stride=2, padding=1, output_padding=1, groups=4)
+        self.bn_up = nn.BatchNorm2d(12)
+        self.depthwise = nn.ConvTranspose2d(12, 12, 3, padding=1, groups=12)
+        self.mix = nn.Conv2d(12, 8, 1)
+        self.bn_mix = nn.BatchNorm2d(8)
+        self.merge = nn.ConvTranspose2d(8, 6, 1, groups=2, bias=False)
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        x = F.conv2d(self.stem(x), self.weight, self.bias, 1, 1, 1, 4)
+        x = self.bn_up(self.up(self.lift(self.bn(x).relu()))).relu()
+        x = self.bn_mix(self.mix(self.depthwise(x).relu())).relu()
+        return self.out(self.merge(x).relu())
+
+
 class PadSameConv(nn.Conv2d):
     """timm's Conv2dSame: pads by the input's size in Python, which fx cannot trace, so it is
     one opaque call; its forward keeps a conv's channels, which the analysis proves."""
@@ -232,6 +260,11 @@ CASES = {
         1,
     ),
     "ConvTranspose2d, PixelShuffle and PixelUnshuffle": (lambda: _seeded(UpDown), (2, 3, 8, 8), 3),
+    "grouped F.conv2d and grouped, depthwise ConvTranspose2d": (
+        lambda: _seeded(GroupedUp),
+        (2, 3, 6, 6),
+        3,
+    ),
     "view to a size read from another tensor (YOLO's PSA)": (
         lambda: _seeded(SizedView),
         (2, 3, 6, 6),
@@ -337,6 +370,19 @@ def test_prune_bn_through_conv_transpose_and_pixel_shuffle_exports(tmp_path):
     assert widths["up"] == (6, 3) and widths["expand"] == (16, 8), widths  # 8 = 2 shuffled x 4
     assert (opt.up.in_channels, opt.up.out_channels) == (4, 3)
     racc.export_onnx(opt, tmp_path / "updown.onnx")  # ONNX Runtime agrees with torch
+
+
+def test_prune_bn_removes_whole_groups_of_grouped_and_transposed_convs(tmp_path):
+    model = _seeded(GroupedUp)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    opt = racc.compile(model, "prune-bn{ratio=0.5,scope=local}", (x,))
+    up, depthwise, merge = opt.up, opt.depthwise, opt.merge
+    assert (up.in_channels, up.out_channels, up.groups) == (6, 6, 2), up  # two groups went
+    assert (depthwise.in_channels, depthwise.groups) == (6, 6)
+    assert (merge.in_channels, merge.out_channels, merge.groups) == (4, 3, 1), merge
+    conv = next(n for n in opt.graph.nodes if n.target is F.conv2d)
+    assert conv.args[6] == 2 and opt.weight.shape == (4, 2, 3, 3)  # 2 of its 4 groups
+    racc.export_onnx(opt, tmp_path / "grouped.onnx")  # ONNX Runtime agrees with torch
 
 
 def test_an_opaque_conv_that_does_not_keep_a_convs_channels_says_which_part():

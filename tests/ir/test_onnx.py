@@ -433,3 +433,41 @@ def test_int8_on_a_file_at_an_old_opset_says_to_convert_it():
     fused = racc.compile(proto, "fuse-5x5{policy=all,allow_nonlinear=true}", (x,))
     assert [n.op_type for n in fused.model.graph.node] == ["Conv"]  # conv-relu-conv: one 3x3
     assert fused.model.opset_import[0].version == 11
+
+
+def test_transposed_and_grouped_convs_in_a_file_prune_as_in_torch(tmp_path):
+    """ConvTranspose (output_padding, grouped, depthwise, no bias) and grouped Conv in a file:
+    the mirror computes what ONNX Runtime does, finds the torch model's groups, and pruning the
+    same channels in both gives the same outputs, the file's group attributes rewritten."""
+    from tests.analysis import test_real_layers as layers
+
+    name = "GroupedUp"
+    model = layers._seeded(layers.GroupedUp)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    racc.export_onnx(model, tmp_path / "m.onnx", (x,))
+    proto = load(tmp_path / "m.onnx")
+    mirror = to_fx(proto)
+    layers_of = {type(m).__name__ for m in mirror.gm.modules()}
+    assert "ConvTranspose2d" in layers_of and "OnnxNode" not in layers_of, layers_of
+    with torch.no_grad():
+        assert_close(mirror.gm(x), ort_run(proto, x), RTOL, ATOL, what=f"{name} mirror vs ORT")
+    torch_an, onnx_an = racc.analyze(model, (x,)), racc.analyze(mirror.gm, (x,))
+    sizes = [(g.size, g.channels_per_index) for g in torch_an.groups if g.prunable]
+    assert sizes and sizes == [(g.size, g.channels_per_index) for g in onnx_an.groups if g.prunable]
+    request_t = {g: [0] for g in torch_an.groups if g.prunable}
+    request_o = {g: [0] for g in onnx_an.groups if g.prunable}
+    pruned_torch = racc.prune_channels(model, request_t, (x,))
+    pruned_onnx = write_back(mirror, racc.prune_channels(mirror.gm, request_o, (x,))).proto
+    with torch.no_grad():
+        assert_close(ort_run(pruned_onnx, x), pruned_torch(x), RTOL, ATOL, what=name)
+    group = {
+        n.name: next(a.i for a in n.attribute if a.name == "group")
+        for n in pruned_onnx.graph.node
+        if n.op_type == "ConvTranspose"
+    }
+    # one unit each: a group of `up` (3 channels, so 3 of the depthwise's) and one of `merge`
+    assert group == {
+        "/up/ConvTranspose": 3,
+        "/depthwise/ConvTranspose": 9,
+        "/merge/ConvTranspose": 1,
+    }

@@ -24,6 +24,7 @@ from racc.ir.onnx.ops import (
     _binary,
     _clip,
     _conv,
+    _conv_transpose,
     _divide,
     _elu,
     _gelu,
@@ -257,6 +258,7 @@ def constant(b: Builder, node: onnx.NodeProto):
 
 OPS: dict[str, OnnxOp] = {
     "Conv": OnnxOp(_conv, _write_conv),
+    "ConvTranspose": OnnxOp(_conv_transpose, _write_conv),
     "BatchNormalization": OnnxOp(_batch_norm),
     "Gemm": OnnxOp(_gemm),
     "MatMul": OnnxOp(_matmul),

@@ -56,8 +56,43 @@ def _conv(b: Builder, node: onnx.NodeProto):
     return b.layer(node, conv, params, x)
 
 
+def _conv_transpose(b: Builder, node: onnx.NodeProto):
+    """ConvTranspose with symmetric pads and no output_shape (which torch sizes at run time)."""
+    a = attrs(node)
+    weight = node.input[1]
+    if (
+        not b.is_constant(weight)
+        or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+        or "output_shape" in a
+    ):
+        return None
+    w = np.asarray(b.value(weight))  # in, out / groups, kernel...
+    dims = w.ndim - 2
+    pads = list(a.get("pads", [0] * 2 * dims))
+    if dims not in (1, 2, 3) or pads[:dims] != pads[dims:]:
+        return None
+    groups = int(a.get("group", 1))
+    layer = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1](
+        w.shape[0], w.shape[1] * groups, tuple(w.shape[2:]),
+        stride=tuple(a.get("strides", [1] * dims)), padding=tuple(pads[:dims]),
+        output_padding=tuple(a.get("output_padding", [0] * dims)), groups=groups,
+        dilation=tuple(a.get("dilations", [1] * dims)),
+        bias=len(node.input) > 2 and bool(node.input[2]),
+    )  # fmt: skip
+    params = {"weight": weight}
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(w.copy()))
+        if layer.bias is not None:
+            if not b.is_constant(node.input[2]):
+                return None
+            layer.bias.copy_(torch.from_numpy(np.asarray(b.value(node.input[2])).copy()))
+            params["bias"] = node.input[2]
+    return b.layer(node, layer, params, b.tensor_node(node.input[0]))
+
+
 def _write_conv(w: WriteBack, n: fx.Node) -> None:
-    """Pruning changes a depthwise conv's groups; folding a BN gives a conv a bias."""
+    """Pruning changes a grouped conv's groups (transposed too); folding a BN gives a conv a
+    bias."""
     conv, node = w.gm.get_submodule(n.target), w.onnx_node(n)
     node.attrs["group"] = conv.groups
     if conv.bias is not None and len(node.inputs) < 3:
