@@ -203,58 +203,87 @@ def explicit_same_padding(model: nn.Module) -> nn.Module:
     return model
 
 
-def explicit_adaptive_pooling(model: nn.Module, inputs: tuple) -> nn.Module:
-    """`model`, or a copy whose AdaptiveAvgPool2d layers that ONNX cannot express (an output size
-    that does not divide the input's: VGG's 7x7 of a 2x2 map) average by two matrix products.
+@contextlib.contextmanager
+def explicit_forms():
+    """While it lasts, ops torch.onnx cannot always express are computed in ops it can (module
+    layers call these functions too, and a GraphModule looks them up when it runs):
 
-    Adaptive average pooling is linear and separable: out = P_h @ x @ P_w^T, where row i of P
-    averages the input cells of output cell i (torch's bins: floor(i*n/m) to ceil((i+1)*n/m)).
-    The sizes are the ones the example inputs give; other sizes are checked like any export."""
-    sizes: dict[nn.Module, tuple[int, ...]] = {}
-    pools = [m for m in model.modules() if type(m) is nn.AdaptiveAvgPool2d]
-    if not pools:
-        return model
-    hooks = [p.register_forward_pre_hook(_record_size(sizes)) for p in pools]
+    - average pooling to a size that does not divide the input's (VGG's 7x7 of a 2x2 map) is
+      linear and separable: out = P_h @ x @ P_w^T, where row i of P averages the input cells of
+      output cell i (torch's bins: floor(i*n/m) to ceil((i+1)*n/m));
+    - max pooling (whose sizes the TorchScript exporter often cannot see) is a max pool with
+      kernel = stride = n/m where m divides n, else the max of each bin, cell by cell;
+    - `Tensor.unfold(dim, size, step)` (sliding windows: timm's halo attention), whose sizes
+      the exporter also needs to see, is its windows sliced and stacked.
+
+    All are the same numbers. The sizes are the ones the example inputs give; other sizes are
+    checked like any export."""
+    average, maximum, unfold = F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.Tensor.unfold
+
+    def average_pool(x, output_size):
+        out = _output_size(x, output_size)
+        if out is None or all(n % m == 0 for m, n in zip(out, _map(x), strict=True)):
+            return average(x, output_size)
+        rows, cols = (_bin_matrix(m, n) for m, n in zip(out, _map(x), strict=True))
+        rows, cols = (torch.from_numpy(p).to(x) for p in (rows, np.ascontiguousarray(cols.T)))
+        return torch.matmul(torch.matmul(rows, x), cols)
+
+    def max_pool(x, output_size, return_indices=False):
+        out = _output_size(x, output_size)
+        if out is None or return_indices:
+            return maximum(x, output_size, return_indices)
+        (h, w), (m, k) = _map(x), out
+        if h % m == 0 and w % k == 0:
+            return F.max_pool2d(x, (h // m, w // k))
+        return torch.cat(
+            [
+                torch.cat([x[..., r, c].amax((-2, -1), keepdim=True) for c in _bins(k, w)], -1)
+                for r in _bins(m, h)
+            ],
+            -2,
+        )
+
+    def windows(x, dim, size, step):
+        dim = dim % x.dim()
+        count = (int(x.shape[dim]) - size) // step + 1
+        slices = [x.narrow(dim, i * step, size) for i in range(count)]
+        return torch.stack(slices, dim).movedim(dim + 1, -1)
+
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d = average_pool, max_pool
+    torch.Tensor.unfold = windows
     try:
-        with torch.no_grad():
-            model(*inputs)
+        yield
     finally:
-        for hook in hooks:
-            hook.remove()
-    odd = {p for p, (h, w) in sizes.items() if _pool_matrices(p, h, w) is not None}
-    if not odd:
-        return model
-    names = {p: name for name, p in model.named_modules() if p in odd}
-    model = copy.deepcopy(model)
-    for pool, name in names.items():
-        rows, cols = _pool_matrices(pool, *sizes[pool])
-        layer = model.get_submodule(name)
-        layer.forward = lambda x, rows=rows, cols=cols: torch.matmul(torch.matmul(rows, x), cols)
-    return model
+        F.adaptive_avg_pool2d, F.adaptive_max_pool2d = average, maximum
+        torch.Tensor.unfold = unfold
 
 
-def _record_size(sizes: dict):
-    def record(module, args):
-        sizes[module] = tuple(args[0].shape[-2:])
-
-    return record
-
-
-def _pool_matrices(pool: nn.AdaptiveAvgPool2d, h: int, w: int):
-    """(P_h, P_w^T) for a pooling ONNX cannot express, else None."""
-    out = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
-    out = tuple(n if o is None else o for o, n in zip(out, (h, w), strict=True))
-    if all(n % o == 0 for o, n in zip(out, (h, w), strict=True)):
+def _output_size(x: torch.Tensor, output_size) -> tuple[int, int] | None:
+    """An adaptive 2-D pooling's output size on `x` (None entries are the input's); None where
+    `x` is not a batch of maps."""
+    if x.dim() not in (3, 4):
         return None
+    sizes = output_size if isinstance(output_size, (tuple, list)) else (output_size,) * 2
+    return tuple(n if m is None else int(m) for m, n in zip(sizes, _map(x), strict=True))
 
-    def matrix(m: int, n: int) -> torch.Tensor:
-        p = torch.zeros(m, n)
-        for i in range(m):
-            start, end = (i * n) // m, -((-(i + 1) * n) // m)
-            p[i, start:end] = 1.0 / (end - start)
-        return p
 
-    return matrix(out[0], h), matrix(out[1], w).T.contiguous()
+def _map(x: torch.Tensor) -> tuple[int, int]:
+    """Height and width as Python ints: constants of the export (a tracer's sizes are values)."""
+    return int(x.shape[-2]), int(x.shape[-1])
+
+
+def _bins(m: int, n: int) -> list[slice]:
+    """The input cells of each of `m` output cells over `n` inputs, as torch pools them."""
+    return [slice((i * n) // m, -((-(i + 1) * n) // m)) for i in range(m)]
+
+
+def _bin_matrix(m: int, n: int) -> np.ndarray:
+    """Row i averages the cells of bin i; built in numpy, so that an exporter tracing the
+    pooling sees one constant, not the ops that made it."""
+    p = np.zeros((m, n), dtype=np.float32)
+    for i, cells in enumerate(_bins(m, n)):
+        p[i, cells] = 1.0 / (cells.stop - cells.start)
+    return p
 
 
 def _padded_first(forward, pads: list[int]):
@@ -265,13 +294,13 @@ def _padded_first(forward, pads: list[int]):
 
 
 def torch_export(model, inputs, path, opset, names, outputs, where=None, axes=None) -> None:
-    """The TorchScript exporter first (fast); the dynamo exporter for what it cannot express
-    (e.g. adaptive pooling to a size that does not divide the input). `axes`: torch.onnx's
+    """The TorchScript exporter first (fast); the dynamo exporter for what it cannot express.
+    Both see the ops ONNX lacks in forms it has (explicit_forms). `axes`: torch.onnx's
     dynamic_axes (default: axis 0 of every input and output)."""
     axes = axes or {n: {0: "batch"} for n in (*names, *outputs)}
-    model = explicit_adaptive_pooling(explicit_same_padding(model), inputs)
+    model = explicit_same_padding(model)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), explicit_forms():
             warnings.simplefilter("ignore")
             common = dict(opset_version=opset, input_names=names, output_names=outputs)
             try:

@@ -124,3 +124,39 @@ def test_adaptive_pooling_onnx_cannot_express_is_exported_as_matrix_products(pip
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("MatMul") == 2 and "AveragePool" not in ops, ops
     assert "forward" not in vars(model.get_submodule("2"))  # the model's own layer is untouched
+
+
+class _Pools(torch.nn.Module):
+    """Adaptive pooling as real models call it: functional average pooling to a size that does
+    not divide the map (timm's classifier heads), max pooling to one that does not (2x3 to 3x2)
+    and a global max (timm's attention blocks); sliding windows by Tensor.unfold (timm's halo
+    attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.max = torch.nn.AdaptiveMaxPool2d((3, 2))
+        self.fc = torch.nn.Linear(8 * 35 + 8 * 6 + 8 + 8, 4)
+
+    def forward(self, x):
+        x = self.conv(x).relu()
+        avg = torch.nn.functional.adaptive_avg_pool2d(x, (7, 5)).flatten(1)
+        top = torch.nn.functional.adaptive_max_pool2d(x, 1).flatten(1)
+        windows = x.unfold(3, 2, 1).unfold(2, 2, 2).mean((-1, -2)).amax(-1).flatten(1)
+        return self.fc(torch.cat([avg, self.max(x).flatten(1), top, windows], 1))
+
+
+@pytest.mark.parametrize("pipeline", [None, "int8"])
+def test_adaptive_pooling_and_unfold_export_in_ops_onnx_has(pipeline, tmp_path):
+    torch.manual_seed(0)
+    model = _Pools().eval()
+    x = torch.randn(1, 3, 8, 12, generator=torch.Generator().manual_seed(1))  # a 2x3 map
+    if pipeline:
+        model = racc.compile(model, pipeline, (x,), calibration=[torch.randn(4, 3, 8, 12)])
+    proto = racc.export_onnx(model, tmp_path / "pools.onnx", (x,))  # checked in ONNX Runtime
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMul") == 2 and ops.count("ReduceMax") == 6 + 1 and "MaxPool" in ops, (
+        ops
+    )  # 3x2 bins, amax
+    assert torch.nn.functional.adaptive_avg_pool2d.__module__ == "torch.nn.functional"  # restored
+    assert type(torch.Tensor.unfold).__name__ == "method_descriptor"
