@@ -153,3 +153,20 @@ def varies_along(labels: torch.Tensor, axis: int) -> bool:
     if small.shape[axis] == 1:
         return False
     return not bool((small == small.narrow(axis, 0, 1)).all())
+
+
+# Ops a parameter passes through on its way to a functional layer (timm's Linear casts it).
+_PARAMETER_VIEWS = {"to", "contiguous", "float", "type_as", "detach"}
+
+
+def parameter_read(arg: Any) -> str | None:
+    """The name of the parameter (or buffer) `arg` is, read with get_attr, possibly cast."""
+    while isinstance(arg, fx.Node) and arg.op == "call_method" and arg.target in _PARAMETER_VIEWS:
+        arg = arg.args[0]
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        return arg.target
+    return None
+
+
+def argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from racc.analysis import layers as lr
 from racc.analysis import movement as mv
 from racc.analysis import rules as r
 from racc.analysis.flow import Flow, spec_of
@@ -48,10 +49,10 @@ _PER_CHANNEL = (
 )
 
 MODULE_RULES: dict[type, r.Rule] = {
-    **{t: r.conv for t in CONVS},
-    **{t: r.conv_transpose for t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)},
+    **{t: lr.conv for t in CONVS},
+    **{t: lr.conv_transpose for t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)},
     **{t: mv.pixel_shuffle for t in (nn.PixelShuffle, nn.PixelUnshuffle)},
-    nn.Linear: r.linear,
+    nn.Linear: lr.linear,
     **{
         t: r.batch_norm
         for t in (
@@ -118,8 +119,8 @@ FUNCTION_RULES: dict[object, r.Rule] = {
         )
     },
     **{f: mv.reduce for f in (torch.mean, torch.sum, torch.amax, torch.amin)},
-    F.linear: r.linear_function,
-    **{f: r.conv_function for f in r.FUNCTIONAL_CONVS},
+    F.linear: lr.linear_function,
+    **{f: lr.conv_function for f in lr.FUNCTIONAL_CONVS},
     F.layer_norm: r.layer_norm_function,
     F.batch_norm: r.batch_norm_function,
     F.instance_norm: r.batch_norm_function,
@@ -186,7 +187,7 @@ def rule_for(flow: Flow, node: fx.Node) -> r.Rule:
         module = flow.gm.get_submodule(node.target)
         rule = MODULE_RULES.get(torch_type(module))
         if rule is None and isinstance(module, CONVS):
-            return r.conv_subclass  # one fx kept opaque: proved on its own forward()
+            return lr.conv_subclass  # one fx kept opaque: proved on its own forward()
         return rule or r.wall
     if node.op == "call_method":
         return METHOD_RULES.get(node.target, r.wall)

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from racc.analysis.groups import Analysis, ChannelGroup
-from racc.analysis.rules import functional_conv_groups
+from racc.analysis.layers import functional_conv_groups
 from racc.errors import PruneError
 from racc.ir.fx import normalize_inputs, record_examples, trace
 from racc.ir.ops import resize_attributes
