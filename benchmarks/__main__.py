@@ -18,6 +18,7 @@ from benchmarks.common import machine
 TABLES = [
     "benchmarks.analysis",
     "benchmarks.prune_bn",
+    "benchmarks.recover",
     "benchmarks.fuse_5x5",
     "benchmarks.int8",
     "benchmarks.rac",

@@ -11,21 +11,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from racc.data import digits
+
 
 def load_digits_32(seed: int = 0, side: int = 32) -> tuple[torch.Tensor, ...]:
     """scikit-learn's 8x8 handwritten digits, upsampled to side x side RGB; 80/20 train/test split."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(images, size=side, mode="bilinear", align_corners=False).repeat(
-        1, 3, 1, 1
-    )
-    images = (images - 0.5) / 0.5
-    labels = torch.tensor(digits.target)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(order))
-    return images[order[:cut]], labels[order[:cut]], images[order[cut:]], labels[order[cut:]]
+    return digits(side=side, seed=seed)
 
 
 def load_cifar10(data_dir: str) -> tuple[torch.Tensor, ...]:

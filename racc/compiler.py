@@ -209,6 +209,7 @@ def _run_verified(
             result.table,
             result.notes,
             block_params(gm, grid),
+            result.kept,
         )
     )
     return gm, new_outputs

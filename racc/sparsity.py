@@ -1,9 +1,18 @@
 """Sparsity training for BN-gamma pruning: an L1 (network slimming) or L2 (the fusion-pruning
 paper) penalty on the scales of every BatchNorm, usable in a plain PyTorch training loop.
 
-    sparsity = racc.sparsity.BnSparsity(model, lam=1e-4, norm="l2")
+    sparsity = racc.sparsity.BnSparsity(model, lam=1e-3, norm="l1")
     loss = criterion(model(x), y) + sparsity.penalty()    # either add the term to the loss...
     loss.backward(); sparsity.apply_(); optimizer.step()  # ...or add its subgradient after backward
+    print(sparsity.summary(cutoff=0.05))                  # how many gammas fell below 0.05
+
+How strong: the L1 subgradient moves every gamma by lr * lam towards 0 each step, and SGD
+momentum m multiplies that by up to 1 / (1 - m): a run of S steps shifts all gammas by about
+lam * lr * S / (1 - m). That shift is the same for every gamma; what separates the ones to prune
+is the loss holding the needed ones up, which takes long runs (network slimming: lam = 1e-4 over
+160 epochs). Keep the shift well below the gammas' size: docs/recover.md measures a short run,
+where lam = 1e-4 moved nothing, 3e-3 shrank all gammas together by a quarter, and 1e-2 (a shift
+near 1) killed the net; none separated them.
 """
 
 from __future__ import annotations
@@ -42,6 +51,19 @@ class BnSparsity:
         if self.norm == "l1":
             return self.lam * sum(g.abs().sum() for g in self.gammas)
         return self.lam * sum(g.pow(2).sum() for g in self.gammas)
+
+    def below(self, cutoff: float) -> int:
+        """How many gammas have |gamma| < cutoff."""
+        return int(sum((g.detach().abs() < cutoff).sum() for g in self.gammas))
+
+    def summary(self, cutoff: float | None = None) -> dict:
+        """The gammas' count, median and quartiles of |gamma|, and how many are below `cutoff`."""
+        values = torch.cat([g.detach().abs().flatten().float() for g in self.gammas])
+        q1, median, q3 = torch.quantile(values, torch.tensor([0.25, 0.5, 0.75])).tolist()
+        stats = {"gammas": values.numel(), "q1": q1, "median": median, "q3": q3}
+        if cutoff is not None:
+            stats["cutoff"], stats["below"] = cutoff, self.below(cutoff)
+        return stats
 
     @torch.no_grad()
     def apply_(self) -> None:

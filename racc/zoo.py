@@ -88,3 +88,21 @@ def spread_bn_gammas(model: nn.Module, decades: float = 3.0, seed: int = 0) -> n
                 m.weight.copy_(10 ** (-decades * torch.rand(n, generator=generator)))
                 m.bias.copy_(0.1 * torch.randn(n, generator=generator))
     return model
+
+
+def small_image_net(name: str, num_classes: int = 10, width: float = 1.0) -> nn.Module:
+    """A torchvision CNN adapted to 32x32 images, as CIFAR papers adapt them: "resnet18" with a
+    3x3 stride-1 stem and no max pool (He et al.'s CIFAR ResNet-18), or "mobilenet_v2" with a
+    stride-1 stem and `width` as its width multiplier. Seeded by the caller."""
+    import torchvision
+
+    if name == "resnet18":
+        model = torchvision.models.resnet18(num_classes=num_classes)
+        model.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        return model
+    if name == "mobilenet_v2":
+        model = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width)
+        model.features[0][0].stride = (1, 1)
+        return model
+    raise UnsupportedModelError(f"small_image_net: no '{name}'; known: resnet18, mobilenet_v2")

@@ -4,6 +4,7 @@ plots, inspect and bench tables, model sources, and one-line errors."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -495,3 +496,93 @@ def test_compile_where_errors_name_the_option(capsys, tmp_path):
     )  # fmt: skip
     assert code == 1 and "where='layer9'" in err and "did you mean layer4" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+NET = """import torch.nn as nn
+def build():
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+"""
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory):
+    """Digits 0-3 as an ImageFolder (train/ and val/, PNGs), a small net trained on them
+    (its state_dict), and the factory file that builds it."""
+    from PIL import Image
+
+    from racc.data import digits, image_folder
+
+    root = tmp_path_factory.mktemp("digits")
+    x, y, x_test, y_test = digits(side=16)
+    for split, xs, ys in (("train", x, y), ("val", x_test, y_test)):
+        for i, (image, label) in enumerate(zip(xs, ys, strict=True)):
+            if label < 4:
+                folder = root / "data" / split / str(int(label))
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = ((image.permute(1, 2, 0) * 0.5 + 0.5) * 255).round().byte().numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    (root / "net.py").write_text(NET)
+    namespace: dict = {}
+    exec(NET, namespace)  # noqa: S102  the factory the CLI loads
+    torch.manual_seed(0)
+    model = namespace["build"]()
+    train = image_folder(root / "data" / "train", side=16, batch=32, shuffle=True)
+    racc.recover(model, data=train, epochs=8, lr=0.05, progress=False)
+    torch.save(model.state_dict(), root / "w.pt")
+    return root
+
+
+def test_compile_recovers_on_an_image_folder(capsys, digit_folder, tmp_path):
+    root = digit_folder
+    args = ["compile", f"{root}/net.py:build", "--weights", str(root / "w.pt"),
+            "-p", "prune-bn{ratio=0.6}", "--data", str(root / "data"), "--input-shape",
+            "1,3,16,16"]  # fmt: skip
+    code, stdout, err = run(capsys, *args, "--epochs", "3", "-o", str(tmp_path / "small.onnx"))
+    assert code == 0, err
+    (line,) = [s for s in stdout.splitlines() if "recovery on" in s]
+    original, compiled, recalibrated, recovered = (float(v) for v in re.findall(r"([\d.]+)%", line))
+    assert original > 90 and recovered > recalibrated > compiled and recovered > compiled + 15, line
+    assert (tmp_path / "small.onnx").exists()
+    code, stdout, err = run(
+        capsys, *args, "--max-drop", "8", "--epochs", "3", "-o", str(tmp_path / "c.onnx")
+    )
+    assert code == 0, err
+    assert "contract met" in stdout and (tmp_path / "c.compress.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--epochs", "2"], "option --epochs recovers on data: give --data DIR"),
+        (["--max-drop", "1"], "option --max-drop recovers on data"),
+        (["--data", "/no/such/dir"], "data folder '/no/such/dir' does not exist"),
+        (["--data", ".", "--epochs", "0"], "option --epochs must be at least 1"),
+    ],
+)
+def test_recovery_options_say_what_is_missing(capsys, tmp_path, extra, message):
+    args = ["compile", "torchvision:resnet18", "-p", "prune-bn{ratio=0.5}", *SHAPE]
+    code, _, err = run(capsys, *args, *extra, "-o", str(tmp_path / "x.onnx"))
+    assert code == 1 and message in err, err
+
+
+def test_inspect_gammas_marks_the_cutoff_prune_bn_uses(capsys, digit_folder, tmp_path):
+    root = digit_folder
+    png = tmp_path / "gammas.png"
+    code, stdout, err = run(capsys, "inspect", f"{root}/net.py:build", "--weights",
+                            str(root / "w.pt"), "--input-shape", "1,3,16,16", "--gammas",
+                            str(png), "--ratio", "0.5")  # fmt: skip
+    assert code == 0, err
+    weights = torch.load(root / "w.pt", weights_only=True)
+    gammas = torch.cat([weights["1.weight"], weights["4.weight"]]).abs()
+    (line,) = [s for s in stdout.splitlines() if s.startswith("48 units")]
+    cutoff = float(line.split("cutoff at ratio 0.5 is ")[1].split(":")[0])
+    removed = int(line.split(": ")[-1].split()[0])
+    assert (gammas <= cutoff).sum() == 24  # the cutoff splits the 48 units in half
+    model = load_model(f"{root}/net.py:build", 16, weights=str(root / "w.pt")).module
+    pruned = racc.compile(model, "prune-bn{ratio=0.5}", (torch.randn(1, 3, 16, 16),))
+    widths = pruned.racc_report.rows[-1].widths
+    assert removed == sum(before - after for before, after in widths.values())  # as prune-bn does
+    assert png.stat().st_size > 10_000 and "## Channel groups" not in stdout

@@ -29,8 +29,13 @@ class Lowering:
         return []
 
     def result(self, gm: fx.GraphModule, report: Any) -> Any:
-        gm.racc_report = report
-        gm.racc_example_inputs = tuple(x.detach().clone() for x in self.source.inputs)
+        # torch.fx's own way to keep attributes through copy.deepcopy (an EMA copy, a
+        # DataParallel replica): GraphModule.__deepcopy__ sets what meta lists here again
+        preserved = gm.meta.setdefault("_user_preserved_attributes", {})
+        preserved["racc_report"] = report
+        preserved["racc_example_inputs"] = tuple(x.detach().clone() for x in self.source.inputs)
+        for name, value in preserved.items():
+            setattr(gm, name, value)
         return gm
 
 

@@ -61,6 +61,7 @@ class PassResult:
     notes: list[str] = field(
         default_factory=list
     )  # what the pass chose and measured, one line each
+    kept: dict[str, list[int]] = field(default_factory=dict)  # layer: output channels kept
 
 
 @dataclass

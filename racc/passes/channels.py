@@ -143,6 +143,11 @@ def prune_channels(model: nn.Module, request: Request, example_inputs: Any) -> f
     _rewrite_splits(gm, analysis, removed)
     _rewrite_conv_groups(gm, keep)
     gm.recompile()
+    gm.racc_kept = {  # each layer's output channels that survived, as indices before the prune
+        axis.owner: np.flatnonzero(keep[(axis.param, axis.axis)]).tolist()
+        for axis in analysis.flow.param_axes
+        if axis.role != "in" and (axis.param, axis.axis) in keep
+    }
     record_examples(gm, inputs)
     return gm
 

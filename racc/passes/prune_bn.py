@@ -58,6 +58,8 @@ class PruneChannelsByBnGamma(Pass):
         importance: "bn_gamma", or "l1" / "l2" norms of the output weights.
         aggregate: how the BNs of one group combine: "sum", "mean" or "max".
         protect: module-name patterns (fnmatch) whose groups are never pruned.
+        steps: prune `ratio` in this many steps with recovery between them; only
+            `racc.compress` runs steps (it has the data to recover on), compile refuses them.
 
     Example:
         >>> opt = racc.compile(model, "prune-bn{ratio=0.5,round_to=8}", (x,))
@@ -74,6 +76,7 @@ class PruneChannelsByBnGamma(Pass):
     importance: Literal["bn_gamma", "l1", "l2"] = "bn_gamma"
     aggregate: Literal["sum", "mean", "max"] = "mean"
     protect: tuple[str, ...] = ()
+    steps: int = 1
 
     def validate(self) -> None:
         if (self.ratio is None) == (self.threshold is None):
@@ -85,6 +88,11 @@ class PruneChannelsByBnGamma(Pass):
             raise PassConfigError(f"pass '{self.name}': ratio must be in [0, 1), got {self.ratio}")
         if self.threshold is not None and self.threshold < 0:
             raise PassConfigError(f"pass '{self.name}': threshold must be >= 0")
+        if self.steps < 1 or (self.steps > 1 and self.ratio is None):
+            raise PassConfigError(
+                f"pass '{self.name}': steps must be >= 1, and more than one needs a ratio, got "
+                f"{self.steps}"
+            )
         if self.min_channels < 1 or self.round_to < 1 or not 0 <= self.min_fraction < 1:
             raise PassConfigError(
                 f"pass '{self.name}': min_channels and round_to must be >= 1 and min_fraction "
@@ -92,15 +100,23 @@ class PruneChannelsByBnGamma(Pass):
             )
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        check_patterns(self.name, "protect", self.protect, module_names(gm))
+        if self.steps > 1:
+            raise PassConfigError(
+                f"pass '{self.name}': steps={self.steps} prunes with recovery between the steps, "
+                "which needs data: run it with racc.compress(model, pipeline, inputs, data=..., "
+                "eval_data=...), or prune in one step here"
+            )
         result = PassResult(gm, modified=False)
-        ranked = self._rank(gm, analyze(gm, ctx.example_inputs), ctx.explain, result)
-        request = {g: idx for g, idx in self._select(ranked).items() if len(idx)}
+        ranked, request, cutoff = self.plan(gm, ctx.example_inputs, ctx.explain, result)
+        result.notes.append(self._cutoff_note(ranked, cutoff))
+        for group, scores, _ in ranked:
+            if group not in request:
+                result.skipped.append(Skip(_label(group), self._why_kept(scores, cutoff)))
         if not request:
             return result
         self._fold_constants(gm, ranked, request, ctx, result)
         result.gm = prune_channels(gm, request, ctx.example_inputs)
-        result.modified = True
+        result.modified, result.kept = True, result.gm.racc_kept
         for group, _, has_bn in ranked:
             if group in request:
                 kept = (group.size - len(request[group])) * group.channels_per_index
@@ -108,6 +124,39 @@ class PruneChannelsByBnGamma(Pass):
                 total = group.size * group.channels_per_index
                 result.matched.append(f"{_label(group)}: {total} -> {kept} ch{how}")
         return result
+
+    def plan(self, gm: fx.GraphModule, example_inputs: tuple, explain: bool = False,
+             result: PassResult | None = None) -> tuple[list, dict, float | None]:  # fmt: skip
+        """What the pass would remove, without removing it: (the ranked groups as (group,
+        importance per unit, ranked by BN?), the units to remove per group, the cutoff: the
+        largest importance removed by the global or threshold ranking, None for local)."""
+        check_patterns(self.name, "protect", self.protect, module_names(gm))
+        result = result or PassResult(gm, modified=False)
+        ranked = self._rank(gm, analyze(gm, example_inputs), explain, result)
+        request, cutoff = self._select(ranked)
+        return ranked, {g: idx for g, idx in request.items() if len(idx)}, cutoff
+
+    def _why_kept(self, scores: np.ndarray, cutoff: float | None) -> str:
+        """Why a ranked group lost no unit."""
+        lowest, n = float(scores.min()), len(scores)
+        if cutoff is not None and lowest > cutoff:
+            return f"kept all {n} units: its lowest importance {lowest:.4g} is above the cutoff"
+        if cutoff is None and int(self.ratio * n) == 0:
+            return f"kept all {n} units: ratio {self.ratio:g} of {n} units is less than one"
+        return f"kept all {n} units: min_channels, min_fraction or round_to keep them"
+
+    def _cutoff_note(self, ranked: list, cutoff: float | None) -> str:
+        units = sum(len(s) for _, s, _ in ranked)
+        what = "BN |gamma|" if self.importance == "bn_gamma" else f"output-weight {self.importance}"
+        if self.threshold is not None:
+            rule = f"every unit of importance <= threshold {self.threshold:g}"
+        elif cutoff is None:
+            rule = f"the lowest {self.ratio:g} of each group (scope=local)"
+        else:
+            rule = (
+                f"importance <= {cutoff:.4g} ({what} ranked over all groups, ratio {self.ratio:g})"
+            )
+        return f"cutoff: {rule}; {len(ranked)} groups ({units} units) ranked"
 
     def _rank(self, gm, an, explain: bool, result: PassResult) -> list:
         """(group, importance per unit, ranked by BN?) for every group the pass may prune."""
@@ -152,14 +201,18 @@ class PruneChannelsByBnGamma(Pass):
                 return f"'{member.owner}' matches protect pattern '{hit}'"
         return ""
 
-    def _select(self, ranked) -> dict[ChannelGroup, np.ndarray]:
+    def _select(self, ranked) -> tuple[dict[ChannelGroup, np.ndarray], float | None]:
         if self.threshold is not None:
-            return {
+            request = {
                 g: self._bounded(g, s, np.flatnonzero(s <= self.threshold)) for g, s, _ in ranked
             }
+            return request, self.threshold
         if self.scope == "local":
-            return {g: self._bounded(g, s, _lowest(s, self.ratio * len(s))) for g, s, _ in ranked}
-        request = {}
+            request = {
+                g: self._bounded(g, s, _lowest(s, self.ratio * len(s))) for g, s, _ in ranked
+            }
+            return request, None
+        request, cutoff = {}, None
         pooled = [(g, s) for g, s, has_bn in ranked if has_bn or self.importance != "bn_gamma"]
         for g, s, has_bn in ranked:  # BN-free groups: their weight norms do not compare with gammas
             if not has_bn and self.importance == "bn_gamma":
@@ -174,10 +227,11 @@ class PruneChannelsByBnGamma(Pass):
             order = np.lexsort((spread, scores))
             count = np.searchsorted(np.cumsum(width[order]), self.ratio * width.sum(), "right")
             chosen = order[:count]
+            cutoff = float(scores[chosen[-1]]) if count else None
             starts = np.cumsum([0] + [len(s) for _, s in pooled])
             for i, (g, s) in enumerate(pooled):
                 request[g] = self._bounded(g, s, chosen[owner[chosen] == i] - starts[i])
-        return request
+        return request, cutoff
 
     def _bounded(self, group: ChannelGroup, scores: np.ndarray, remove: np.ndarray) -> np.ndarray:
         """Give back the most important of `remove` until min_channels/min_fraction/round_to hold."""
@@ -188,6 +242,16 @@ class PruneChannelsByBnGamma(Pass):
             keep += 1
         remove = remove[np.argsort(scores[remove], kind="stable")]
         return np.sort(remove[: size - keep])
+
+
+def _why_kept(scores: np.ndarray, cutoff: float | None) -> str:
+    """Why a ranked group lost no unit."""
+    lowest = float(scores.min())
+    if cutoff is not None and lowest > cutoff:
+        return (
+            f"kept all {len(scores)} units: its lowest importance {lowest:.4g} is above the cutoff"
+        )
+    return f"kept all {len(scores)} units: min_channels, min_fraction and round_to keep them"
 
 
 def _lowest(scores: np.ndarray, count: float) -> np.ndarray:

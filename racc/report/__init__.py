@@ -32,6 +32,9 @@ class PassRow:
     table: list[dict] = field(default_factory=list)  # the pass's own rows, one per rewrite
     notes: list[str] = field(default_factory=list)  # what the pass chose and measured
     blocks: dict[str, dict[str, int]] = field(default_factory=dict)  # stage: {block: params}
+    # layer: the indices of its output channels the pass kept (pruning passes), for recover's
+    # feature matching; not written to JSON (a list per layer)
+    kept: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def widths_changed(self) -> bool:
@@ -40,6 +43,7 @@ class PassRow:
     def to_dict(self) -> dict:
         row = asdict(self)
         row["skipped"] = [asdict(s) for s in self.skipped]
+        del row["kept"]
         return row
 
 
@@ -52,6 +56,15 @@ class Report:
     capture: str = "torch.fx"  # how the graph was captured (racc.ir.source)
     # compiled with where=: how far the whole model's outputs moved, or why they cannot be compared
     whole: OutputError | str | None = None
+
+    def kept_channels(self) -> dict[str, list[int]]:
+        """Each pruned layer's output channels that survived every pass, as indices into the
+        layer of the model compile was given."""
+        kept: dict[str, list[int]] = {}
+        for row in self.rows:
+            for layer, idx in row.kept.items():
+                kept[layer] = [kept[layer][i] for i in idx] if layer in kept else list(idx)
+        return kept
 
     def to_dict(self) -> dict:
         data = {

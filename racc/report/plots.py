@@ -209,3 +209,57 @@ def passes(report: Report, path: str | os.PathLike) -> None:
     fig.suptitle(f"{report.model}: per-pass cost and error")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def compression(log, path: str | os.PathLike) -> None:
+    """Write a PNG of racc.compress's tries (a `racc.compress.Compression`): the metric after
+    each try, kept ones joined by a line, the baseline and the contract's floor, and the MACs
+    left after each try on a second axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(log.tries) + 3), 4.5))
+    x = range(1, len(log.tries) + 1)
+    kept = [i for i, t in enumerate(log.tries) if t.kept]
+    ax.axhline(log.baseline, color="#555555", lw=1, label=f"original {log.baseline:.2f}")
+    floor = log.baseline - log.max_drop
+    ax.axhline(floor, color="#de2d26", lw=1, ls="--", label=f"contract floor {floor:.2f}")
+    ax.plot([i + 1 for i in kept], [log.tries[i].metric for i in kept], color="#2171b5", lw=1.5)
+    for i, t in enumerate(log.tries):
+        ax.scatter(i + 1, t.metric, color="#2171b5" if t.kept else "#de2d26", zorder=3)
+        ax.annotate(f"{t.metric:.1f}", (i + 1, t.metric), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=7)  # fmt: skip
+    ax.set_xticks(list(x), [f"{t.stage}: {t.pipeline}" for t in log.tries], rotation=25,
+                  ha="right", fontsize=7)  # fmt: skip
+    ax.set_ylabel("metric after recovery (blue: kept, red: backed off)")
+    macs = ax.twinx()
+    macs.bar(list(x), [t.macs / log.original_macs for t in log.tries], alpha=0.15, color="#31a354")
+    macs.set_ylim(0, 1.05)
+    macs.set_ylabel("MACs / original (bars)")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"racc compress: {log.pipeline() or '(nothing kept)'}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gammas(scores, cutoff: float | None, ratio: float, title: str, path) -> None:
+    """Write a PNG histogram of the importances prune-bn ranks (log scale), with the cutoff a
+    ratio uses and how many units fall below it."""
+    import numpy as np
+
+    plt = _pyplot()
+    values = np.maximum(np.asarray(scores, dtype=float), 1e-8)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    bins = np.logspace(np.log10(values.min()), np.log10(values.max()) + 1e-9, 50)
+    ax.hist(values, bins=bins, color="#2171b5")
+    ax.set_xscale("log")
+    if cutoff is not None:
+        below = int((values <= cutoff).sum())
+        ax.axvline(max(cutoff, 1e-8), color="#de2d26", ls="--",
+                   label=f"cutoff at ratio {ratio:g}: {cutoff:.3g} ({below} of {len(values)} units)")  # fmt: skip
+        ax.legend(fontsize=8)
+    ax.set_xlabel("importance of a unit: |gamma| (mean over its group's BNs)")
+    ax.set_ylabel("units")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

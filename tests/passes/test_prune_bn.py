@@ -90,6 +90,22 @@ def test_global_ranks_across_groups_local_within_each():
     assert all(c < before[n] for n, c in _bn_channels(local).items())
 
 
+def test_the_report_gives_the_cutoff_and_every_ranked_group_with_what_it_kept():
+    model, x = _with_small_gammas("layer1.0.bn1")
+    with torch.no_grad():
+        model.get_submodule("layer2.0.bn1").weight.mul_(20)  # far above any cutoff
+    small = racc.compile(model, "prune-bn{ratio=0.3}", (x,))
+    row = small.racc_report.rows[-1]
+    (note,) = [n for n in row.notes if n.startswith("cutoff:")]
+    assert "importance <= 1 (BN |gamma| ranked over all groups, ratio 0.3)" in note, note
+    ranked = int(note.split("; ")[1].split()[0])
+    listed = {m.split(":")[0] for m in row.matched if m.startswith("group ")}
+    kept = {s.node: s.reason for s in row.skipped if s.reason.startswith("kept all")}
+    assert len(listed) + len(kept) == ranked and not listed & set(kept)
+    (why,) = [r for n, r in kept.items() if "layer2.0.conv1" in n]
+    assert "lowest importance 20 is above the cutoff" in why, why
+
+
 def test_round_to_and_min_channels():
     model, x = zoo_model("resnet18")
     opt = racc.compile(model, "prune-bn{ratio=0.37,scope=local,round_to=8}", (x,))
@@ -172,6 +188,10 @@ def test_bn_sparsity_shrinks_gammas_of_a_compiled_model():
         g.numel() for g in sparsity.gammas
     )  # every gamma starts at 1: each step is lr * lam
     assert start - end == pytest.approx(3 * 0.05 * 1e-2 * count, rel=1e-3)
+    assert sparsity.below(0.998) == 0 and sparsity.below(0.999) == count  # all at 1 - 0.0015
+    summary = sparsity.summary(cutoff=0.998)
+    assert summary["gammas"] == count and summary["below"] == 0
+    assert summary["median"] == pytest.approx(1 - 3 * 0.05 * 1e-2)
     with pytest.raises(PassConfigError, match="norm must be 'l1' or 'l2'"):
         BnSparsity(opt, norm="l3")
 

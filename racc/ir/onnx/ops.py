@@ -40,14 +40,9 @@ def _conv(b: Builder, node: onnx.NodeProto):
         padding=tuple(begin) if begin == end else 0, groups=groups,
         bias=len(node.input) > 2 and bool(node.input[2]),
     )  # fmt: skip
-    params = {"weight": weight}
-    with torch.no_grad():
-        conv.weight.copy_(torch.from_numpy(w.copy()))
-        if conv.bias is not None:
-            if not b.is_constant(node.input[2]):
-                return None
-            conv.bias.copy_(torch.from_numpy(np.asarray(b.value(node.input[2])).copy()))
-            params["bias"] = node.input[2]
+    params = _filled(b, node, conv, w)
+    if params is None:
+        return None
     x = b.tensor_node(node.input[0])
     if begin != end:  # asymmetric padding: an explicit pad first
         x = b.graph.call_function(
@@ -79,7 +74,16 @@ def _conv_transpose(b: Builder, node: onnx.NodeProto):
         dilation=tuple(a.get("dilations", [1] * dims)),
         bias=len(node.input) > 2 and bool(node.input[2]),
     )  # fmt: skip
-    params = {"weight": weight}
+    params = _filled(b, node, layer, w)
+    if params is None:
+        return None
+    return b.layer(node, layer, params, b.tensor_node(node.input[0]))
+
+
+def _filled(b: Builder, node: onnx.NodeProto, layer: nn.Module, w: np.ndarray) -> dict | None:
+    """Copy a Conv's or ConvTranspose's weight `w` and its bias (input 2) into `layer`; returns
+    the layer's parameters by initializer name, or None if the bias is computed."""
+    params = {"weight": node.input[1]}
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(w.copy()))
         if layer.bias is not None:
@@ -87,7 +91,7 @@ def _conv_transpose(b: Builder, node: onnx.NodeProto):
                 return None
             layer.bias.copy_(torch.from_numpy(np.asarray(b.value(node.input[2])).copy()))
             params["bias"] = node.input[2]
-    return b.layer(node, layer, params, b.tensor_node(node.input[0]))
+    return params
 
 
 def _write_conv(w: WriteBack, n: fx.Node) -> None:

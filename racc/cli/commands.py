@@ -1,22 +1,10 @@
-"""The `racc` command: compile, inspect and bench a model from the shell.
-
-    racc compile torchvision:resnet50 -p "prune-bn{ratio=0.5},int8" -o r50.onnx --plots out/
-    racc inspect torchvision:resnet18 --groups --stages --pairs --explain fold-bn
-    racc bench torchvision:resnet50 r50.onnx
-
-MODEL is `torchvision:NAME` (seeded random weights, BN statistics warmed up on random batches;
-`--weights FILE` loads a state_dict instead), `module.path:factory` or `file.py:factory` (called
-with no arguments), a file written by `racc.save`, or an `.onnx` file (`bench` only). Errors are one
-line on stderr and a non-zero exit; `--debug` shows the traceback.
-"""
+"""The `racc` command's verbs: compile, inspect, bench and passes (racc.cli runs them)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,7 +12,8 @@ import torch
 from racc.analysis.chains import fusable_chains
 from racc.analysis.stages import rac_stages
 from racc.backends.files import check_writable
-from racc.errors import ExportError, InputError, PassConfigError, RaccError
+from racc.cli import recovery
+from racc.errors import ExportError, InputError, PassConfigError
 from racc.models import (
     DEFAULT_SHAPE,
     Model,
@@ -36,7 +25,7 @@ from racc.models import (
 )
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
-_CHECKS = {"full": True, "graph": "graph", "none": False}  # --check -> export_onnx(check=...)
+CHECKS = {"full": True, "graph": "graph", "none": False}  # --check -> export_onnx(check=...)
 
 
 # --- inputs -----------------------------------------------------------------------------------------
@@ -113,21 +102,29 @@ def cmd_compile(args: argparse.Namespace) -> None:
         raise PassConfigError(
             f"option -o: an ONNX model compiles to an ONNX file; name it '{out.stem}.onnx'"
         )
+    recovery.check(args, model)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
-    calibration = calibration_from_args(args, shape, data) if calibrates else None
-    if calibration is not None and not args.calib_data:
-        _say(
-            f"int8 calibrates on {len(calibration)} random batches; give --calib-data for real ones"
+    if calibrates and args.data and not args.calib_data:
+        calibration = recovery.calibration(args, shape)
+    else:
+        calibration = calibration_from_args(args, shape, data) if calibrates else None
+        if calibration is not None and not args.calib_data:
+            _say(
+                f"int8 calibrates on {len(calibration)} random batches; give --calib-data or "
+                "--data for real ones"
+            )
+    if args.data:
+        opt = recovery.compile_and_recover(args, model.module, x, calibration, _say)
+    else:
+        opt = racc.compile(
+            model.source(),
+            args.pipeline,
+            (x,),
+            explain=args.explain,
+            calibration=calibration,
+            progress=True,
+            where=args.where,
         )
-    opt = racc.compile(
-        model.source(),
-        args.pipeline,
-        (x,),
-        explain=args.explain,
-        calibration=calibration,
-        progress=True,
-        where=args.where,
-    )
     report = opt.racc_report
     if model.module is not None:  # an ONNX model's report already names the file
         report.model = f"{report.model} ({args.model})"
@@ -143,7 +140,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
     # code (a detector's post-processing), which neither format can hold.
     written = opt.get_submodule(args.where) if args.where else opt
     if out.suffix == ".onnx":
-        racc.export_onnx(written, out, check=_CHECKS[args.check])
+        racc.export_onnx(written, out, check=CHECKS[args.check])
         what = {"full": "checked in ONNX Runtime", "graph": "its graph checked in ONNX Runtime"}
         what = f"ONNX, {what.get(args.check, 'NOT checked')}"
     else:
@@ -183,7 +180,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         f"# {type(module).__name__} ({args.model}), input {tuple(shape)}\n\n"
         f"{si(cost.params)} params, {si(cost.macs)} MACs per sample, {byte_size(cost.bytes)}"
     )
-    every = not (args.groups or args.stages or args.pairs or args.explain)
+    every = not (args.groups or args.stages or args.pairs or args.explain or args.gammas)
     if args.groups or every:
         print("\n## Channel groups (zero-invariant: prune-bn removes channels per group)\n")
         print(analysis)
@@ -202,6 +199,37 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         )
         print(f"\n## What `{args.explain}` does, node by node\n")
         print(opt.racc_report.to_markdown())
+    if args.gammas:
+        _gammas(analysis.traced.gm, x, args)
+
+
+def _gammas(gm, x: torch.Tensor, args: argparse.Namespace) -> None:
+    """--gammas PNG: the importances prune-bn ranks (BN |gamma| per unit) and its cutoff."""
+    from statistics import median
+
+    from racc.passes.prune_bn import PruneChannelsByBnGamma
+    from racc.report.plots import gammas
+
+    check_output(args.gammas, "--gammas")
+    prune = PruneChannelsByBnGamma(ratio=args.ratio)
+    ranked, request, cutoff = prune.plan(gm, (x,))
+    scores = [float(v) for _, s, has_bn in ranked if has_bn for v in s]
+    if not scores:
+        raise PassConfigError(
+            f"option --gammas: {args.model} has no prunable group with a BatchNorm; prune-bn "
+            "ranks its groups by weight norm"
+        )
+    removed = sum(len(request.get(g, ())) for g, _, has_bn in ranked if has_bn)
+    print(f"\n## BN gammas (prune-bn{{ratio={args.ratio:g}}})\n")
+    print(
+        f"{len(scores)} units in {sum(1 for *_, b in ranked if b)} groups with BNs; |gamma| "
+        f"median {median(scores):.4g}, min {min(scores):.4g}, max {max(scores):.4g}; the "
+        f"cutoff at ratio {args.ratio:g} is {cutoff:.4g}: {removed} units removed"
+        if cutoff is not None
+        else f"{len(scores)} units; ratio {args.ratio:g} removes none"
+    )
+    gammas(scores, cutoff, args.ratio, f"{args.model}: BN |gamma| per unit", args.gammas)
+    print(f"wrote {args.gammas}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -278,135 +306,3 @@ def _load(args: argparse.Namespace, spec: str | None = None) -> Model:
 
 def _say(text: str) -> None:
     print(f"racc: {text}", file=sys.stderr)
-
-
-# --- the parser -------------------------------------------------------------------------------------
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not the usage block
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--input-shape",
-        help=f"example input shape (default {DEFAULT_SHAPE}; for an ONNX file, the file's own)",
-    )
-    common.add_argument(
-        "--seed", type=int, default=0, help="seed of weights and inputs (default 0)"
-    )
-    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    model = argparse.ArgumentParser(add_help=False)
-    model.add_argument(
-        "model", help="torchvision:NAME, module.path:factory, file.py:factory, or a racc save file"
-    )
-    model.add_argument("--weights", help="a state_dict file to load into MODEL")
-    calib = argparse.ArgumentParser(add_help=False)
-    calib.add_argument("--calib", type=int, default=8, help="int8 calibration batches (default 8)")
-    calib.add_argument(
-        "--calib-data",
-        help="an .npy or torch.save'd tensor of inputs (N x C x H x W) to calibrate on",
-    )
-
-    parser = _Parser(prog="racc", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"racc {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = commands.add_parser(
-        "compile", parents=[model, common, calib], help="run a pipeline, write ONNX or a racc file"
-    )
-    p.add_argument("-p", "--pipeline", required=True, help='e.g. "prune-bn{ratio=0.5},int8"')
-    p.add_argument("-o", "--out", required=True, help="OUT.onnx exports ONNX; else a racc file")
-    p.add_argument("--report", help="markdown report path (default OUT.report.md; JSON next to it)")
-    p.add_argument("--plots", help="folder for passes.png, params.png and channels.png")
-    p.add_argument("--explain", action="store_true", help="list every skipped node with its reason")
-    p.add_argument(
-        "--where",
-        metavar="SUBMODULE",
-        help="compile only this submodule (e.g. backbone) in place, on what it receives from the "
-        "whole model; OUT then holds the compiled submodule",
-    )
-    p.add_argument(
-        "--check",
-        choices=list(_CHECKS),
-        default="full",
-        help="how an .onnx OUT is checked in ONNX Runtime: full (default), graph (an int8 file "
-        "without the integer kernels, for a target this CPU cannot compute), none",
-    )
-    p.set_defaults(run=cmd_compile)
-
-    p = commands.add_parser(
-        "inspect", parents=[model, common, calib], help="channel groups, RAC stages, fusable pairs"
-    )
-    p.add_argument("--groups", action="store_true", help="the zero-invariant channel groups")
-    p.add_argument("--stages", action="store_true", help="the convs `rac` would give one bank")
-    p.add_argument("--pairs", action="store_true", help="the conv chains `fuse-5x5` could fuse")
-    p.add_argument(
-        "--explain",
-        metavar="PIPELINE",
-        help="what each pass of PIPELINE does to each node, and why",
-    )
-    p.set_defaults(run=cmd_inspect)
-
-    p = commands.add_parser(
-        "bench", parents=[common], help="params, MACs, bytes, latency in ONNX Runtime and torch"
-    )
-    p.add_argument(
-        "models",
-        nargs="+",
-        metavar="MODEL",
-        help="as for compile, or an .onnx file; one table, each later model also as a ratio to "
-        "the first",
-    )
-    p.add_argument(
-        "--weights",
-        help="a state_dict file for the models that take one (torchvision:NAME, factories)",
-    )
-    p.add_argument("--batches", default="1,8", help="batch sizes to time (default 1,8)")
-    p.add_argument("--rounds", type=int, default=10, help="timed rounds per batch (default 10)")
-    p.add_argument("--threads", type=int, default=2, help="threads of torch and ORT (default 2)")
-    p.add_argument("--json", help="also write the table as JSON here")
-    p.set_defaults(run=cmd_bench)
-
-    p = commands.add_parser("passes", help="every pass with its options, defaults and exactness")
-    p.set_defaults(run=cmd_passes, debug=False)
-    return parser
-
-
-def _version() -> str:
-    from racc import __version__
-
-    return __version__
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `racc` command; returns the exit status (0, 1 for a RaccError, 2 for usage)."""
-    args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except RaccError as e:
-        if args.debug:
-            raise
-        message = " ".join(str(e).split())  # one line
-        print(f"racc {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # the reader went away (racc passes | head): not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except Exception as e:
-        if args.debug:
-            raise
-        print(
-            f"racc {args.command}: internal error: {type(e).__name__}: {e} (rerun with --debug "
-            "for the traceback, and report it)",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
