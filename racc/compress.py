@@ -5,7 +5,8 @@ user's metric and backs off a stage that costs more than `max_drop`:
 - prune-bn prunes fewer channels (its ratio halved, up to `tries` times); with `steps=k` it
   prunes in k steps with recovery between them, and a step that breaks the contract ends the
   pruning there (a smaller one is tried in its place);
-- int8 returns its least accurate layers to fp32 (lowest SQNR first: 1, 2, 4 ... layers);
+- int8 returns the layers that cost the output most to fp32 (1, 2, 4 ... of them, ranked by
+  `sensitivity=output`, which compress sets);
 - any other pass (fuse-5x5 across activations, rac) is undone.
 
     small = racc.compress(model, "prune-bn{ratio=0.5,steps=2},int8", (x,), data=train,
@@ -32,7 +33,7 @@ from racc.data import accuracy
 from racc.errors import InputError, PassConfigError
 from racc.ir.fx import normalize_inputs
 from racc.passes.base import Pass
-from racc.passes.int8.quantizers import SQNR
+from racc.passes.int8.quantizers import OUTPUT, SQNR
 from racc.passes.pipeline import as_passes
 from racc.recover import recalibrate_bn, recover
 from racc.report import Report
@@ -225,6 +226,8 @@ def _stages(passes: list[Pass]) -> list[tuple[Pass, int]]:
     gives k steps of equal ratio, which together keep what its ratio keeps."""
     stages = []
     for source, p in enumerate(passes):
+        if p.name == "int8" and p.sensitivity == "sqnr":
+            p = dataclasses.replace(p, sensitivity="output")  # its back-off ranks by it
         k = getattr(p, "steps", 1)
         if k == 1:
             stages.append((p, source))
@@ -254,9 +257,10 @@ def _weaker(stage: Pass, report: Report, tries: int) -> list[Pass]:
         return [
             dataclasses.replace(stage, ratio=round(stage.ratio / 2**k, 4)) for k in range(1, tries)
         ]
-    if stage.name == "int8":  # its least accurate layers (SQNR with each alone quantized) fp32
+    if stage.name == "int8":  # its most sensitive layers fp32 (measured, else by SQNR)
         table = next((r.table for r in reversed(report.rows) if r.table), [])
-        worst = [t["layer"] for t in sorted(table, key=lambda t: t[SQNR])]
+        key = (lambda t: -t[OUTPUT]) if table and OUTPUT in table[0] else (lambda t: t[SQNR])
+        worst = [t["layer"] for t in sorted(table, key=key)]
         return [
             dataclasses.replace(stage, skip=tuple(dict.fromkeys(stage.skip + tuple(worst[:n]))))
             for n in (2 ** (k - 1) for k in range(1, tries))

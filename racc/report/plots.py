@@ -11,7 +11,7 @@ import numpy as np
 
 from racc.analysis.blocks import SHARED
 from racc.errors import RaccError
-from racc.passes.int8.quantizers import SQNR
+from racc.passes.int8.quantizers import OUTPUT, SQNR
 from racc.text import byte_size, si
 
 if TYPE_CHECKING:
@@ -126,8 +126,9 @@ def channels(report: Report, path: str | os.PathLike) -> None:
 
 
 def sqnr(report: Report, path: str | os.PathLike) -> None:
-    """Write a PNG of each int8 layer's SQNR (dB, that layer alone quantized), lowest first,
-    coloured by whether it runs int8 or fell back to fp32."""
+    """Write a PNG ranking the int8 layers, most sensitive first, coloured by whether each runs
+    int8 or fell back to fp32: by the model's output error with only that layer quantized where
+    it was measured (sensitivity=output), else by the layer's own SQNR (dB, lowest first)."""
     plt = _pyplot()
     rows = [r for r in report.rows if r.table and SQNR in r.table[0]]
     if not rows:
@@ -136,18 +137,28 @@ def sqnr(report: Report, path: str | os.PathLike) -> None:
         len(rows), 1, figsize=(max(8, 0.22 * len(rows[0].table) + 2), 4 * len(rows)), squeeze=False
     )
     for ax, row in zip(axes[:, 0], rows, strict=True):
-        table = sorted(row.table, key=lambda t: t[SQNR])
-        values = [min(t[SQNR], 99.0) for t in table]  # inf: a layer whose output is exact
+        measured = OUTPUT in row.table[0]
+        if measured:
+            table = sorted(row.table, key=lambda t: -t[OUTPUT])
+            values = [max(t[OUTPUT], 1e-12) for t in table]
+            ax.set_yscale("log")
+            ax.set_ylabel("model output rel L2, this layer alone int8")
+            labels, what = [f"{v:.1e}" for v in values], "output error per layer, highest first"
+        else:
+            table = sorted(row.table, key=lambda t: t[SQNR])
+            values = [min(t[SQNR], 99.0) for t in table]  # inf: a layer whose output is exact
+            ax.set_ylabel("SQNR (dB), this layer alone int8")
+            labels, what = [f"{v:.0f}" for v in values], "SQNR per layer, lowest first"
         colors = ["#2171b5" if t["runs"] == "int8" else "#de2d26" for t in table]
         bars = ax.bar(range(len(table)), values, color=colors)
-        ax.bar_label(bars, [f"{v:.0f}" for v in values], fontsize=6, padding=1)
+        ax.bar_label(bars, labels, fontsize=6, padding=1)
         ax.set_xticks(
             range(len(table)), [t["layer"] for t in table], rotation=70, ha="right", fontsize=6
         )
-        ax.set_ylabel("SQNR (dB), this layer alone int8")
-        ax.set_title(f"{report.model}: {row.name}: SQNR per layer, lowest first", fontsize=10)
+        ax.set_title(f"{report.model}: {row.name}: {what}", fontsize=10)
         handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#2171b5", "#de2d26")]
-        ax.legend(handles, ["runs int8", "kept fp32"], fontsize=8, loc="upper left")
+        corner = "upper right" if measured else "upper left"  # away from the tallest bars
+        ax.legend(handles, ["runs int8", "kept fp32"], fontsize=8, loc=corner)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -79,7 +79,11 @@ class QuantizeInt8(Pass):
             quantized at run time).
         skip: module or node name patterns (fnmatch) kept in fp32.
         error_budget: largest relative L2 error of the outputs vs fp32 on the calibration data;
-            the layers with the lowest SQNR fall back to fp32, one at a time, until it holds.
+            the most sensitive layers fall back to fp32, one at a time, until it holds.
+        sensitivity: what ranks the layers (for error_budget, the report and its plot): `sqnr`,
+            each layer's own output SQNR with only it quantized (cheap), or `output`, the
+            model's output error (relative L2 vs fp32 on the calibration batches) with only that
+            layer quantized: measured, one quantized model per layer.
             A budget that holds only with every layer fp32, or not at all, is a BudgetError.
         allow_unmet_budget: keep the closest result instead of raising when the budget cannot
             be met (the report says what was reached).
@@ -101,6 +105,7 @@ class QuantizeInt8(Pass):
     skip: tuple[str, ...] = ()
     error_budget: float | None = None
     allow_unmet_budget: bool = False
+    sensitivity: Literal["sqnr", "output"] = "sqnr"
 
     def validate(self) -> None:
         if self.error_budget is not None and not 0 < self.error_budget:

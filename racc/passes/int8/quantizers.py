@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from racc.passes.int8 import QuantizeInt8
 
 SQNR = "SQNR dB (alone)"  # the table's column: the layer's SQNR with only it quantized
+# with sensitivity=output, the column of the model's output error (relative L2 vs fp32 on the
+# calibration batches) with only that layer quantized
+OUTPUT = "output rel L2 (alone)"
 
 
 class Quantizer:
@@ -64,6 +67,7 @@ class Quantizer:
         with torch.no_grad():
             self.reference = [gm(*b) for b in batches]
         self.sqnr: dict[str, float] = {}
+        self.output_alone: dict[str, float] = {}  # measured, with sensitivity=output
         self.budget_trail: list[float] = []  # the error after each step of the budget search
 
     def candidate(self, node: fx.Node) -> bool:
@@ -100,7 +104,11 @@ class Quantizer:
         with the reason each unit left out runs fp32."""
         self.sqnr = self.sensitivity()
         wanted = list(self.units)
-        order = sorted(wanted, key=lambda u: self.sqnr[u])
+        if self.options.sensitivity == "output":
+            self.output_alone = {u: self.output_error(self.build([u])).rel_l2 for u in wanted}
+            order = sorted(wanted, key=lambda u: -self.output_alone[u])
+        else:
+            order = sorted(wanted, key=lambda u: self.sqnr[u])
         while budget is not None and order:
             self.budget_trail.append(self.output_error(self.build(wanted)).rel_l2)
             if self.budget_trail[-1] <= budget:
@@ -133,6 +141,7 @@ class Quantizer:
                     "layer": self.label(u),
                     "op": _describe(module),
                     SQNR: self.sqnr[u],
+                    **({OUTPUT: self.output_alone[u]} if self.output_alone else {}),
                     "runs": "int8" if u in enabled else "fp32",
                     "why fp32": why.get(u),
                 }
