@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from ultralytics.data.utils import check_det_dataset
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.nn.tasks import DetectionModel
 
@@ -133,8 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.epochs, args.imgsz, args.batch = 12, 64, 4
     data = args.data or str(synthetic_dataset(out / "data"))
-    classes = 2 if args.data is None else None
-    model = load(args.model, classes or 80)
+    model = load(args.model, check_det_dataset(data)["nc"])  # a yaml builds a head for its classes
     model.train()  # warm BN statistics up on noise (a trained checkpoint has its own)
     with torch.no_grad():
         if not args.model.endswith(".pt"):
