@@ -115,9 +115,6 @@ class Recovery:
     resumed_from: int = 0
     mode: str = ""
 
-    def final_loss(self) -> float:
-        return self.losses[-1][1] if self.losses else math.nan
-
 
 def recover(
     student: nn.Module,
