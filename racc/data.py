@@ -117,7 +117,10 @@ def accuracy(model: torch.nn.Module, data, limit: int | None = None) -> float:
         seen += len(y)
     model.train(was)
     if not seen:
-        raise InputError("accuracy: data gave no batch")
+        raise InputError(
+            "accuracy: data gave no batch; pass (inputs, labels) batches, e.g. "
+            "racc.data.batches(x, y) or a DataLoader"
+        )
     return 100.0 * right / seen
 
 
@@ -135,6 +138,7 @@ def split_batch(batch: Batch) -> tuple[Any, torch.Tensor | None]:
         f"recover: a batch must be a tensor of inputs or an (inputs, targets) pair, got "
         f"{type(batch).__name__}"
         + (f" of {len(batch)}" if isinstance(batch, (list, tuple)) else "")
+        + "; make the DataLoader (or its collate_fn) yield inputs or (inputs, targets)"
     )
 
 
