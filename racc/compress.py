@@ -33,7 +33,7 @@ from racc.data import accuracy
 from racc.errors import InputError, PassConfigError
 from racc.ir.fx import normalize_inputs
 from racc.passes.base import Pass
-from racc.passes.int8.quantizers import OUTPUT, SQNR
+from racc.passes.int8.sensitivity import MEASURED, SQNR
 from racc.passes.pipeline import as_passes
 from racc.recover import recalibrate_bn, recover
 from racc.report import Report
@@ -259,7 +259,8 @@ def _weaker(stage: Pass, report: Report, tries: int) -> list[Pass]:
         ]
     if stage.name == "int8":  # its most sensitive layers fp32 (measured, else by SQNR)
         table = next((r.table for r in reversed(report.rows) if r.table), [])
-        key = (lambda t: -t[OUTPUT]) if table and OUTPUT in table[0] else (lambda t: t[SQNR])
+        measured = next((c for c in MEASURED.values() if table and c in table[0]), None)
+        key = (lambda t: -t[measured]) if measured else (lambda t: t[SQNR])
         worst = [t["layer"] for t in sorted(table, key=key)]
         return [
             dataclasses.replace(stage, skip=tuple(dict.fromkeys(stage.skip + tuple(worst[:n]))))

@@ -106,3 +106,25 @@ def small_image_net(name: str, num_classes: int = 10, width: float = 1.0) -> nn.
         model.features[0][0].stride = (1, 1)
         return model
     raise UnsupportedModelError(f"small_image_net: no '{name}'; known: resnet18, mobilenet_v2")
+
+
+def unbalance_channels(
+    model: nn.Module, example_inputs: tuple[torch.Tensor, ...], decades: float = 2.0, seed: int = 0
+) -> nn.Module:
+    """`model` with its BNs folded and channel k of every scale set (values between layers that
+    ReLU, pools and sums pass through, racc.analysis.scaling) divided by a factor log-uniform
+    over `decades` decades, its readers multiplied back: the same function, with weight ranges
+    as unbalanced per channel as training can leave them (a layer's output scale is free where
+    the next one compensates). What cross-layer equalization undoes."""
+    import racc
+    from racc.analysis.scaling import scale_sets
+    from racc.passes.equalize import rescale
+
+    gm = racc.compile(model, "fold-bn", example_inputs)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in scale_sets(gm):
+            if s.writers and s.readers and not s.reason and not s.clamps:
+                exponent = decades * (torch.rand(s.channels, generator=generator) - 0.5)
+                rescale(gm, s, (10**exponent).double())
+    return gm

@@ -8,6 +8,9 @@ With the BN's running statistics mu, sigma^2, eps and affine gamma, beta:
 Exact (up to float rounding) whenever the conv's output feeds only the BN: another user of the
 conv's output would see the folded values, so such a pair is skipped with that reason, as is a BN
 without running statistics or one whose input is not a conv or linear.
+
+The folded layer keeps what the BN said of its output, per channel: mean beta and standard
+deviation |gamma| (attribute `STATISTICS`), which data-free bias correction reads (int8).
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from racc.passes.base import (
     label,
     module_names,
 )
+
+# The attribute of a folded layer holding (mean, std) of its output per channel, as its BN had
+# them; passes that rescale or slice the layer's output keep it in step or let it go.
+STATISTICS = "racc_output_statistics"
 
 
 class FoldBatchNormIntoConv(Pass):
@@ -92,6 +99,9 @@ class FoldBatchNormIntoConv(Pass):
         source = bn_node.args[0]
         producer, bn = gm.get_submodule(source.target), gm.get_submodule(bn_node.target)
         fold = fuse_linear_bn_eval if isinstance(producer, nn.Linear) else fuse_conv_bn_eval
-        gm.set_submodule(source.target, fold(producer.eval(), bn.eval()))
+        folded = fold(producer.eval(), bn.eval())
+        if bn.affine:
+            setattr(folded, STATISTICS, (bn.bias.detach().clone(), bn.weight.detach().abs()))
+        gm.set_submodule(source.target, folded)
         bn_node.replace_all_uses_with(source)
         gm.graph.erase_node(bn_node)

@@ -11,7 +11,7 @@ import numpy as np
 
 from racc.analysis.blocks import SHARED
 from racc.errors import RaccError
-from racc.passes.int8.quantizers import OUTPUT, SQNR
+from racc.passes.int8.sensitivity import MEASURED, SQNR
 from racc.text import byte_size, si
 
 if TYPE_CHECKING:
@@ -127,8 +127,8 @@ def channels(report: Report, path: str | os.PathLike) -> None:
 
 def sqnr(report: Report, path: str | os.PathLike) -> None:
     """Write a PNG ranking the int8 layers, most sensitive first, coloured by whether each runs
-    int8 or fell back to fp32: by the model's output error with only that layer quantized where
-    it was measured (sensitivity=output), else by the layer's own SQNR (dB, lowest first)."""
+    int8 or fell back to fp32: by its measured cost with only that layer quantized where it was
+    measured (sensitivity=output|kl|metric), else by the layer's own SQNR (dB, lowest first)."""
     plt = _pyplot()
     rows = [r for r in report.rows if r.table and SQNR in r.table[0]]
     if not rows:
@@ -137,13 +137,13 @@ def sqnr(report: Report, path: str | os.PathLike) -> None:
         len(rows), 1, figsize=(max(8, 0.22 * len(rows[0].table) + 2), 4 * len(rows)), squeeze=False
     )
     for ax, row in zip(axes[:, 0], rows, strict=True):
-        measured = OUTPUT in row.table[0]
+        measured = next((c for c in MEASURED.values() if c in row.table[0]), None)
         if measured:
-            table = sorted(row.table, key=lambda t: -t[OUTPUT])
-            values = [max(t[OUTPUT], 1e-12) for t in table]
+            table = sorted(row.table, key=lambda t: -t[measured])
+            values = [max(t[measured], 1e-12) for t in table]
             ax.set_yscale("log")
-            ax.set_ylabel("model output rel L2, this layer alone int8")
-            labels, what = [f"{v:.1e}" for v in values], "output error per layer, highest first"
+            ax.set_ylabel(f"{measured.removesuffix(' (alone)')}, this layer alone int8")
+            labels, what = [f"{v:.1e}" for v in values], "cost per layer, highest first"
         else:
             table = sorted(row.table, key=lambda t: t[SQNR])
             values = [min(t[SQNR], 99.0) for t in table]  # inf: a layer whose output is exact

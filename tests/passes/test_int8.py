@@ -628,7 +628,7 @@ def test_the_measured_ranking_beats_the_sqnr_ranking_at_keeping_one_layer_fp32(t
     on a trained-like resnet18 with per-tensor weights, keeping its top layer fp32 lowers the
     error on fresh inputs more than keeping the lowest-SQNR layer fp32 (measured: 0.0135 ->
     0.0114, against 0.0135 -> 0.0135)."""
-    from racc.passes.int8.quantizers import OUTPUT, SQNR
+    from racc.passes.int8.sensitivity import MEASURED, SQNR
     from racc.zoo import spread_bn_gammas, torchvision_model
 
     model = spread_bn_gammas(torchvision_model("resnet18", side=32), seed=0)
@@ -639,8 +639,8 @@ def test_the_measured_ranking_beats_the_sqnr_ranking_at_keeping_one_layer_fp32(t
     opt = racc.compile(model, "int8{per_channel=false,sensitivity=output}", (x,),
                        calibration=calibration)  # fmt: skip
     table = opt.racc_report.rows[-1].table
-    assert all(row[OUTPUT] > 0 for row in table) and len(table) == 21
-    measured = max(table, key=lambda row: row[OUTPUT])["layer"]
+    assert all(row[MEASURED["output"]] > 0 for row in table) and len(table) == 21
+    measured = max(table, key=lambda row: row[MEASURED["output"]])["layer"]
     by_sqnr = min(table, key=lambda row: row[SQNR])["layer"]
     assert measured != by_sqnr
     with torch.no_grad():

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import field
 from typing import ClassVar, Literal
 
@@ -83,8 +83,19 @@ class QuantizeInt8(Pass):
         sensitivity: what ranks the layers (for error_budget, the report and its plot): `sqnr`,
             each layer's own output SQNR with only it quantized (cheap), or `output`, the
             model's output error (relative L2 vs fp32 on the calibration batches) with only that
-            layer quantized: measured, one quantized model per layer.
+            layer quantized: measured, one quantized model per layer; `kl`, the same as the KL
+            divergence of the softmax outputs (classifiers); `metric`, the drop of `eval_fn`.
             A budget that holds only with every layer fp32, or not at all, is a BudgetError.
+        eval_fn: model -> a score, higher is better (accuracy on held-out data), for
+            sensitivity=metric; called once per layer with only that layer int8.
+        bias_correction: remove the shift int8 weights give each layer's output mean:
+            `empirical` (measured on the calibration batches), `analytic` (from the statistics
+            of the folded BN before the layer, no data), or `none`.
+        rounding: each weight to its `nearest` code, or `adaround`: up or down as the layer's
+            output on the calibration batches needs (learned rounding, with a progress bar).
+        rounding_steps: adaround's optimisation steps per layer.
+        rounding_seconds: adaround's time budget for the whole model; layers it does not reach
+            keep nearest rounding, and the report names them.
         allow_unmet_budget: keep the closest result instead of raising when the budget cannot
             be met (the report says what was reached).
 
@@ -105,13 +116,28 @@ class QuantizeInt8(Pass):
     skip: tuple[str, ...] = ()
     error_budget: float | None = None
     allow_unmet_budget: bool = False
-    sensitivity: Literal["sqnr", "output"] = "sqnr"
+    sensitivity: Literal["sqnr", "output", "kl", "metric"] = "sqnr"
+    eval_fn: Callable | None = field(default=None, repr=False)
+    bias_correction: Literal["none", "empirical", "analytic"] = "none"
+    rounding: Literal["nearest", "adaround"] = "nearest"
+    rounding_steps: int = 300
+    rounding_seconds: float = 300.0
 
     def validate(self) -> None:
         if self.error_budget is not None and not 0 < self.error_budget:
             raise PassConfigError(
                 f"pass 'int8': option 'error_budget' must be > 0 (a relative L2 error such as "
                 f"0.05), got {self.error_budget}"
+            )
+        if (self.sensitivity == "metric") != (self.eval_fn is not None):
+            raise PassConfigError(
+                "pass 'int8': sensitivity=metric and option 'eval_fn' go together: pass "
+                "QuantizeInt8(sensitivity='metric', eval_fn=<model -> score>), or leave both out"
+            )
+        if self.rounding_steps < 1 or not self.rounding_seconds > 0:
+            raise PassConfigError(
+                f"pass 'int8': options 'rounding_steps' (got {self.rounding_steps}) and "
+                f"'rounding_seconds' (got {self.rounding_seconds}) must be positive"
             )
         if isinstance(self.calibration, torch.Tensor):
             raise PassConfigError(
@@ -158,6 +184,7 @@ class QuantizeInt8(Pass):
             + (f", activations {self.dtype} ({self.method})" if self.mode == "static" else "")
             + f", weights int8 {'per channel' if self.per_channel else 'per tensor'}",
             *self._target_notes(),
+            *_method_notes(self, quantizer),
             f"{len(enabled)} of {len(quantizer.units)} layers int8; weights and biases "
             f"{byte_size(before)} -> {byte_size(after)} as deployed ({before / after:.2f}x smaller)",
             f"outputs vs fp32 on {_measured_on(batches, ctx)}: max abs "
@@ -223,6 +250,25 @@ class QuantizeInt8(Pass):
                 )
             return [ctx.example_inputs]
         return calibration_batches(source, ctx.example_inputs)
+
+
+def _method_notes(options: QuantizeInt8, quantizer: Quantizer) -> list[str]:
+    """What bias correction and learned rounding did, in static mode."""
+    notes, total = [], len(quantizer.units)
+    if options.mode != "static":
+        return notes
+    if options.bias_correction != "none":
+        done = len(quantizer.shifts or {})
+        notes.append(
+            f"bias correction ({options.bias_correction}) on {done} of {total} layers"
+            + ("; the others' inputs carry no BN statistics" if done < total else "")
+        )
+    if options.rounding == "adaround":
+        notes.append(f"adaround on {len(quantizer.rounded)} of {total} layers")
+        if quantizer.unrounded:
+            names = ", ".join(quantizer.label(u) for u in quantizer.unrounded)
+            notes[-1] += f"; the time budget left nearest rounding on {names}"
+    return notes
 
 
 def _budget_met(budget: float, quantizer: Quantizer, enabled: list[str], error) -> bool:

@@ -25,6 +25,8 @@ from racc.nn.quant import (
     affine_qparams,
 )
 from racc.passes.base import Skip, label
+from racc.passes.int8.adaround import learned_rounding
+from racc.passes.int8.bias import analytic_shifts, corrected, empirical_shifts
 from racc.passes.int8.calibration import BINS, SENSITIVITY_BATCHES, mse_range, percentile_range
 from racc.passes.int8.placement import (
     as_callable,
@@ -33,14 +35,10 @@ from racc.passes.int8.placement import (
     linear_to_output,
     tensor_inputs,
 )
+from racc.passes.int8.sensitivity import MEASURED, SQNR, kl_divergence, sqnr
 
 if TYPE_CHECKING:
     from racc.passes.int8 import QuantizeInt8
-
-SQNR = "SQNR dB (alone)"  # the table's column: the layer's SQNR with only it quantized
-# with sensitivity=output, the column of the model's output error (relative L2 vs fp32 on the
-# calibration batches) with only that layer quantized
-OUTPUT = "output rel L2 (alone)"
 
 
 class Quantizer:
@@ -67,7 +65,7 @@ class Quantizer:
         with torch.no_grad():
             self.reference = [gm(*b) for b in batches]
         self.sqnr: dict[str, float] = {}
-        self.output_alone: dict[str, float] = {}  # measured, with sensitivity=output
+        self.measured: dict[str, float] = {}  # each unit's measured sensitivity, if asked
         self.budget_trail: list[float] = []  # the error after each step of the budget search
 
     def candidate(self, node: fx.Node) -> bool:
@@ -104,9 +102,9 @@ class Quantizer:
         with the reason each unit left out runs fp32."""
         self.sqnr = self.sensitivity()
         wanted = list(self.units)
-        if self.options.sensitivity == "output":
-            self.output_alone = {u: self.output_error(self.build([u])).rel_l2 for u in wanted}
-            order = sorted(wanted, key=lambda u: -self.output_alone[u])
+        if self.options.sensitivity in MEASURED:
+            self.measured = self._measured(wanted)
+            order = sorted(wanted, key=lambda u: -self.measured[u])
         else:
             order = sorted(wanted, key=lambda u: self.sqnr[u])
         while budget is not None and order:
@@ -115,6 +113,24 @@ class Quantizer:
                 break
             wanted.remove(order.pop(0))
         return wanted, {u: "error budget" for u in self.units if u not in wanted}
+
+    def _measured(self, units: list[str]) -> dict[str, float]:
+        """Each unit's cost with only it quantized, as `sensitivity` measures it."""
+        how = self.options.sensitivity
+        if how == "metric":
+            base = float(self.options.eval_fn(self.gm))
+            cost = {u: base - float(self.options.eval_fn(self.build([u]))) for u in units}
+        else:
+            measure = (
+                kl_divergence if how == "kl" else (lambda a, b: OutputError.between(a, b).rel_l2)
+            )
+            with torch.no_grad():
+                cost = {
+                    u: measure(self.reference, [m(*b) for b in self.batches])
+                    for u in units
+                    for m in [self.build([u])]
+                }
+        return cost
 
     def sensitivity(self) -> dict[str, float]:
         """SQNR (dB) of each unit's output when only that unit is quantized, on a few batches."""
@@ -127,13 +143,13 @@ class Quantizer:
                     reference, quantized = self.alone(u, values[self.nodes[u].args[0].name])
                     sums[u][0] += float(reference.double().square().sum())
                     sums[u][1] += float((reference - quantized).double().square().sum())
-        return {u: _sqnr(signal, noise) for u, (signal, noise) in sums.items()}
+        return {u: sqnr(signal, noise) for u, (signal, noise) in sums.items()}
 
     def alone(self, unit: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def table(self, enabled: list[str], why: dict[str, str]) -> list[dict[str, Any]]:
-        rows = []
+        rows, column = [], MEASURED.get(self.options.sensitivity)
         for u in self.units:
             module = self.gm.get_submodule(self.nodes[u].target)
             rows.append(
@@ -141,18 +157,12 @@ class Quantizer:
                     "layer": self.label(u),
                     "op": _describe(module),
                     SQNR: self.sqnr[u],
-                    **({OUTPUT: self.output_alone[u]} if self.output_alone else {}),
+                    **({column: self.measured[u]} if self.measured else {}),
                     "runs": "int8" if u in enabled else "fp32",
                     "why fp32": why.get(u),
                 }
             )
         return rows
-
-
-def _sqnr(signal: float, noise: float) -> float:
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def _describe(m: nn.Module) -> str:
@@ -173,6 +183,14 @@ class StaticQuantizer(Quantizer):
         self.full_plan = self.plan(self.units)
         self.qparams: dict[str, tuple[float, int]] = {}
         self.calibrated(set(self.full_plan.values()))
+        self.shifts: dict[str, torch.Tensor] | None = None  # bias corrections, when asked
+        self.rounded: dict[str, torch.Tensor] = {}  # learned rounding's weights, when asked
+        self.unrounded: list[str] = []  # what the time budget left at nearest rounding
+        if options.rounding == "adaround":
+            self.rounded, self.unrounded = learned_rounding(
+                gm, self.nodes, self.units, self.batches, self._quantized,
+                options.rounding_steps, options.rounding_seconds,
+            )  # fmt: skip
 
     def candidate(self, node: fx.Node) -> bool:
         return kind_of(self.gm, node) == "weighted"
@@ -287,7 +305,10 @@ class StaticQuantizer(Quantizer):
         for name in enabled:
             node = nodes[name]
             scale = qparams[plan[node.args[0].name]][0]
-            gm.set_submodule(node.target, self._layer(gm.get_submodule(node.target), scale))
+            layer = self._layer(
+                gm.get_submodule(node.target), scale, self.shift(name), self.rounded.get(name)
+            )
+            gm.set_submodule(node.target, layer)
         last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
         for name, source in plan.items():
             node = nodes[name]
@@ -303,22 +324,52 @@ class StaticQuantizer(Quantizer):
         return QuantizedGraphModule(gm, gm.graph, type(gm).__name__)
 
     def alone(self, unit: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        node = self.nodes[unit]
-        plan = self.full_plan
-        layer = self.gm.get_submodule(node.target)
-        in_scale, in_zero = self.qparams[plan[node.args[0].name]]
         clamp = next((self.nodes[c] for c, s in self.fused.items() if s == unit), None)
-        out = plan.get(clamp.name if clamp is not None else unit)
+        out = self.full_plan.get(clamp.name if clamp is not None else unit)
         after = as_callable(self.gm, clamp) if clamp is not None else (lambda y: y)
-        reference = after(layer(x))
-        y = self._layer(layer, in_scale)(FakeQuant(in_scale, in_zero, self.options.dtype)(x))
-        y = after(y)
+        reference, y = (after(v) for v in self._raw(unit, x, self.shift(unit)))
         if out is not None:
             y = FakeQuant(*self.qparams[out], self.options.dtype)(y)
         return reference, y
 
-    def _layer(self, layer: nn.Module, input_scale: float) -> QuantizedLayer:
+    def _raw(self, unit: str, x: torch.Tensor, shift=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float layer's output on its float input x, and the int8 layer's on x quantized
+        as the full plan quantizes it (before any clamp that follows)."""
+        layer = self.gm.get_submodule(self.nodes[unit].target)
+        in_scale, in_zero = self.qparams[self.full_plan[self.nodes[unit].args[0].name]]
+        quantized = self._layer(layer, in_scale, shift, self.rounded.get(unit))
+        return layer(x), quantized(FakeQuant(in_scale, in_zero, self.options.dtype)(x))
+
+    def _quantized(self, unit: str) -> tuple[QuantizedLayer, FakeQuant]:
+        """`unit` as int8 (nearest rounding) and the quantizer of its input, in the full plan."""
+        layer = self.gm.get_submodule(self.nodes[unit].target)
+        in_scale, in_zero = self.qparams[self.full_plan[self.nodes[unit].args[0].name]]
+        return self._layer(layer, in_scale), FakeQuant(in_scale, in_zero, self.options.dtype)
+
+    def shift(self, unit: str) -> torch.Tensor | None:
+        """The bias correction of `unit` (None without one), computed for all units at once."""
+        if self.options.bias_correction == "none":
+            return None
+        if self.shifts is None:
+            if self.options.bias_correction == "empirical":
+                self.shifts = empirical_shifts(
+                    self.gm, self.nodes, self.units, self.batches, self._raw
+                )
+            else:
+                self.shifts = analytic_shifts(self.gm, self.nodes, self.units, self._error)
+        return self.shifts.get(unit)
+
+    def _error(self, unit: str) -> torch.Tensor:
+        """W_q - W of `unit` at its input scale in the full plan."""
+        layer = self.gm.get_submodule(self.nodes[unit].target)
+        in_scale = self.qparams[self.full_plan[self.nodes[unit].args[0].name]][0]
+        quantized = self._layer(layer, in_scale, weight=self.rounded.get(unit))
+        return quantized.quantized_weight() - layer.weight
+
+    def _layer(self, layer, input_scale: float, shift=None, weight=None) -> QuantizedLayer:
         options = self.options
+        if shift is not None or weight is not None:
+            layer = corrected(layer, shift, weight)
         return QuantizedLayer(layer, input_scale, options.per_channel, options.weight_max(layer))
 
 
