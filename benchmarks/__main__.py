@@ -21,6 +21,7 @@ TABLES = [
     "benchmarks.recover",
     "benchmarks.fuse_5x5",
     "benchmarks.int8",
+    "benchmarks.int8_methods",
     "benchmarks.rac",
     "benchmarks.onnx_in",
     "benchmarks.fuzz",

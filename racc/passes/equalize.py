@@ -33,7 +33,7 @@ from torch import nn
 from racc.analysis.scaling import ScaleSet, scale_sets
 from racc.cpu import TARGETS
 from racc.errors import PassConfigError
-from racc.ir.fx import module_call_counts, node_values
+from racc.ir.fx import node_values
 from racc.ir.ops import is_depthwise
 from racc.passes.base import (
     Exactness,
@@ -42,6 +42,7 @@ from racc.passes.base import (
     PassResult,
     Skip,
     check_patterns,
+    label,
     module_names,
 )
 from racc.passes.fold_bn import STATISTICS, FoldBatchNormIntoConv
@@ -96,7 +97,7 @@ class EqualizeChannels(Pass):
         for s in scale_sets(gm):
             if not s.writers or not s.readers:
                 continue  # nothing on one side to balance against
-            reason = self._skip_reason(gm, s)
+            reason = self._skip_reason(s)
             if reason:
                 result.skipped.append(Skip(s.names(), reason))
             else:
@@ -107,13 +108,12 @@ class EqualizeChannels(Pass):
         before = {name: _row_ranges(gm.get_submodule(name).weight) for name in layers}
         alphas = ALPHAS if self.method == "measured" else (0.5,)
         batches = _batches(ctx)
-        rounds, moved = 0, 0.0
+        rounds, moved = 0, math.inf
         with torch.no_grad():
-            for rounds in range(1, self.rounds + 1):  # noqa: B007 (reported)
+            while rounds < self.rounds and moved >= TOLERANCE:
+                rounds += 1
                 energies = _energies(gm, sets, batches) if len(alphas) > 1 else None
                 moved = max(_balance(gm, s, alphas, energies, self.per_channel) for s in sets)
-                if moved < TOLERANCE:
-                    break
         clamps = [c for s in sets for c in s.clamps]
         for clamp in clamps:
             _as_relu(gm, clamp)
@@ -129,22 +129,19 @@ class EqualizeChannels(Pass):
             result.exactness = "approximate"
             result.notes.append(
                 f"{len(clamps)} ReLU6 made ReLU (clamps=relu): approximate where a value exceeded "
-                f"6: {', '.join(c.target if c.op == 'call_module' else c.name for c in clamps)}"
+                f"6: {', '.join(map(label, clamps))}"
             )
         return result
 
-    def _skip_reason(self, gm: fx.GraphModule, s: ScaleSet) -> str:
+    def _skip_reason(self, s: ScaleSet) -> str:
         if s.reason:
             return s.reason
-        calls = module_call_counts(gm)
         for node in s.writers + s.readers:
             pattern = next((p for p in self.skip if fnmatchcase(node.target, p)), None)
             if pattern:
                 return f"'{node.target}' matches skip pattern '{pattern}'"
-            if calls[node.target] > 1:
-                return f"'{node.target}' is called more than once"
         if s.clamps and self.clamps == "skip":
-            names = ", ".join(c.target if c.op == "call_module" else c.name for c in s.clamps)
+            names = ", ".join(map(label, s.clamps))
             return (
                 f"ReLU6 between them ({names}) clamps at 6, which does not scale; clamps=relu "
                 "equalizes it as a ReLU (approximate)"

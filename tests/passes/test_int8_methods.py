@@ -145,7 +145,7 @@ def test_adaround_within_its_time_budget_names_the_layers_it_left(tmp_path):
     assert (tmp_path / "m.onnx").exists()
 
 
-def test_sensitivity_by_kl_and_by_the_users_metric_rank_the_layers():
+def test_sensitivity_by_kl_and_by_the_users_metric_rank_the_layers(tmp_path):
     net = _small_net()
     g = torch.Generator().manual_seed(0)
     calibration = [torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)]
@@ -170,6 +170,8 @@ def test_sensitivity_by_kl_and_by_the_users_metric_rank_the_layers():
         assert all(math.isfinite(v) for v in values)
         if p.sensitivity == "kl":
             assert all(v >= 0 for v in values) and max(values) > 0
+        opt.racc_report.plot_sqnr(tmp_path / f"{p.sensitivity}.png")  # ranked by that column
+        assert (tmp_path / f"{p.sensitivity}.png").stat().st_size > 1000
     assert len(calls) == 1 + 3  # the float graph, then each layer alone
     with pytest.raises(PassConfigError, match="eval_fn"):
         QuantizeInt8(sensitivity="metric")
