@@ -46,13 +46,19 @@ def _errors(model, pipelines: list[str]) -> dict[str, OutputError]:
     return errors
 
 
-def test_empirical_bias_correction_cuts_the_per_tensor_error_of_mobilenet_v2():
-    plain, corrected = _errors(
-        _trained_like("mobilenet_v2"),
-        ["int8{per_channel=false}", "int8{per_channel=false,bias_correction=empirical}"],
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
+def test_equalize_and_bias_correction_cut_the_per_tensor_error_of_trained_like_nets(name):
+    plain, corrected, both = _errors(
+        _trained_like(name),
+        [
+            "int8{per_channel=false}",
+            "int8{per_channel=false,bias_correction=empirical}",
+            "equalize{clamps=relu},int8{per_channel=false,bias_correction=empirical}",
+        ],
     ).values()
-    assert corrected.rel_l2 < 0.5 * plain.rel_l2, (plain, corrected)
-    assert corrected.cosine >= plain.cosine
+    assert corrected.rel_l2 < 0.6 * plain.rel_l2, (plain, corrected)
+    assert both.rel_l2 < 0.6 * plain.rel_l2, (plain, both)
+    assert both.cosine >= max(plain.cosine, 0.99)
 
 
 def test_the_clipped_normal_mean_is_what_sampling_gives():
@@ -177,6 +183,8 @@ def test_sensitivity_by_kl_and_by_the_users_metric_rank_the_layers(tmp_path):
         QuantizeInt8(sensitivity="metric")
     with pytest.raises(PassConfigError, match="rounding_steps"):
         QuantizeInt8(rounding_steps=0)
+    with pytest.raises(PassConfigError, match="mode=dynamic"):
+        QuantizeInt8(mode="dynamic", bias_correction="empirical")
 
 
 @pytest.fixture(scope="module")

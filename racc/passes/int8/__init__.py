@@ -134,6 +134,12 @@ class QuantizeInt8(Pass):
                 "pass 'int8': sensitivity=metric and option 'eval_fn' go together: pass "
                 "QuantizeInt8(sensitivity='metric', eval_fn=<model -> score>), or leave both out"
             )
+        methods = self.bias_correction != "none" or self.rounding != "nearest"
+        if self.mode == "dynamic" and methods:
+            raise PassConfigError(
+                "pass 'int8': bias_correction and rounding=adaround work on static int8 (weights "
+                "and calibrated activations); leave them out with mode=dynamic"
+            )
         if self.rounding_steps < 1 or not self.rounding_seconds > 0:
             raise PassConfigError(
                 f"pass 'int8': options 'rounding_steps' (got {self.rounding_steps}) and "

@@ -119,17 +119,16 @@ class Quantizer:
         how = self.options.sensitivity
         if how == "metric":
             base = float(self.options.eval_fn(self.gm))
-            cost = {u: base - float(self.options.eval_fn(self.build([u]))) for u in units}
-        else:
-            measure = (
-                kl_divergence if how == "kl" else (lambda a, b: OutputError.between(a, b).rel_l2)
-            )
+            return {u: base - float(self.options.eval_fn(self.build([u]))) for u in units}
+        cost = {}
+        for u in units:
+            model = self.build([u])
             with torch.no_grad():
-                cost = {
-                    u: measure(self.reference, [m(*b) for b in self.batches])
-                    for u in units
-                    for m in [self.build([u])]
-                }
+                outputs = [model(*b) for b in self.batches]
+            if how == "kl":
+                cost[u] = kl_divergence(self.reference, outputs)
+            else:
+                cost[u] = OutputError.between(self.reference, outputs).rel_l2
         return cost
 
     def sensitivity(self) -> dict[str, float]:
