@@ -45,13 +45,10 @@ from racc.errors import (
 )
 
 PIPELINES = (
-    "fold-bn",
-    "fuse-5x5",
-    "prune-bn{threshold=0}",
-    "prune-bn{ratio=0.3}",
-    "int8",
-    "fold-bn,prune-bn{ratio=0.5},int8",
-)
+    "fold-bn", "fuse-5x5", "prune-bn{threshold=0}", "prune-bn{ratio=0.3}", "int8",
+    "fold-bn,prune-bn{ratio=0.5},int8", "equalize",
+    "equalize{clamps=relu},int8{per_channel=false,bias_correction=empirical}",
+)  # fmt: skip
 KINDS = ("raw exception", "silent mismatch", "broken graph", "mutated input")
 REFUSED = "refused"
 # What racc raises to decline a request it cannot serve on a valid model; anything else is a defect.

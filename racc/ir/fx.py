@@ -255,7 +255,8 @@ class _ValueRecorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
         if self.names is None or n.name in self.names:
-            self.values[n.name] = value
+            # a copy: an in-place op later (ReLU(inplace=True)) would change the value recorded
+            self.values[n.name] = value.clone() if isinstance(value, torch.Tensor) else value
         return value
 
 

@@ -2,8 +2,9 @@
 passes through every later layer as an offset; subtracting it from the bias removes it
 (Nagel et al., "Data-Free Quantization", ICCV 2019).
 
-`empirical`: E[y_q - y] per output channel, with y_q the int8 layer on its uint8 input and y the
-float layer, both on the float model's values on the calibration batches.
+`empirical`: mean(y_q - y) per output channel on the calibration batches, with y_q a layer's output
+in the int8 model and y in the float model, layer by layer in graph order with the corrections
+of the layers before it in place: the layer's own rounding and what reaches it uncorrected.
 `analytic`: (W_q - W) E[x], with E[x] from the statistics a folded BN left on the layer feeding
 this one (fold-bn keeps them; equalize rescales them) through the ReLU or ReLU6 between: for a
 pre-activation N(mu, sigma^2), E[relu(z)] = mu Phi(mu / sigma) + sigma phi(mu / sigma), and
@@ -22,7 +23,6 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from racc.ir.fx import node_values
 from racc.ir.ops import RELU, RELU6, matches
 from racc.passes.fold_bn import STATISTICS
 
@@ -46,26 +46,57 @@ def corrected(
 
 
 def empirical_shifts(
-    gm: fx.GraphModule,
-    nodes: dict[str, fx.Node],
-    units: list[str],
+    reference: fx.GraphModule,
+    quantized: fx.GraphModule,
+    linear: dict[str, bool],
     batches: list[tuple],
-    quantized: Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
-    """Per unit, the mean over the batches of (int8 output - float output) per channel;
-    `quantized(unit, x)` gives both on the unit's float input x."""
-    inputs = {nodes[u].args[0].name for u in units}
-    sums: dict[str, torch.Tensor] = {}
+    """Per layer node (a key of `linear`, which says whether it is a linear), in graph order:
+    the mean of its output in `quantized` minus that in `reference` per channel, on the batches
+    together, with the corrections of the layers before it already applied; one run of each."""
     used = batches[:CORRECTION_BATCHES]
-    for batch in used:
-        values = node_values(gm, batch, inputs)
-        with torch.no_grad():
-            for u in units:
-                reference, output = quantized(u, values[nodes[u].args[0].name])
-                linear = isinstance(gm.get_submodule(nodes[u].target), nn.Linear)
-                shift = _channel_mean(output - reference, linear) / len(used)
-                sums[u] = sums[u] + shift if u in sums else shift
-    return sums
+    inputs = tuple(torch.cat(parts) for parts in zip(*used, strict=True))
+    means = _ChannelMeans(reference, linear)
+    with torch.no_grad():
+        means.run(*inputs)
+        corrector = _Corrector(quantized, linear, means.means)
+        corrector.run(*inputs)
+    return corrector.shifts
+
+
+class _ChannelMeans(fx.Interpreter):
+    """Records the per-channel mean of each layer node's output."""
+
+    def __init__(self, gm: fx.GraphModule, linear: dict[str, bool]):
+        super().__init__(gm)
+        self.linear, self.means = linear, {}
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        if n.name in self.linear:
+            self.means[n.name] = _channel_mean(value, self.linear[n.name])
+        return value
+
+
+class _Corrector(fx.Interpreter):
+    """Runs the int8 model, moving each layer's output to the float model's channel means as
+    its corrected bias would, so that each later layer is measured on corrected inputs."""
+
+    def __init__(self, gm: fx.GraphModule, linear: dict[str, bool], means: dict):
+        super().__init__(gm)
+        self.linear, self.means, self.shifts = linear, means, {}
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        if n.name not in self.linear:
+            return value
+        is_linear = self.linear[n.name]
+        shift = _channel_mean(value, is_linear) - self.means[n.name]
+        self.shifts[n.name] = shift
+        axis = value.dim() - 1 if is_linear else 1
+        shape = [1] * value.dim()
+        shape[axis] = -1
+        return value - shift.view(shape).to(value)
 
 
 def analytic_shifts(

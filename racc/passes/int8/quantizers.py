@@ -182,7 +182,7 @@ class StaticQuantizer(Quantizer):
         self.full_plan = self.plan(self.units)
         self.qparams: dict[str, tuple[float, int]] = {}
         self.calibrated(set(self.full_plan.values()))
-        self.shifts: dict[str, torch.Tensor] | None = None  # bias corrections, when asked
+        self.shifts: dict[str, torch.Tensor] = {}  # bias corrections, when asked
         self.rounded: dict[str, torch.Tensor] = {}  # learned rounding's weights, when asked
         self.unrounded: list[str] = []  # what the time budget left at nearest rounding
         if options.rounding == "adaround":
@@ -190,6 +190,10 @@ class StaticQuantizer(Quantizer):
                 gm, self.nodes, self.units, self.batches, self._quantized,
                 options.rounding_steps, options.rounding_seconds,
             )  # fmt: skip
+        if options.bias_correction == "analytic":
+            self.shifts = analytic_shifts(gm, self.nodes, self.units, self._error)
+        elif options.bias_correction == "empirical":
+            self._correct_empirically()
 
     def candidate(self, node: fx.Node) -> bool:
         return kind_of(self.gm, node) == "weighted"
@@ -305,7 +309,7 @@ class StaticQuantizer(Quantizer):
             node = nodes[name]
             scale = qparams[plan[node.args[0].name]][0]
             layer = self._layer(
-                gm.get_submodule(node.target), scale, self.shift(name), self.rounded.get(name)
+                gm.get_submodule(node.target), scale, self.shifts.get(name), self.rounded.get(name)
             )
             gm.set_submodule(node.target, layer)
         last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
@@ -326,7 +330,7 @@ class StaticQuantizer(Quantizer):
         clamp = next((self.nodes[c] for c, s in self.fused.items() if s == unit), None)
         out = self.full_plan.get(clamp.name if clamp is not None else unit)
         after = as_callable(self.gm, clamp) if clamp is not None else (lambda y: y)
-        reference, y = (after(v) for v in self._raw(unit, x, self.shift(unit)))
+        reference, y = (after(v) for v in self._raw(unit, x, self.shifts.get(unit)))
         if out is not None:
             y = FakeQuant(*self.qparams[out], self.options.dtype)(y)
         return reference, y
@@ -345,18 +349,13 @@ class StaticQuantizer(Quantizer):
         in_scale, in_zero = self.qparams[self.full_plan[self.nodes[unit].args[0].name]]
         return self._layer(layer, in_scale), FakeQuant(in_scale, in_zero, self.options.dtype)
 
-    def shift(self, unit: str) -> torch.Tensor | None:
-        """The bias correction of `unit` (None without one), computed for all units at once."""
-        if self.options.bias_correction == "none":
-            return None
-        if self.shifts is None:
-            if self.options.bias_correction == "empirical":
-                self.shifts = empirical_shifts(
-                    self.gm, self.nodes, self.units, self.batches, self._raw
-                )
-            else:
-                self.shifts = analytic_shifts(self.gm, self.nodes, self.units, self._error)
-        return self.shifts.get(unit)
+    def _correct_empirically(self) -> None:
+        """Bias corrections that bring each layer's output mean, in the int8 model, to the float
+        model's on the calibration batches (racc.passes.int8.bias)."""
+        linear = {u: isinstance(self.gm.get_submodule(self.nodes[u].target), nn.Linear)
+                  for u in self.units}  # fmt: skip
+        quantized = self.build(self.units)
+        self.shifts = empirical_shifts(self.gm, quantized, linear, self.batches)
 
     def _error(self, unit: str) -> torch.Tensor:
         """W_q - W of `unit` at its input scale in the full plan."""
