@@ -205,3 +205,17 @@ def test_per_tensor_int8_of_a_net_trained_on_digits_is_within_a_point(digits_net
     pipeline = "equalize,int8{per_channel=false,bias_correction=empirical}"
     opt = racc.compile(model, pipeline, (x[:8],), calibration=calibration)
     assert abs(accuracy(opt, test) - fp32) <= 1.0
+
+
+def test_bias_correction_gives_a_layer_without_bias_one_of_its_dtype(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(8, 4, 1, bias=False)
+    ).eval()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    opt = racc.compile(net, "int8{bias_correction=empirical}", (x,), calibration=[x])
+    for name in ("0", "2"):
+        bias = opt.get_submodule(name).layer.bias
+        assert bias is not None and bias.dtype == torch.float32
+    racc.export_onnx(opt, tmp_path / "m.onnx")  # ONNX Runtime's integers equal eval mode's
+    assert (tmp_path / "m.onnx").exists()

@@ -40,7 +40,11 @@ def corrected(
     if weight is not None:
         layer.weight = nn.Parameter(weight.clone())
     if shift is not None:
-        bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(shift)
+        bias = (
+            layer.bias.detach()
+            if layer.bias is not None
+            else torch.zeros_like(shift, dtype=layer.weight.dtype)
+        )
         layer.bias = nn.Parameter(bias - shift.to(bias))
     return layer
 
