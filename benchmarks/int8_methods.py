@@ -134,7 +134,10 @@ def main() -> None:
         "and cosine are the model's outputs against fp32 on 2 fresh batches of 8, as eval mode "
         "computes them (ONNX Runtime's integers); the speed-up is the int8 file's over the fp32 "
         "file in ONNX Runtime at batch 1; QLinearConv is the share of the fp32 file's convs "
-        "ONNX Runtime runs as QLinearConv in the int8 file; the last column is compile time.\n"
+        "ONNX Runtime runs as QLinearConv in the int8 file; the last column is compile time. The "
+        "files of one model run the same ops (bias correction adds a bias, adaround moves weights "
+        "by one code), so their speed-ups differ by timing noise only: at batch 1 on 96x96 "
+        "inputs a run takes a few milliseconds.\n"
     )
     print(f"- Machine: {machine()}\n")
     models = models_from_args(zoo_models())
