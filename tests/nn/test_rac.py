@@ -193,6 +193,7 @@ _DDP_SCRIPT = textwrap.dedent(
         assert torch.equal(rows[0], rows[1]), "the bank differs between ranks"
         torch.manual_seed(0)
         assert not torch.equal(row, _Stage().a.bank.row), "training did not move the bank"
+        dist.barrier()  # both ranks done before either tears gloo down (else a rank can abort)
         dist.destroy_process_group()
 
     if __name__ == "__main__":
