@@ -219,3 +219,23 @@ def test_bias_correction_gives_a_layer_without_bias_one_of_its_dtype(tmp_path):
         assert bias is not None and bias.dtype == torch.float32
     racc.export_onnx(opt, tmp_path / "m.onnx")  # ONNX Runtime's integers equal eval mode's
     assert (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("per_channel", ["false", "true"])
+def test_equalize_does_not_raise_the_int8_error_of_the_digits_net(digits_net, per_channel):
+    """`measured` checks each set's balancing against simulated int8 and keeps what helps. Its
+    noise model alone (before that check) raised the per-tensor error on the test set 0.041 ->
+    0.074; with it, 0.036 per tensor, 0.0307 -> 0.0309 per channel (2% is left for what two
+    calibration batches cannot tell)."""
+    model, x, test = digits_net
+    calibration = [x[i * 32 : (i + 1) * 32] for i in range(8)]
+    images = [b[0] for b in test]
+    with torch.no_grad():
+        reference = [model(b) for b in images]
+        errors = {}
+        for pipeline in ("", f"equalize{{per_channel={per_channel}}},"):
+            pipeline += f"int8{{per_channel={per_channel}}}"
+            opt = racc.compile(model, pipeline, (x[:8],), calibration=calibration)
+            errors[pipeline] = OutputError.between(reference, [opt(b) for b in images]).rel_l2
+    plain, equalized = errors.values()
+    assert equalized <= 1.02 * plain, errors
