@@ -4,8 +4,8 @@ Each model, with per-tensor and per-channel int8 weights, by method, cumulativel
 + equalize (exact: sets through a ReLU6 are left alone), + empirical bias correction,
 + adaround; and equalize with analytic bias correction (from the folded BNs, no data) beside
 them. SQNR (dB) and cosine of the outputs to fp32 on 2 fresh batches of 8 (the digits net: its
-360 test images); ORT's speed-up over the fp32 file at batch 1 (interleaved, 2 threads); the share of the fp32 file's convs that ONNX Runtime runs as
-QLinearConv in the int8 file.
+360 test images); ORT's speed-up over the fp32 file at batch 1 (interleaved, 2 threads); the
+share of the fp32 file's convs that ONNX Runtime runs as QLinearConv in the int8 file.
 
 Models: torchvision's mobilenet_v2, efficientnet_b0 and resnet18 with trained-like BN (gammas
 log-uniform over two decades per channel, BN warmed up on random images) at 96x96; resnet18

@@ -10,7 +10,8 @@ written to channel k and r2_k that of the columns reading it,
 makes both sqrt(r1_k * r2_k): every channel's weights span the same range on both sides, which is
 what one int8 scale per tensor needs. A layer written by one set and read by the next (a
 depthwise conv between two pointwise ones) moves under both; the sets are balanced in turn until
-no scale moves by more than 1e-4 (or `rounds` rounds).
+no scale moves by more than 1e-4 (or `rounds` rounds). method=measured picks each set's strength
+by a noise model, then checks it against the model's simulated int8 output error (_settle).
 
 Exact (verified as such) through ReLU, pools, residual sums and gates. ReLU6 is not homogeneous:
 with clamps=skip (default) its sets are skipped with that reason; with clamps=relu they are
@@ -62,8 +63,9 @@ class EqualizeChannels(Pass):
         method: `dfq`: s_k = sqrt(r1_k / r2_k), from the weights alone, as the paper; or
             `measured`: per set and round, the strength alpha in s_k = (r1_k / r2_k) ** alpha
             (0, 1/8, .., 1/2) whose modelled int8 noise at the readers' outputs is least, from
-            the values on two calibration batches (or the example inputs): it never
-            equalizes where that would add noise.
+            the values on two calibration batches (or the example inputs); then each set's
+            balancing in full, half or none, whichever gives the least simulated int8 error
+            of the model's outputs on those batches.
         per_channel: the int8 weights `measured` prepares for: one scale per tensor (default,
             what equalization is for) or per output channel.
         rounds: the most rounds of balancing every set in turn.
