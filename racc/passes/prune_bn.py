@@ -60,9 +60,13 @@ class PruneChannelsByBnGamma(Pass):
         protect: module-name patterns (fnmatch) whose groups are never pruned.
         steps: prune `ratio` in this many steps with recovery between them; only
             `racc.compress` runs steps (it has the data to recover on), compile refuses them.
+        keep: per-group widths instead of a ratio, as `pattern:channels` items: a group a
+            layer writing it matches (fnmatch; the first item that matches) keeps that many
+            channels, its most important; other groups stay whole. Budget plans write this.
 
     Example:
         >>> opt = racc.compile(model, "prune-bn{ratio=0.5,round_to=8}", (x,))
+        >>> opt = racc.compile(model, "prune-bn{keep=layer1.0.conv1:40|layer2.*:96}", (x,))
     """
 
     name: ClassVar[str] = "prune-bn"
@@ -77,13 +81,22 @@ class PruneChannelsByBnGamma(Pass):
     aggregate: Literal["sum", "mean", "max"] = "mean"
     protect: tuple[str, ...] = ()
     steps: int = 1
+    keep: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        if (self.ratio is None) == (self.threshold is None):
+        if sum(x is not None for x in (self.ratio, self.threshold, self.keep or None)) != 1:
             raise PassConfigError(
-                f"pass '{self.name}': give exactly one of ratio or threshold, e.g. "
-                f"{self.name}{{ratio=0.5}} or {self.name}{{threshold=0.01}}"
+                f"pass '{self.name}': give exactly one of ratio, threshold or keep, e.g. "
+                f"{self.name}{{ratio=0.5}}, {self.name}{{threshold=0.01}} or "
+                f"{self.name}{{keep=layer1.*:32}}"
             )
+        for item in self.keep:
+            pattern, _, channels = item.rpartition(":")
+            if not pattern or not channels.isdigit() or int(channels) < 1:
+                raise PassConfigError(
+                    f"pass '{self.name}': option 'keep' takes pattern:channels items separated "
+                    f"by '|' (channels >= 1), e.g. keep=layer1.*:32|conv1:16; got '{item}'"
+                )
         if self.ratio is not None and not 0 <= self.ratio < 1:
             raise PassConfigError(f"pass '{self.name}': ratio must be in [0, 1), got {self.ratio}")
         if self.threshold is not None and self.threshold < 0:
@@ -139,6 +152,8 @@ class PruneChannelsByBnGamma(Pass):
     def _why_kept(self, scores: np.ndarray, cutoff: float | None) -> str:
         """Why a ranked group lost no unit."""
         lowest, n = float(scores.min()), len(scores)
+        if self.keep:
+            return f"kept all {n} units: no keep item matches it, or it asks for them all"
         if cutoff is not None and lowest > cutoff:
             return f"kept all {n} units: its lowest importance {lowest:.4g} is above the cutoff"
         if cutoff is None and int(self.ratio * n) == 0:
@@ -150,6 +165,8 @@ class PruneChannelsByBnGamma(Pass):
         what = "BN |gamma|" if self.importance == "bn_gamma" else f"output-weight {self.importance}"
         if self.threshold is not None:
             rule = f"every unit of importance <= threshold {self.threshold:g}"
+        elif self.keep:
+            rule = f"the widths keep gives ({len(self.keep)} items), least important first"
         elif cutoff is None:
             rule = f"the lowest {self.ratio:g} of each group (scope=local)"
         else:
@@ -202,6 +219,14 @@ class PruneChannelsByBnGamma(Pass):
         return ""
 
     def _select(self, ranked) -> tuple[dict[ChannelGroup, np.ndarray], float | None]:
+        if self.keep:
+            request = {}
+            for g, s, _ in ranked:
+                channels = self._kept(g)
+                if channels is not None:
+                    units = max(1, math.ceil(channels / g.channels_per_index))
+                    request[g] = self._bounded(g, s, _lowest(s, max(len(s) - units, 0)))
+            return request, None
         if self.threshold is not None:
             request = {
                 g: self._bounded(g, s, np.flatnonzero(s <= self.threshold)) for g, s, _ in ranked
@@ -233,6 +258,15 @@ class PruneChannelsByBnGamma(Pass):
                 request[g] = self._bounded(g, s, chosen[owner[chosen] == i] - starts[i])
         return request, cutoff
 
+    def _kept(self, group: ChannelGroup) -> int | None:
+        """The channels `keep` gives `group`, None when no item matches a layer writing it."""
+        owners = [m.owner for m in group.members if m.role == "out"]
+        for item in self.keep:
+            pattern, _, channels = item.rpartition(":")
+            if any(fnmatchcase(owner, pattern) for owner in owners):
+                return int(channels)
+        return None
+
     def _bounded(self, group: ChannelGroup, scores: np.ndarray, remove: np.ndarray) -> np.ndarray:
         """Give back the most important of `remove` until min_channels/min_fraction/round_to hold."""
         width, size = group.channels_per_index, group.size
@@ -242,16 +276,6 @@ class PruneChannelsByBnGamma(Pass):
             keep += 1
         remove = remove[np.argsort(scores[remove], kind="stable")]
         return np.sort(remove[: size - keep])
-
-
-def _why_kept(scores: np.ndarray, cutoff: float | None) -> str:
-    """Why a ranked group lost no unit."""
-    lowest = float(scores.min())
-    if cutoff is not None and lowest > cutoff:
-        return (
-            f"kept all {len(scores)} units: its lowest importance {lowest:.4g} is above the cutoff"
-        )
-    return f"kept all {len(scores)} units: min_channels, min_fraction and round_to keep them"
 
 
 def _lowest(scores: np.ndarray, count: float) -> np.ndarray:

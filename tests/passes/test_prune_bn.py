@@ -137,14 +137,31 @@ def test_groups_without_bn_fall_back_to_weight_norm():
     [
         ("ratio=1.0", r"ratio must be in \[0, 1\), got 1.0"),
         ("ratio=-0.1", r"ratio must be in \[0, 1\)"),
-        ("ratio=0.5,threshold=0.1", "give exactly one of ratio or threshold"),
-        ("scope=local", "give exactly one of ratio or threshold"),
+        ("ratio=0.5,threshold=0.1", "give exactly one of ratio, threshold or keep"),
+        ("scope=local", "give exactly one of ratio, threshold or keep"),
+        ("ratio=0.5,keep=conv1:8", "give exactly one of ratio, threshold or keep"),
+        ("keep=conv1", "pattern:channels items .* got 'conv1'"),
+        ("keep=conv1:0", "channels >= 1"),
         ("ratio=0.5,round_to=0", "round_to must be >= 1"),
     ],
 )
 def test_bad_options(options, message):
     with pytest.raises(PassConfigError, match=message):
         racc.passes.parse_pipeline(f"prune-bn{{{options}}}")
+
+
+def test_keep_gives_each_matched_group_its_width_and_leaves_the_rest_whole():
+    model, x = zoo_model("resnet18")
+    opt = racc.compile(model, "prune-bn{keep=conv1:40|layer1.0.conv1:24|layer2.*:96}", (x,))
+    widths = {n: m.out_channels for n, m in opt.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    # conv1 writes the residual group of layer1 (its conv2s write it too); layer1.0.conv1 reads
+    # that group but writes its own, the first item matching a writer counts
+    assert widths["conv1"] == widths["layer1.0.conv2"] == widths["layer1.1.conv2"] == 40
+    assert widths["layer1.0.conv1"] == 24 and widths["layer1.1.conv1"] == 64
+    assert {widths[f"layer2.{i}.conv1"] for i in (0, 1)} == {96} and widths["layer2.0.conv2"] == 96
+    assert widths["layer3.0.conv1"] == 256 and widths["layer4.1.conv2"] == 512
+    skipped = str(opt.racc_report)
+    assert "no keep item matches it" in skipped
 
 
 def test_model_without_prunable_group():
