@@ -10,7 +10,7 @@ from racc import data, passes, sparsity
 from racc.analysis import analyze
 from racc.backends.onnx import export_onnx
 from racc.backends.torch_io import load, save
-from racc.compiler import compile
+from racc.budget import compile
 from racc.compress import Compression, compress
 from racc.errors import RaccError
 from racc.passes.channels import prune_channels, zero_channels

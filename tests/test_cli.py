@@ -237,6 +237,9 @@ def test_calibration_data_from_a_file(capsys, tmp_path):
         (["inspect", "torchvision:resnet18", "--input-shape", "1,4,64,64"], "expected input[1, 4, 64, 64] to have 3 channels"),
         (["bench", "missing.onnx"], "no such ONNX file: 'missing.onnx'"),
         (["bench", "torchvision:resnet18", "--batches", "0"], "option --batches"),
+        (["compile", "torchvision:resnet18", "--budget", "latency=3x", "-o", "x.onnx"], "latency='3x' must be > 0 (and a share at most 1x)"),
+        (["compile", "torchvision:resnet18", "--budget", "speed=0.5", "-o", "x.onnx"], "unknown key(s) speed"),
+        (["compile", "torchvision:resnet18", "--budget", "latency=0.5", "--where", "layer1", "-o", "x.onnx"], "option --where does not go with --budget"),
     ],
 )  # fmt: skip
 def test_errors_are_one_line_and_exit_non_zero(capsys, tmp_path, argv, message):
@@ -270,10 +273,38 @@ def test_onnx_in_onnx_out(capsys, tmp_path):
 
 def test_usage_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["compile", "torchvision:resnet18"])
+        main(["compile", "torchvision:resnet18", "-o", "x.onnx"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "the following arguments are required: -p/--pipeline" in err
+    assert err.count("\n") == 1 and "one of the arguments -p/--pipeline --budget is required" in err
+
+
+def test_compile_to_a_budget_prints_the_plan_and_writes_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("RACC_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "net.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    c = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]\n"
+        "    return nn.Sequential(*c(3, 32), *c(32, 64), *c(64, 64), nn.AdaptiveAvgPool2d(1),\n"
+        "                         nn.Flatten(), nn.Linear(64, 10))\n"
+    )
+    out = tmp_path / "small.onnx"
+    code, stdout, err = run(capsys, "compile", f"{tmp_path}/net.py:build", "--budget",
+                            "size=0.15x,threads=1", "--input-shape", "1,3,16,16", "-o", str(out),
+                            "--plots", str(tmp_path / "plots"))  # fmt: skip
+    assert code == 0, err
+    pipeline = re.search(r'the plan: -p "(.*)"', stdout).group(1)
+    assert pipeline.startswith("prune-bn{keep=") and pipeline.endswith(",int8")  # both needed
+    assert "**chosen**" in stdout
+    assert (tmp_path / "plots" / "budget.png").stat().st_size > 0
+    original = tmp_path / "original.onnx"
+    model = load_model(f"{tmp_path}/net.py:build", 16).module
+    racc.export_onnx(model, original, example_inputs=(torch.randn(1, 3, 16, 16),))
+    assert out.stat().st_size <= 0.15 * original.stat().st_size  # as the budget says
+    code, _, err = run(capsys, "compile", f"{tmp_path}/net.py:build", "-p", pipeline,
+                       "--input-shape", "1,3,16,16", "-o", str(tmp_path / "again.onnx"))  # fmt: skip
+    assert code == 0, err  # the printed plan reruns as it is
 
 
 def test_the_installed_console_script(tmp_path):

@@ -92,7 +92,22 @@ def cmd_compile(args: argparse.Namespace) -> None:
     for path, option in ((args.out, "-o"), (args.report, "--report")):
         check_output(path, option)
     check_output(args.plots, "--plots", folder=True)
-    calibrates = _needs_calibration(args.pipeline)  # a bad pipeline fails before the model loads
+    if args.budget is not None:
+        from racc.budget import Budget
+
+        Budget.parse(args.budget)  # a bad budget fails before the model loads
+        for value, option in (
+            (args.data, "--data"),
+            (args.where, "--where"),
+            (args.max_drop, "--max-drop"),
+        ):
+            if value is not None:
+                raise PassConfigError(
+                    f"option {option} does not go with --budget: compile to the budget, then "
+                    "run the pipeline it prints with -p"
+                )
+    # a bad pipeline fails before the model loads; a budget may plan int8, so it calibrates
+    calibrates = args.budget is not None or _needs_calibration(args.pipeline)
     model = _load(args)
     _check_where(args, model)
     data = _read_array(args.calib_data) if calibrates and args.calib_data else None
@@ -115,6 +130,13 @@ def cmd_compile(args: argparse.Namespace) -> None:
             )
     if args.data:
         opt = recovery.compile_and_recover(args, model.module, x, calibration, _say)
+    elif args.budget is not None:
+        opt = racc.compile(
+            model.source(), None, (x,), args.explain, calibration, True, budget=args.budget
+        )
+        print(opt.racc_plan.to_markdown() + f'\n\nthe plan: -p "{opt.racc_plan.pipeline}"\n')
+        if args.plots:
+            print(f"wrote {opt.racc_plan.plot(Path(args.plots) / 'budget.png')}")
     else:
         opt = racc.compile(
             model.source(),

@@ -48,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "compile", parents=[model, common, calib], help="run a pipeline, write ONNX or a racc file"
     )
-    p.add_argument("-p", "--pipeline", required=True, help='e.g. "prune-bn{ratio=0.5},int8"')
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("-p", "--pipeline", help='e.g. "prune-bn{ratio=0.5},int8"')
+    how.add_argument(
+        "--budget",
+        help='plan the pipeline to meet limits measured here, e.g. "latency=0.5x", '
+        '"latency=8ms,size=5MiB,batch=8,threads=2" (docs/budget.md)',
+    )
     p.add_argument("-o", "--out", required=True, help="OUT.onnx exports ONNX; else a racc file")
     p.add_argument("--report", help="markdown report path (default OUT.report.md; JSON next to it)")
     p.add_argument("--plots", help="folder for passes.png, params.png and channels.png")

@@ -1,0 +1,164 @@
+"""Compile to a budget: latency budgets met as measured, and a plan against a uniform prune.
+
+1. torchvision's resnet50 and mobilenet_v2 (trained-like BN: gammas log-uniform over two decades
+   per channel, so that the BN ranking means something) at 224x224, ONNX Runtime on 2 threads,
+   at batch 1 and 8: `racc.compile(model, budget={"latency": b, "batch": n})` for b = 0.5 and 0.3,
+   with int8 plannable (8 random calibration batches). The plan's latency as measured (its
+   ONNX file against the original's, interleaved), as predicted, the whole model's prediction
+   against its timing, the plan's output error (relative L2 on the planning inputs), its
+   pipeline, and the time planning took (conv timings cached per machine: the second budget
+   of a model reuses the first's).
+2. Nets trained here on digits (a MobileNetV2-style net at width 0.5, and a CIFAR ResNet-18) at
+   32x32: a uniform `prune-bn{ratio=r,round_to=8}` timed in ONNX Runtime, then a plan compiled
+   to that measured latency (fp32 only, as the uniform prune is): output error on the test set
+   and test accuracy, both after re-estimating BN statistics on 10 training batches.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import racc
+from benchmarks.common import machine, models_from_args
+from racc.data import accuracy, batches, digits
+from racc.metrics import OutputError
+from racc.timing import interleaved, ort_call, ort_session
+from racc.zoo import small_image_net, spread_bn_gammas, torchvision_model, warm_up_bn
+
+SIDE = 224
+BUDGETS = (0.5, 0.3)
+BATCHES = (1, 8)
+
+
+def trained_like(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torchvision_model(name, side=SIDE, warm=False)
+    spread_bn_gammas(model, decades=2)
+    return warm_up_bn(model, SIDE)
+
+
+def zoo_rows(name: str) -> list[str]:
+    model = trained_like(name)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, SIDE, SIDE, generator=g)
+    calibration = [torch.randn(2, 3, SIDE, SIDE, generator=g) for _ in range(8)]
+    rows = []
+    for batch in BATCHES:
+        for share in BUDGETS:
+            began = time.perf_counter()
+            budget = {"latency": share, "batch": batch, "threads": 2}
+            try:
+                opt = racc.compile(
+                    model, example_inputs=(x,), calibration=calibration, budget=budget
+                )
+            except racc.RaccError as e:
+                rows.append(f"| {name} | {batch} | {share}x | not met: {e} |||||||")
+                continue
+            plan = opt.racc_plan
+            c = plan.chosen
+            measured = c.measured_seconds / plan.original_seconds
+            rows.append(
+                f"| {name} | {batch} | {share}x | {measured:.2f}x ({measured / share - 1:+.0%}) | "
+                f"{c.seconds / plan.original_seconds:.2f}x | "
+                f"{c.seconds / c.measured_seconds:.2f} | "
+                f"{plan.original_seconds * 1e3:.1f} ms | {c.measured_error:.3f} | "
+                f"{len(plan.attempts)} | {time.perf_counter() - began:.0f} s | "
+                f"`{_short(c.pipeline)}` |"
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _short(pipeline: str) -> str:
+    parts = pipeline.split(",")
+    if parts[0].startswith("prune-bn{keep="):
+        n = parts[0].count(":")
+        parts[0] = f"prune-bn{{keep=... {n} groups}}"
+    return ",".join(parts)
+
+
+def digits_nets() -> dict:
+    x, y, x_test, y_test = digits(side=32)
+    nets = {}
+    for name, arch, epochs in (
+        ("MobileNetV2-style", "mobilenet_v2", 10),
+        ("ResNet-18-style", "resnet18", 4),
+    ):
+        torch.manual_seed(0)
+        model = small_image_net(arch, num_classes=10, width=0.5)
+        racc.recover(
+            model, data=batches(x, y, 64, shuffle=True), epochs=epochs, lr=0.05, progress=False
+        )
+        nets[name] = model.eval()
+    return nets, (x, y, x_test, y_test)
+
+
+def uniform_rows() -> list[str]:
+    nets, (x, y, x_test, y_test) = digits_nets()
+    test = batches(x_test, y_test, 256)
+    rows = []
+    for name, model in nets.items():
+        with torch.no_grad():
+            reference = model(x_test)
+        with tempfile.TemporaryDirectory() as folder:
+            original = Path(folder) / "original.onnx"
+            racc.export_onnx(model, original, example_inputs=(x[:1],))
+            base = ort_call(ort_session(original, threads=2), x[:1])
+            for ratio in (0.3, 0.5):
+                uniform = racc.compile(model, f"prune-bn{{ratio={ratio},round_to=8}}", (x[:64],))
+                path = Path(folder) / f"u{ratio}.onnx"
+                racc.export_onnx(uniform, path, example_inputs=(x[:1],))
+                timing = interleaved([base, ort_call(ort_session(path, threads=2), x[:1])], 30)
+                share = min(timing.ratios[1], 1.0)
+                plan = racc.compile(
+                    model, example_inputs=(x[:64],), budget={"latency": share, "batch": 1}
+                )
+                for label, opt in ((f"prune-bn{{ratio={ratio}}}", uniform), ("plan", plan)):
+                    racc.recalibrate_bn(opt, batches(x, None, 64), batches=10)
+                    with torch.no_grad():
+                        error = OutputError.between(reference, opt(x_test)).rel_l2
+                    timed = plan.racc_plan.chosen.measured_seconds / plan.racc_plan.original_seconds
+                    latency = f"{timed if opt is plan else share:.2f}x"
+                    rows.append(
+                        f"| {name} ({accuracy(model, test):.2f}%) | {label} | {latency} | "
+                        f"{error:.3f} | {accuracy(opt, test):.2f}% |"
+                    )
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    print("### Compile to a budget\n")
+    print(
+        "Command: `python -m benchmarks.budget`. Latency budgets on torchvision models at "
+        f"{SIDE}x{SIDE} (trained-like BN, int8 plannable), ONNX Runtime on 2 threads: the plan's "
+        "latency as measured against the original, interleaved (and how far from the budget), "
+        "as predicted, the whole-model prediction over the timing, the original's time, the "
+        "plan's output error (relative L2), how many plans were compiled and timed, the time "
+        "planning took, and the plan.\n"
+    )
+    print(f"- Machine: {machine()}\n")
+    print(
+        "| model | batch | budget | measured | predicted | predicted / measured | original | "
+        "rel L2 | timed | planning | plan |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in models_from_args(["mobilenet_v2", "resnet50"]):
+        zoo_rows(name)
+    print(
+        "\nAt the latency a uniform prune measures, the plan against it on nets trained on "
+        "digits (32x32, batch 1, fp32): output error on the 360 test images and test accuracy, "
+        "both after BN statistics are re-estimated on 10 training batches.\n"
+    )
+    print("| net (fp32 accuracy) | pipeline | latency | rel L2 | accuracy |")
+    print("|---|---|---|---|---|")
+    uniform_rows()
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Compile to a budget: `racc.compile(model, budget={"latency": 0.5}, ...)` plans the widths of
+every prunable group and int8 in one optimisation, against latencies measured on this machine in
+ONNX Runtime, compiles the plan, times it, and gives back the plan's pipeline string with the
+model (docs/budget.md).
+
+    opt = racc.compile(model, example_inputs=(x,), budget={"latency": "0.5x"}, calibration=b)
+    print(opt.racc_plan.to_markdown())     # the candidates, measured, the chosen one marked
+    opt.racc_plan.pipeline                 # "prune-bn{keep=...},int8": read, edit, rerun
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from racc.budget.latency import LatencyModel
+from racc.budget.plan import Candidate, Planner
+from racc.budget.solve import BudgetPlan, plan_budget
+from racc.compiler import compile as compile_pipeline
+from racc.errors import PassConfigError
+
+_QUANTITY = re.compile(
+    r"^\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(x|ms|s|b|kib|mib|gib|kb|mb|gb)?\s*$"
+)
+_UNITS = {
+    "ms": 1e-3,
+    "s": 1.0,
+    "b": 1,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "kb": 1e3,
+    "mb": 1e6,
+    "gb": 1e9,
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits a plan must meet: each absolute (seconds, bytes) or relative to the original (a
+    share, `x`); None where there is no limit. `batch` and `threads` are what it is timed at."""
+
+    latency: float | None = None
+    latency_relative: bool = True
+    size: float | None = None
+    size_relative: bool = True
+    batch: int | None = None
+    threads: int = 2
+
+    @classmethod
+    def parse(cls, value: Budget | dict | str) -> Budget:
+        """A Budget from a dict ({"latency": 0.5, "size": "5MiB"}) or a string
+        ("latency=0.5x,size=5MiB"); a bare number is relative. Bad keys or values raise
+        PassConfigError naming them."""
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, str):
+            items = {}
+            for part in filter(None, (p.strip() for p in value.split(","))):
+                key, sep, text = part.partition("=")
+                if not sep:
+                    raise PassConfigError(
+                        f"budget: '{part}' is not key=value; write e.g. latency=0.5x,size=5MiB"
+                    )
+                items[key.strip()] = text.strip()
+            value = items
+        if not isinstance(value, dict):
+            raise PassConfigError(f"budget: a dict or a string, got {type(value).__name__}")
+        known = {"latency", "size", "batch", "threads", "max_drop"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise PassConfigError(
+                f"budget: unknown key(s) {', '.join(unknown)}; valid: latency, size, batch, threads"
+            )
+        if "max_drop" in value:
+            raise PassConfigError(
+                "budget: max_drop needs data and a metric to hold a plan to; compile to a "
+                "latency or size budget, then run racc.compress(model, opt.racc_plan.pipeline, "
+                "..., eval_data=..., max_drop=...) on the plan"
+            )
+        if "latency" not in value and "size" not in value:
+            raise PassConfigError("budget: give a latency or a size limit, e.g. latency=0.5x")
+        latency, latency_rel = _quantity("latency", value.get("latency"), ("x", "ms", "s"))
+        size, size_rel = _quantity(
+            "size", value.get("size"), ("x", "b", "kib", "mib", "gib", "kb", "mb", "gb")
+        )
+        batch, threads = value.get("batch"), value.get("threads", 2)
+        for key, n in (("batch", batch), ("threads", threads)):
+            if n is not None and (not str(n).isdigit() or int(n) < 1):
+                raise PassConfigError(f"budget: {key} must be a whole number >= 1, got {n!r}")
+        return cls(
+            latency, latency_rel, size, size_rel, int(batch) if batch else None, int(threads)
+        )
+
+    def __str__(self) -> str:
+        parts = []
+        if self.latency is not None:
+            parts.append(
+                f"latency={self.latency:g}x"
+                if self.latency_relative
+                else f"latency={self.latency * 1e3:g}ms"
+            )
+        if self.size is not None:
+            parts.append(
+                f"size={self.size:g}x" if self.size_relative else f"size={self.size / 2**20:g}MiB"
+            )
+        batch = [f"batch={self.batch}"] if self.batch else []
+        return ",".join(parts + batch + [f"threads={self.threads}"])
+
+
+def _quantity(key: str, value: Any, units: tuple[str, ...]) -> tuple[float | None, bool]:
+    """(number in seconds or bytes, relative?) of one limit."""
+    if value is None:
+        return None, True
+    match = _QUANTITY.match(str(value).lower())
+    unit = match.group(2) if match else None
+    if not match or (unit and unit not in units):
+        raise PassConfigError(
+            f"budget: {key}={value!r} is not a limit; write a share of the original (0.5 or "
+            f"0.5x) or an amount ({', '.join(u for u in units if u != 'x')})"
+        )
+    number = float(match.group(1))
+    relative = unit in (None, "x")
+    if number <= 0 or (relative and number > 1):
+        raise PassConfigError(f"budget: {key}={value!r} must be > 0 (and a share at most 1x)")
+    return (number if relative else number * _UNITS[unit]), relative
+
+
+def compile(
+    model,
+    passes=None,
+    example_inputs: Any = None,
+    explain: bool = False,
+    calibration: Any = None,
+    progress: bool = False,
+    where: str | None = None,
+    budget: Budget | dict | str | None = None,
+    latency: LatencyModel | None = None,
+):
+    """Transform a copy of `model` with `passes` (racc.compiler.compile), or, with `budget`,
+    with the plan that meets it: `{"latency": 0.5}` (half the original's ONNX Runtime time),
+    `"latency=8ms,size=5MiB"`, with `batch` and `threads` keys for what it is timed at. The
+    plan (racc.budget.solve) is measured on this machine; `.racc_plan` holds it with its
+    candidates, and `.racc_plan.pipeline` is the pipeline string it compiled.
+
+    `latency` is the latency model to use (racc.budget.latency.LatencyModel: its table and
+    thread count); by default this machine's cached table at the budget's threads.
+    """
+    if budget is None:
+        if passes is None:
+            raise PassConfigError("compile: give passes (a pipeline string) or a budget")
+        return compile_pipeline(
+            model, passes, example_inputs, explain, calibration, progress, where
+        )
+    if passes is not None or where is not None:
+        raise PassConfigError(
+            "compile: a budget plans the passes itself; give passes or budget, not both (and "
+            "no where=)"
+        )
+    plan = plan_budget(model, example_inputs, Budget.parse(budget), calibration, latency, progress)
+    opt = compile_pipeline(model, plan.pipeline, example_inputs, explain, calibration, progress)
+    opt.racc_plan = plan
+    return opt
+
+
+compile.__doc__ += "\n" + (compile_pipeline.__doc__ or "")
+__all__ = ["Budget", "BudgetPlan", "Candidate", "LatencyModel", "Planner", "compile", "plan_budget"]

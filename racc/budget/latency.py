@@ -1,0 +1,302 @@
+"""A latency model of the target, measured: every conv of a model timed alone in ONNX Runtime (fp32
+Conv, int8 QLinearConv) at the user's thread count and batch, cached per machine.
+
+A conv's time is close to a + b*cin + c*cout + d*cin*cout (its MACs are the last term, the rest is
+reading, writing and overhead), so four timings per conv shape (cin and cout each at a quarter
+and at full width) fix it, and the model predicts any width between them. A depthwise conv's
+channels are its groups: two timings fix a + b*c. What the convs do not explain (pools, sums,
+the quantizers between layers) is the model's measured time less the convs' predicted time; it
+scales with the channels that remain.
+
+    model = LatencyModel(threads=2)
+    convs = conv_shapes(gm, batch=1)
+    model.conv_seconds(convs[0], cin=32, cout=48, int8=False)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+from onnx import TensorProto, helper, numpy_helper
+
+from racc.cpu import this_cpu
+from racc.ir.fx import example_of
+from racc.ir.ops import CONVS
+
+LOW = 0.25  # the narrow corner of the timed widths, as a share of the conv's own
+RUNS_SECONDS = 0.05  # each timing runs at least this long (and at least RUNS times)
+RUNS = 5
+CACHE_ENV = "RACC_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """One conv call as ONNX Runtime runs it: its widths at the model's full size, the input's
+    spatial size, and how it slides."""
+
+    name: str  # the module's qualified name
+    batch: int
+    cin: int
+    cout: int
+    size: tuple[int, ...]  # input spatial size
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.cin == self.cout
+
+    def key(self, cin: int, cout: int, int8: bool) -> str:
+        """The cache key of this shape at widths cin -> cout."""
+        groups = cin if self.depthwise else self.groups
+        kind, size = "int8" if int8 else "fp32", "x".join(map(str, self.size))
+        return (
+            f"{kind} n{self.batch} {cin}->{cout} {size} k{self.kernel} s{self.stride} "
+            f"p{self.padding} d{self.dilation} g{groups}"
+        )
+
+    def output_size(self) -> tuple[int, ...]:
+        return tuple(
+            (s + 2 * p - d * (k - 1) - 1) // st + 1
+            for s, k, st, p, d in zip(
+                self.size, self.kernel, self.stride, self.padding, self.dilation, strict=True
+            )
+        )
+
+
+def conv_shapes(gm: fx.GraphModule, batch: int) -> list[ConvShape]:
+    """Every conv call of `gm` (examples recorded), at `batch`, in graph order. A conv with
+    string padding ('same') or a padding mode other than zeros is timed as zero-padded."""
+    shapes = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, CONVS) or isinstance(m, torch.nn.modules.conv._ConvTransposeNd):
+            continue
+        x = example_of(node.args[0])
+        y = example_of(node)
+        if x is None or y is None:
+            continue
+        size = tuple(x.shape[2:])
+        padding = m.padding if not isinstance(m.padding, str) else _same(m, size, y.shape[2:])
+        shapes.append(
+            ConvShape(
+                node.target,
+                batch,
+                m.in_channels,
+                m.out_channels,
+                size,
+                tuple(m.kernel_size),
+                tuple(m.stride),
+                tuple(padding),
+                tuple(m.dilation),
+                m.groups,
+            )
+        )
+    return shapes
+
+
+def _same(m, size, out) -> tuple[int, ...]:
+    """A symmetric padding giving the same output size as padding='same' (valid: 0)."""
+    if m.padding == "valid":
+        return tuple(0 for _ in size)
+    return tuple((d * (k - 1)) // 2 for k, d in zip(m.kernel_size, m.dilation, strict=True))
+
+
+def machine_key(threads: int) -> str:
+    """What makes timings comparable: the CPU, its int8 kernel, ONNX Runtime's version, threads."""
+    import onnxruntime
+
+    cpu = this_cpu()
+    return (
+        f"{cpu.model} | {cpu.kernel} | {os.cpu_count()} cores | onnxruntime "
+        f"{onnxruntime.__version__} | {threads} threads"
+    )
+
+
+def cache_path() -> Path:
+    """The latency cache: $RACC_CACHE_DIR/latency.json, else ~/.cache/racc/latency.json."""
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "racc"
+    return Path(root) / "latency.json"
+
+
+class LatencyModel:
+    """Per-conv ONNX Runtime timings of this machine at `threads`, with their fits; measured on
+    first use and kept in the cache file (one table per machine key).
+
+    Args:
+        threads: ONNX Runtime's intra-op threads, as the deployed session will use.
+        path: the cache file (cache_path() by default). A table under another machine key in
+            the same file is never read: a cached table is this machine's or none.
+        table: entries to use as they are ({key: seconds}), e.g. a table shipped with a test;
+            anything missing from it is measured here.
+    """
+
+    def __init__(self, threads: int = 2, path: Path | None = None, table: dict | None = None):
+        self.threads = threads
+        self.path = Path(path) if path else cache_path()
+        self.machine = machine_key(threads)
+        self.entries: dict[str, float] = dict(table or {})
+        self.measured = 0  # timings taken here (not found in the table or the cache)
+        if table is None and self.path.is_file():
+            try:
+                stored = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                stored = {}  # a damaged cache is measured again
+            self.entries.update(stored.get(self.machine, {}))
+
+    def conv_seconds(self, shape: ConvShape, cin: int, cout: int, int8: bool) -> float:
+        """Predicted seconds of `shape` at widths cin -> cout, from its four (depthwise: two)
+        corner timings."""
+        lo_in, lo_out = _low(shape.cin, shape.groups), _low(shape.cout, shape.groups)
+        if shape.depthwise:
+            low, high = (self.seconds(shape, c, c, int8) for c in (lo_in, shape.cin))
+            return _line(lo_in, low, shape.cin, high, cin)
+        t = {
+            (i, o): self.seconds(shape, i, o, int8)
+            for i in (lo_in, shape.cin)
+            for o in (lo_out, shape.cout)
+        }
+        at_low_in = _line(lo_out, t[lo_in, lo_out], shape.cout, t[lo_in, shape.cout], cout)
+        at_full_in = _line(lo_out, t[shape.cin, lo_out], shape.cout, t[shape.cin, shape.cout], cout)
+        return max(_line(lo_in, at_low_in, shape.cin, at_full_in, cin), 0.0)
+
+    def seconds(self, shape: ConvShape, cin: int, cout: int, int8: bool) -> float:
+        """The measured seconds of `shape` at widths cin -> cout (cached)."""
+        key = shape.key(cin, cout, int8)
+        if key not in self.entries:
+            self.entries[key] = time_model(conv_model(shape, cin, cout, int8), self.threads)
+            self.measured += 1
+        return self.entries[key]
+
+    def save(self) -> None:
+        """Write this machine's table into the cache file, keeping other machines' tables; the
+        file is replaced whole, so a reader never sees half of it."""
+        stored = {}
+        if self.path.is_file():
+            try:
+                stored = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                stored = {}
+        stored[self.machine] = dict(sorted(self.entries.items()))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(stored, f, indent=0)
+        os.replace(tmp, self.path)
+
+
+def _low(width: int, groups: int) -> int:
+    """The narrow corner's width: a quarter, a multiple of the conv's groups (when grouped)."""
+    step = 1 if groups == width or groups == 1 else groups
+    return max(step, round(width * LOW / step) * step)
+
+
+def _line(x0: int, y0: float, x1: int, y1: float, x: int) -> float:
+    return y1 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def conv_model(shape: ConvShape, cin: int, cout: int, int8: bool) -> onnx.ModelProto:
+    """A one-conv ONNX model of `shape` at widths cin -> cout: fp32 Conv, or QLinearConv on
+    uint8 activations and int8 weights (what racc's int8 files run)."""
+    groups = cin if shape.depthwise else shape.groups
+    g = np.random.default_rng(0)
+    w = g.standard_normal((cout, cin // groups, *shape.kernel)).astype(np.float32)
+    attrs = dict(
+        kernel_shape=list(shape.kernel),
+        strides=list(shape.stride),
+        group=groups,
+        pads=list(shape.padding) * 2,
+        dilations=list(shape.dilation),
+    )
+    x_shape, y_shape = [shape.batch, cin, *shape.size], [shape.batch, cout, *shape.output_size()]
+    if not int8:
+        inits = [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.zeros(cout, np.float32), "b"),
+        ]
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)
+        kind = TensorProto.FLOAT
+    else:
+        q = np.clip(np.round(w * 20), -127, 127).astype(np.int8)
+        scalars = {"xs": 0.02, "ws": 0.05, "ys": 0.1}
+        inits = [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in scalars.items()]
+        inits += [
+            numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+            numpy_helper.from_array(np.array(0, np.int8), "wz"),
+            numpy_helper.from_array(np.array(128, np.uint8), "yz"),
+            numpy_helper.from_array(q, "w"),
+            numpy_helper.from_array(np.zeros(cout, np.int32), "b"),
+        ]
+        inputs = ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"]
+        node = helper.make_node("QLinearConv", inputs, ["y"], **attrs)
+        kind = TensorProto.UINT8
+    graph = helper.make_graph(
+        [node],
+        "conv",
+        [helper.make_tensor_value_info("x", kind, x_shape)],
+        [helper.make_tensor_value_info("y", kind, y_shape)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def time_model(model: onnx.ModelProto | str | os.PathLike, threads: int, x=None) -> float:
+    """Median seconds of one ONNX Runtime run of `model` (first input random, or `x`), after a
+    warm-up, over at least RUNS runs and RUNS_SECONDS."""
+    from racc.timing import ort_session
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = model
+        if isinstance(model, onnx.ModelProto):
+            path = Path(folder) / "m.onnx"
+            onnx.save(model, path)
+        session = ort_session(path, threads=threads)
+    feed = {}
+    for i, spec in enumerate(session.get_inputs()):
+        if i == 0 and x is not None:
+            feed[spec.name] = x
+            continue
+        dtype = np.uint8 if "uint8" in spec.type else np.float32
+        shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+        feed[spec.name] = np.random.default_rng(i).integers(0, 255, shape).astype(dtype)
+    session.run(None, feed)
+    times: list[float] = []
+    began = time.perf_counter()
+    while len(times) < RUNS or time.perf_counter() - began < RUNS_SECONDS:
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def preferred_multiple(model: LatencyModel, shape: ConvShape, int8: bool) -> int:
+    """The channel multiple the runtime likes for `shape`'s output: the smallest m in 2, 4, 8, 16
+    for which a width one past every multiple of m costs more than 3% over the multiple itself
+    (the kernel computes whole blocks of m channels), timed around half the conv's width; else
+    1."""
+    if shape.depthwise or shape.groups > 1 or shape.cout < 34:
+        return 1
+    base = max(16, shape.cout // 32 * 16)
+    for m in (2, 4, 8, 16):
+        steps = [
+            model.seconds(shape, shape.cin, w + 1, int8) / model.seconds(shape, shape.cin, w, int8)
+            for w in range(base, base + 16 + 1, m)
+        ]
+        if min(steps) > 1.03:
+            return m
+    return 1

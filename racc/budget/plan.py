@@ -1,0 +1,217 @@
+"""The planner: per-group widths and int8, chosen together against a latency and size budget.
+
+Each choice has a predicted latency (the latency model, racc.budget.latency) and a measured
+accuracy cost: a group pruned to k channels costs the squared relative output error of the
+model with only that group's other channels zeroed (its least important, as prune-bn ranks
+them); int8 costs the squared error of the model quantized alone. Errors of independent
+choices add as noise powers, so a plan's predicted error is the root of their sum.
+
+The solver is greedy over marginal rates, for plain int8 off and on: from the full model, take
+the step (one group one width level narrower) with the least added error per second saved,
+until the prediction meets the budget. Every step is a candidate plan; the front of them is
+the Pareto set the report draws. The chosen plan is compiled and timed in ONNX Runtime; where
+the timing misses the budget, the prediction's target is corrected by the ratio and the plan
+made again (at most CORRECTIONS times).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from racc.analysis import analyze
+from racc.budget.latency import ConvShape, LatencyModel
+from racc.metrics import flat_outputs
+from racc.passes.channels import zero_channels
+from racc.passes.prune_bn import unit_importance
+
+LEVELS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)  # kept share of a group's channels
+
+
+@dataclass
+class Choice:
+    """One group's width levels: the channels each keeps and its measured squared error."""
+
+    group: int  # ChannelGroup.index
+    writer: str  # a layer writing the group: keep's pattern
+    channels: int
+    widths: list[int]  # channels kept at each level (rounded), widest first
+    errors: list[float]  # squared relative output error at each level
+    out_share: dict[str, float] = field(default_factory=dict)  # conv -> its out channels here
+    in_share: dict[str, float] = field(default_factory=dict)  # conv -> its in channels here
+
+
+@dataclass
+class Candidate:
+    """One plan: a width level per group and int8 or not, with its predictions and (when it
+    was compiled and timed) its measurements."""
+
+    levels: tuple[int, ...]
+    int8: bool
+    seconds: float  # predicted
+    bytes: int  # predicted
+    error: float  # predicted relative L2 of the outputs
+    pipeline: str = ""
+    measured_seconds: float | None = None
+    measured_error: float | None = None
+    measured_bytes: int | None = None
+    chosen: bool = False
+
+
+class Planner:
+    """The choices of one model and their costs; `path` walks the greedy solver."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        inputs: tuple,
+        shapes: list[ConvShape],
+        latency: LatencyModel,
+        round_to: int,
+        rest: dict[bool, float],
+        int8_error: float | None,
+    ):
+        self.shapes, self.latency, self.rest = shapes, latency, rest
+        self.int8_error = int8_error
+        self.choices = _choices(gm, inputs, round_to)
+        self.weights = {s.name: s.cin // s.groups * s.cout * math.prod(s.kernel) for s in shapes}
+        self.other_bytes = 0  # set by the caller: parameters outside the convs, as exported
+
+    def convs(self, levels: tuple[int, ...]) -> dict[str, tuple[int, int]]:
+        """Each conv's (cin, cout) at `levels`."""
+        cut_in = dict.fromkeys(self.weights, 0.0)
+        cut_out = dict.fromkeys(self.weights, 0.0)
+        for c, level in zip(self.choices, levels, strict=True):
+            lost = 1 - c.widths[level] / c.channels
+            for name, n in c.out_share.items():
+                cut_out[name] += n * lost
+            for name, n in c.in_share.items():
+                cut_in[name] += n * lost
+        widths = {}
+        for s in self.shapes:
+            cout = max(1, round(s.cout - cut_out[s.name]))
+            cin = cout if s.depthwise else max(1, round(s.cin - cut_in[s.name]))
+            widths[s.name] = (cin, cout)
+        return widths
+
+    def predict(self, levels: tuple[int, ...], int8: bool) -> tuple[float, int, float]:
+        """(seconds, bytes, relative output error) predicted for a plan."""
+        widths = self.convs(levels)
+        seconds = volume = full = 0.0
+        size = self.other_bytes
+        for s in self.shapes:
+            cin, cout = widths[s.name]
+            seconds += self.latency.conv_seconds(s, cin, cout, int8)
+            pixels = math.prod(s.output_size())
+            volume, full = volume + cout * pixels, full + s.cout * pixels
+            groups = cin if s.depthwise else s.groups
+            size += (cin // groups) * cout * math.prod(s.kernel) * (1 if int8 else 4)
+        seconds += self.rest[int8] * (volume / full if full else 1.0)
+        error = sum(c.errors[level] for c, level in zip(self.choices, levels, strict=True))
+        error += self.int8_error if int8 else 0.0
+        return seconds, int(size), math.sqrt(error)
+
+    def candidate(self, levels: tuple[int, ...], int8: bool) -> Candidate:
+        seconds, size, error = self.predict(levels, int8)
+        return Candidate(levels, int8, seconds, size, error, self.pipeline(levels, int8))
+
+    def path(self, int8: bool, seconds: float, size: float) -> list[Candidate]:
+        """The greedy walk for int8 on or off: full widths first, then one step at a time, the
+        least added error per second (or per byte, while only the size is over) saved, until
+        both limits hold or no step is left. Every plan it passes is returned."""
+        levels = tuple(0 for _ in self.choices)
+        walk = [self.candidate(levels, int8)]
+        while walk[-1].seconds > seconds or walk[-1].bytes > size:
+            here = walk[-1]
+            best, rate = None, math.inf
+            for i, c in enumerate(self.choices):
+                if levels[i] + 1 >= len(c.widths):
+                    continue
+                step = tuple(v + (k == i) for k, v in enumerate(levels))
+                t, b, e = self.predict(step, int8)
+                saved = here.seconds - t if here.seconds > seconds else (here.bytes - b) / 1e6
+                if saved <= 0:
+                    continue
+                cost = (e**2 - here.error**2) / saved
+                if cost < rate:
+                    best, rate = step, cost
+            if best is None:
+                break
+            levels = best
+            walk.append(self.candidate(levels, int8))
+        return walk
+
+    def pipeline(self, levels: tuple[int, ...], int8: bool) -> str:
+        """The plan as a pipeline string: prune-bn{keep=...} with the narrowed groups, int8."""
+        items = [
+            f"{c.writer}:{c.widths[level]}"
+            for c, level in zip(self.choices, levels, strict=True)
+            if c.widths[level] < c.channels
+        ]
+        parts = [f"prune-bn{{keep={'|'.join(items)}}}"] if items else []
+        return ",".join(parts + (["int8"] if int8 else []))
+
+
+def _choices(gm: fx.GraphModule, inputs: tuple, round_to: int) -> list[Choice]:
+    """Every prunable group's width levels and their measured errors."""
+    analysis = analyze(gm, inputs)
+    with torch.no_grad():
+        reference = flat_outputs(gm(*inputs))
+    power = float(reference.square().sum()) or 1.0
+    convs = {s for s in dict(gm.named_modules()) if _is_conv(gm, s)}
+    choices = []
+    for group in analysis.groups:
+        if not group.prunable or group.size < 2:
+            continue
+        writers = [m.owner for m in group.members if m.role == "out" and m.owner in convs]
+        if not writers:
+            continue
+        scores, _ = unit_importance(gm, group, "bn_gamma", "mean")
+        order = np.argsort(scores, kind="stable")
+        per, channels = group.channels_per_index, group.size * group.channels_per_index
+        widths, errors = [], []
+        for share in LEVELS:
+            kept = max(round_to, int(channels * share) // round_to * round_to, per)
+            kept = min(channels, math.ceil(kept / per) * per)
+            if widths and kept >= widths[-1]:
+                continue
+            widths.append(kept)
+            drop = order[: group.size - kept // per]
+            if len(drop) == 0:
+                errors.append(0.0)
+                continue
+            zeroed = zero_channels(gm, {group: drop})
+            with torch.no_grad():
+                diff = flat_outputs(zeroed(*inputs)) - reference
+            errors.append(float(diff.square().sum()) / power)
+        choice = Choice(group.index, writers[0], channels, widths, errors)
+        units = set(group.units.tolist())
+        for axis in analysis.flow.param_axes:
+            if axis.owner in convs and axis.param.endswith("weight") and axis.role in ("out", "in"):
+                n = int(np.isin(analysis.components_of(axis.ids), list(units)).sum())
+                share = choice.out_share if axis.role == "out" else choice.in_share
+                if n:
+                    share[axis.owner] = share.get(axis.owner, 0) + n
+        choices.append(choice)
+    return choices
+
+
+def _is_conv(gm: fx.GraphModule, name: str) -> bool:
+    from racc.ir.ops import CONVS
+
+    return bool(name) and isinstance(gm.get_submodule(name), CONVS)
+
+
+def front(candidates: list[Candidate]) -> list[Candidate]:
+    """The candidates no other beats on both predicted seconds and predicted error."""
+    ordered = sorted(candidates, key=lambda c: (c.seconds, c.error))
+    kept, best = [], math.inf
+    for c in ordered:
+        if c.error < best:
+            kept.append(c)
+            best = c.error
+    return kept

@@ -1,0 +1,306 @@
+"""plan_budget: measure the model, walk the planner, compile and time the plan, correct.
+
+The original (fp32, and int8 when calibration is given) is exported and timed once; what its
+convs' predicted times do not explain is its `rest`. The planner walks (racc.budget.plan); the
+cheapest plan whose prediction meets the budget is compiled, exported and timed against the
+original side by side. A plan more than TOLERANCE off the latency budget, or over the size
+budget, is made again with the prediction's targets corrected by how far the measurement missed,
+up to CORRECTIONS times; of the attempts that met the budget, the one with the least measured
+output error is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from racc.budget.latency import LatencyModel, conv_shapes, preferred_multiple
+from racc.budget.plan import Candidate, Planner, front
+from racc.compiler import compile as compile_pipeline
+from racc.errors import BudgetError, InputError
+from racc.ir.fx import eval_mode, normalize_inputs, record_examples, trace
+from racc.metrics import OutputError
+from racc.text import markdown_table
+from racc.timing import interleaved, ort_call, ort_session
+
+TOLERANCE = 0.05  # a plan this close to the latency budget (measured) is taken as it is
+CORRECTIONS = 3
+ROUNDS = 15  # interleaved timing rounds of a plan against the original
+
+
+@dataclass
+class BudgetPlan:
+    """What the planner measured, the candidates it weighed and the plan it chose."""
+
+    budget: Any  # racc.budget.Budget
+    machine: str
+    original_seconds: float
+    original_bytes: int
+    round_to: int
+    chosen: Candidate
+    candidates: list[Candidate] = field(default_factory=list)  # the predicted Pareto front
+    attempts: list[Candidate] = field(default_factory=list)  # compiled and timed, in order
+    timings_measured: int = 0  # conv timings taken (not found in the cache)
+
+    @property
+    def pipeline(self) -> str:
+        return self.chosen.pipeline
+
+    @property
+    def met(self) -> bool:
+        return _meets(self.chosen, self)
+
+    def limit_seconds(self) -> float:
+        b = self.budget
+        if b.latency is None:
+            return math.inf
+        return b.latency * self.original_seconds if b.latency_relative else b.latency
+
+    def limit_bytes(self) -> float:
+        b = self.budget
+        if b.size is None:
+            return math.inf
+        return b.size * self.original_bytes if b.size_relative else b.size
+
+    def to_markdown(self) -> str:
+        rows = []
+        for c in self.shown():
+            timed = c.measured_seconds is not None
+            rows.append(
+                {
+                    "plan": "**chosen**" if c.chosen else ("timed" if timed else ""),
+                    "weights": "int8" if c.int8 else "fp32",
+                    "latency predicted": f"{c.seconds / self.original_seconds:.2f}x",
+                    "latency measured": f"{c.measured_seconds / self.original_seconds:.2f}x"
+                    if timed
+                    else "-",
+                    "MiB predicted": f"{c.bytes / 2**20:.2f}",
+                    "MiB measured": f"{c.measured_bytes / 2**20:.2f}" if timed else "-",
+                    "rel L2 predicted": f"{c.error:.4f}",
+                    "rel L2 measured": f"{c.measured_error:.4f}" if timed else "-",
+                    "pipeline": f"`{c.pipeline or '(original)'}`"
+                    if c.chosen
+                    else _short(c.pipeline),
+                }
+            )
+        head = (
+            f"Budget {self.budget}: {self.limit_seconds() * 1e3:.2f} ms; the original "
+            f"{self.original_seconds * 1e3:.2f} ms, {self.original_bytes / 2**20:.2f} MiB; "
+            f"widths in multiples of {self.round_to}; {'met' if self.met else 'NOT met'} as "
+            f"measured on {self.machine}\n\n"
+        )
+        return head + "\n".join(markdown_table(rows))
+
+    def shown(self, most: int = 12) -> list[Candidate]:
+        """The plans the table lists, by predicted latency: every one timed, and of the rest of
+        the front as many as fit in `most` rows, evenly spread."""
+        timed = {id(c) for c in self.attempts}
+        rest = [c for c in self.candidates if id(c) not in timed]
+        room = max(most - len(timed), 0)
+        picks = [
+            rest[round(i * (len(rest) - 1) / max(room - 1, 1))] for i in range(min(room, len(rest)))
+        ]
+        every = {id(c): c for c in picks + self.attempts}.values()
+        return sorted(every, key=lambda c: c.seconds)
+
+    def plot(self, path) -> Path:
+        """The candidates' latency (as a share of the original) against output error, the size
+        as the marker's area; measured where timed, the chosen plan marked; written as PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for int8, color in ((False, "tab:blue"), (True, "tab:orange")):
+            pts = [c for c in self.candidates if c.int8 == int8]
+            ax.scatter(
+                [c.seconds / self.original_seconds for c in pts],
+                [c.error for c in pts],
+                s=[20 + 200 * c.bytes / self.original_bytes for c in pts],
+                alpha=0.5,
+                color=color,
+                label=f"{'int8' if int8 else 'fp32'} predicted",
+            )
+        timed = [c for c in self.attempts if c.measured_seconds is not None]
+        ax.scatter(
+            [c.measured_seconds / self.original_seconds for c in timed],
+            [c.measured_error for c in timed],
+            marker="x",
+            color="black",
+            label="measured",
+        )
+        c = self.chosen
+        if c.measured_seconds is not None:
+            ax.scatter(
+                [c.measured_seconds / self.original_seconds],
+                [c.measured_error],
+                s=160,
+                facecolors="none",
+                edgecolors="red",
+                label="chosen",
+            )
+        if self.budget.latency is not None:
+            ax.axvline(self.limit_seconds() / self.original_seconds, color="red", ls="--", lw=1)
+        ax.set_xlabel("latency / original (ONNX Runtime)")
+        ax.set_ylabel("output error (relative L2)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def _short(pipeline: str) -> str:
+    return f"`{pipeline[:60]}...`" if len(pipeline) > 60 else f"`{pipeline or '(original)'}`"
+
+
+def _meets(c: Candidate, plan: BudgetPlan) -> bool:
+    seconds = c.measured_seconds if c.measured_seconds is not None else c.seconds
+    size = c.measured_bytes if c.measured_bytes is not None else c.bytes
+    return seconds <= plan.limit_seconds() * (1 + TOLERANCE) and size <= plan.limit_bytes()
+
+
+def plan_budget(
+    model,
+    example_inputs,
+    budget,
+    calibration=None,
+    latency: LatencyModel | None = None,
+    progress: bool = False,
+) -> BudgetPlan:
+    """Plan, compile and time: the BudgetPlan whose pipeline meets `budget` as measured here."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(
+            f"budget: planning takes a torch model (got {type(model).__name__}); for an ONNX "
+            "file, plan on the torch model it came from"
+        )
+    inputs = normalize_inputs(example_inputs)
+    batch = budget.batch or inputs[0].shape[0]
+    timed = _at_batch(inputs[0], batch)
+    latency = latency or LatencyModel(threads=budget.threads)
+    gm = trace(model, example_inputs=inputs).gm
+    record_examples(gm, inputs)
+    shapes = conv_shapes(gm, batch)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        original = _export(model, folder / "original.onnx", timed)
+        sessions = {False: ort_session(original, budget.threads)}
+        measured = {False: _median(sessions[False], timed)}
+        int8_error = None
+        if calibration is not None:
+            int8 = compile_pipeline(model, "int8", inputs, calibration=calibration)
+            int8_error = _error(model, int8, inputs) ** 2
+            measured[True] = _median(
+                ort_session(_export(int8, folder / "int8.onnx", timed), budget.threads), timed
+            )
+        bar = tqdm(
+            total=len(shapes), desc="racc budget: timing convs", disable=not progress, leave=False
+        )
+        rest = {}
+        for int8_on, seconds in measured.items():
+            convs = sum(latency.conv_seconds(s, s.cin, s.cout, int8_on) for s in shapes)
+            rest[int8_on] = max(seconds - convs, 0.0)
+            bar.update(len(shapes) // len(measured))
+        bar.close()
+        heaviest = max(shapes, key=lambda s: latency.conv_seconds(s, s.cin, s.cout, False))
+        round_to = preferred_multiple(latency, heaviest, calibration is not None)
+        planner = Planner(gm, inputs, shapes, latency, round_to, rest, int8_error)
+        full_convs = sum(planner.weights.values()) * 4
+        planner.other_bytes = max(original.stat().st_size - full_convs, 0)
+        plan = BudgetPlan(
+            budget,
+            latency.machine,
+            measured[False],
+            original.stat().st_size,
+            round_to,
+            planner.candidate(tuple(0 for _ in planner.choices), False),
+        )
+        seconds, size, best, tried = plan.limit_seconds(), plan.limit_bytes(), None, set()
+        for _ in range(CORRECTIONS + 1):
+            walks = [c for int8_on in measured for c in planner.path(int8_on, seconds, size)]
+            plan.candidates = front(walks + plan.candidates)
+            fits = [c for c in walks if c.seconds <= seconds and c.bytes <= size]
+            if not fits:
+                break
+            pick = min(fits, key=lambda c: c.error)
+            if (pick.levels, pick.int8) in tried:
+                break  # the correction leads back to a plan already timed
+            tried.add((pick.levels, pick.int8))
+            _measure(
+                pick,
+                model,
+                inputs,
+                calibration,
+                timed,
+                sessions[False],
+                plan,
+                folder,
+                budget.threads,
+            )
+            plan.attempts.append(pick)
+            if _meets(pick, plan) and (best is None or pick.measured_error < best.measured_error):
+                best = pick
+            # the targets the predictions aim at, moved by how far the measurements missed
+            late = pick.measured_seconds / plan.limit_seconds() if budget.latency else 1.0
+            over = pick.measured_bytes / plan.limit_bytes() if budget.size else 1.0
+            if abs(late - 1) <= TOLERANCE and over <= 1:
+                break
+            seconds, size = seconds / late, size / max(over, 1.0)
+        latency.save()
+        plan.timings_measured = latency.measured
+    if best is None:
+        closest = min(
+            plan.attempts or plan.candidates, key=lambda c: c.measured_seconds or c.seconds
+        )
+        raise BudgetError(
+            f"budget {budget}: no plan met it on this machine; the fastest plan tried ran at "
+            f"{(closest.measured_seconds or closest.seconds) / plan.original_seconds:.2f}x of "
+            f"the original ({closest.pipeline or 'the original'}); loosen the budget or add "
+            "calibration data so that int8 can be planned"
+        )
+    best.chosen = True
+    plan.chosen = best
+    return plan
+
+
+def _at_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    reps = math.ceil(batch / x.shape[0])
+    return x.repeat(reps, *[1] * (x.dim() - 1))[:batch].contiguous()
+
+
+def _export(model, path: Path, x) -> Path:
+    from racc.backends.onnx import export_onnx
+
+    export_onnx(model, path, example_inputs=(x,) if x is not None else None)
+    return path
+
+
+def _median(session, x: torch.Tensor) -> float:
+    return interleaved([ort_call(session, x)], ROUNDS).medians[0]
+
+
+def _error(model, opt, inputs) -> float:
+    with torch.no_grad(), eval_mode(model):
+        return OutputError.between(model(*inputs), opt(*inputs)).rel_l2
+
+
+def _measure(
+    c: Candidate, model, inputs, calibration, x, original, plan: BudgetPlan, folder, threads
+):
+    """Compile, export and time candidate `c` against the original, interleaved."""
+    opt = compile_pipeline(model, c.pipeline or "fold-bn", inputs, calibration=calibration)
+    path = _export(opt, folder / f"plan{len(plan.attempts)}.onnx", x)
+    session = ort_session(path, threads)
+    timing = interleaved([ort_call(original, x), ort_call(session, x)], ROUNDS)
+    c.measured_seconds = timing.ratios[1] * plan.original_seconds
+    c.measured_bytes = path.stat().st_size
+    c.measured_error = _error(model, opt, inputs)

@@ -1,0 +1,194 @@
+"""Compile to a budget: budgets parsed or refused by name, the latency model's fit, one-conv
+models ONNX Runtime runs, the planner on a cached latency table (tests/data/budget_latency.json,
+timed once on an AMD EPYC at 1 thread: no timing happens here), its widths as compiled, its plan
+against a uniform prune-bn at the same predicted latency on a net trained on digits, and a
+budget compiled and timed end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import racc
+from racc.budget import Budget, Planner
+from racc.budget.latency import ConvShape, LatencyModel, conv_model, conv_shapes, time_model
+from racc.budget.plan import front
+from racc.data import batches, digits
+from racc.errors import PassConfigError
+from racc.ir.fx import record_examples, trace
+from racc.metrics import OutputError
+
+SIDE = 16
+TABLE = Path(__file__).parent / "data" / "budget_latency.json"
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    block = lambda cin, cout, stride: [  # noqa: E731
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    ]
+    return nn.Sequential(
+        *block(3, 32, 1),
+        *block(32, 64, 2),
+        *block(64, 64, 1),
+        *block(64, 128, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ({"latency": 0.5}, Budget(latency=0.5)),
+        ("latency=0.3x,batch=8", Budget(latency=0.3, batch=8)),
+        ("latency=8ms,size=5MiB", Budget(8e-3, False, 5 * 2**20, False)),
+        ({"size": "0.25x", "threads": 1}, Budget(size=0.25, threads=1)),
+    ],
+)
+def test_budgets_parse(text, expected):
+    assert Budget.parse(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("latency=2x", r"latency='2x' must be > 0 \(and a share at most 1x\)"),
+        ("latency=8mb", "latency='8mb' is not a limit"),
+        ("speed=0.5", "unknown key.* speed"),
+        ("latency", "'latency' is not key=value"),
+        ({"batch": 8}, "give a latency or a size limit"),
+        ({"latency": 0.5, "batch": 0}, "batch must be a whole number >= 1"),
+        ({"latency": 0.5, "max_drop": 1}, "max_drop needs data and a metric"),
+    ],
+)
+def test_bad_budgets_are_refused_by_name(text, message):
+    with pytest.raises(PassConfigError, match=message):
+        Budget.parse(text)
+
+
+def test_the_latency_fit_is_exact_for_a_bilinear_cost_and_linear_for_depthwise():
+    cost = lambda i, o: 1e-5 + 2e-7 * i + 3e-7 * o + 4e-9 * i * o  # noqa: E731
+    dense = ConvShape("c", 1, 64, 96, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    depthwise = ConvShape("d", 1, 64, 64, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1), 64)
+    table = {dense.key(i, o, False): cost(i, o) for i in (16, 64) for o in (24, 96)}
+    table |= {depthwise.key(c, c, True): 1e-6 * c + 5e-6 for c in (16, 64)}
+    model = LatencyModel(threads=1, table=table)
+    for i, o in ((40, 50), (64, 96), (17, 95)):
+        assert model.conv_seconds(dense, i, o, False) == pytest.approx(cost(i, o), rel=1e-9)
+    assert model.conv_seconds(depthwise, 40, 40, True) == pytest.approx(45e-6, rel=1e-9)
+    assert model.measured == 0  # all from the table
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_one_conv_models_run_in_onnx_runtime_with_the_shape_they_claim(int8):
+    shape = ConvShape("c", 2, 8, 12, (9, 7), (3, 3), (2, 2), (1, 1), (1, 1), 1)
+    model = conv_model(shape, 8, 12, int8)
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["QLinearConv" if int8 else "Conv"]
+    out = model.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in out] == [2, 12, *shape.output_size()] == [2, 12, 5, 4]
+    assert 0 < time_model(model, threads=1) < 1
+
+
+def _planner(gm, x, table: dict) -> Planner:
+    latency = LatencyModel(threads=1, table=table)
+    shapes = conv_shapes(gm, 1)
+    planner = Planner(gm, (x,), shapes, latency, 8, {False: 2e-5, True: 3e-5}, 1e-4)
+    assert latency.measured == 0
+    return planner
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The net trained on digits at 16x16 (its BN gammas rank its channels)."""
+    x, y, x_test, _ = digits(side=SIDE)
+    model = _net().train()
+    racc.recover(model, data=batches(x, y, 64, shuffle=True), epochs=3, lr=0.05, progress=False)
+    return model.eval(), x_test[:64]
+
+
+def test_the_plan_compiles_to_the_widths_it_predicted(trained):
+    model, x = trained
+    gm = trace(model).gm
+    record_examples(gm, (x,))
+    planner = _planner(gm, x, json.loads(TABLE.read_text())["entries"])
+    full = planner.candidate(tuple(0 for _ in planner.choices), False)
+    walk = planner.path(False, 0.6 * full.seconds, math.inf)
+    assert walk[-1].seconds <= 0.6 * full.seconds < walk[-2].seconds
+    assert all(a.seconds > b.seconds for a, b in zip(walk, walk[1:], strict=False))
+    assert all(a.error <= b.error for a, b in zip(walk, walk[1:], strict=False))
+    plan = walk[-1]
+    opt = racc.compile(model, plan.pipeline, (x,))
+    widths = {
+        n: (m.in_channels, m.out_channels)
+        for n, m in opt.named_modules()
+        if isinstance(m, nn.Conv2d)
+    }
+    assert widths == planner.convs(plan.levels)
+    assert all(w % 8 == 0 for _, w in widths.values())  # round_to
+    points = front(walk)
+    assert all(a.error > b.error for a, b in zip(points, points[1:], strict=False))
+
+
+def _predicted(planner: Planner, opt: nn.Module) -> float:
+    widths = {
+        n: (m.in_channels, m.out_channels)
+        for n, m in opt.named_modules()
+        if isinstance(m, nn.Conv2d)
+    }
+    return sum(planner.latency.conv_seconds(s, *widths[s.name], False) for s in planner.shapes)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_at_equal_predicted_latency_the_plan_is_truer_than_a_uniform_prune(trained, ratio):
+    model, x = trained
+    gm = trace(model).gm
+    record_examples(gm, (x,))
+    planner = _planner(gm, x, json.loads(TABLE.read_text())["entries"])
+    planner.rest = {False: 0.0, True: 0.0}  # compare the convs alone
+    uniform = racc.compile(model, f"prune-bn{{ratio={ratio},round_to=8}}", (x,))
+    limit = _predicted(planner, uniform)
+    plan = planner.path(False, limit, math.inf)[-1]
+    opt = racc.compile(model, plan.pipeline, (x,))
+    assert _predicted(planner, opt) <= limit * 1.0001
+    with torch.no_grad():
+        reference = model(x)
+        ours = OutputError.between(reference, opt(x)).rel_l2
+        theirs = OutputError.between(reference, uniform(x)).rel_l2
+    assert ours < theirs, (plan.pipeline, ours, theirs)
+
+
+def test_compile_to_a_budget_times_its_plan_and_says_what_it_chose(tmp_path, monkeypatch):
+    monkeypatch.setenv("RACC_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = _net()
+    x = torch.randn(4, 3, 32, 32)
+    calibration = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    opt = racc.compile(
+        model, example_inputs=(x,), calibration=calibration, budget={"latency": 0.7, "threads": 1}
+    )
+    plan = opt.racc_plan
+    assert plan.met and plan.chosen.chosen and plan.chosen in plan.attempts
+    assert plan.chosen.measured_seconds <= 0.7 * 1.05 * plan.original_seconds
+    last = plan.pipeline.split(",")[-1].split("{")[
+        0
+    ]  # the report's last row ran the plan's last pass
+    assert str(opt.racc_report.rows[-1].name).split("{")[0] == last
+    with torch.no_grad():
+        error = OutputError.between(model(x), opt(x)).rel_l2
+    assert error == pytest.approx(plan.chosen.measured_error, rel=1e-5)
+    cache = json.loads((tmp_path / "latency.json").read_text())
+    assert list(cache) == [plan.machine] and len(cache[plan.machine]) >= 4 * len(plan.attempts)
+    assert "**chosen**" in plan.to_markdown() and plan.plot(tmp_path / "p.png").stat().st_size
+    assert np.isfinite(plan.chosen.error)
