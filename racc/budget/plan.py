@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from racc.analysis import analyze
 from racc.budget.latency import ConvShape, LatencyModel
+from racc.ir.ops import CONVS
 from racc.metrics import flat_outputs
 from racc.passes.channels import zero_channels
 from racc.passes.prune_bn import unit_importance
@@ -88,9 +89,11 @@ class Planner:
         for c, level in zip(self.choices, levels, strict=True):
             lost = 1 - c.widths[level] / c.channels
             for name, n in c.out_share.items():
-                cut_out[name] += n * lost
+                if name in cut_out:  # a transposed conv is not timed (nor planned around)
+                    cut_out[name] += n * lost
             for name, n in c.in_share.items():
-                cut_in[name] += n * lost
+                if name in cut_in:
+                    cut_in[name] += n * lost
         widths = {}
         for s in self.shapes:
             cout = max(1, round(s.cout - cut_out[s.name]))
@@ -201,8 +204,6 @@ def _choices(gm: fx.GraphModule, inputs: tuple, round_to: int) -> list[Choice]:
 
 
 def _is_conv(gm: fx.GraphModule, name: str) -> bool:
-    from racc.ir.ops import CONVS
-
     return bool(name) and isinstance(gm.get_submodule(name), CONVS)
 
 

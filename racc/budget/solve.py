@@ -202,15 +202,14 @@ def plan_budget(
             measured[True] = _median(
                 ort_session(_export(int8, folder / "int8.onnx", timed), budget.threads), timed
             )
-        bar = tqdm(
-            total=len(shapes), desc="racc budget: timing convs", disable=not progress, leave=False
-        )
-        rest = {}
-        for int8_on, seconds in measured.items():
-            convs = sum(latency.conv_seconds(s, s.cin, s.cout, int8_on) for s in shapes)
-            rest[int8_on] = max(seconds - convs, 0.0)
-            bar.update(len(shapes) // len(measured))
-        bar.close()
+        convs = dict.fromkeys(measured, 0.0)  # the convs' predicted time at full width
+        bar = tqdm(shapes, desc="racc budget: timing convs", disable=not progress, leave=False)
+        for shape in bar:
+            for int8_on in measured:
+                convs[int8_on] += latency.conv_seconds(shape, shape.cin, shape.cout, int8_on)
+        rest = {
+            int8_on: max(seconds - convs[int8_on], 0.0) for int8_on, seconds in measured.items()
+        }
         heaviest = max(shapes, key=lambda s: latency.conv_seconds(s, s.cin, s.cout, False))
         round_to = preferred_multiple(latency, heaviest, calibration is not None)
         planner = Planner(gm, inputs, shapes, latency, round_to, rest, int8_error)
