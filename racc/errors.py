@@ -37,4 +37,4 @@ class TargetError(ExportError):
 
 
 class BudgetError(RaccError):
-    """A pass could not meet the error budget the user set."""
+    """A pass could not meet the error budget, or no plan the latency or size budget, the user set."""

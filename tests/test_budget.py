@@ -21,7 +21,7 @@ from racc.budget import Budget, Planner
 from racc.budget.latency import ConvShape, LatencyModel, conv_model, conv_shapes, time_model
 from racc.budget.plan import front
 from racc.data import batches, digits
-from racc.errors import PassConfigError
+from racc.errors import BudgetError, PassConfigError
 from racc.ir.fx import record_examples, trace
 from racc.metrics import OutputError
 
@@ -192,3 +192,12 @@ def test_compile_to_a_budget_times_its_plan_and_says_what_it_chose(tmp_path, mon
     assert list(cache) == [plan.machine] and len(cache[plan.machine]) >= 4 * len(plan.attempts)
     assert "**chosen**" in plan.to_markdown() and plan.plot(tmp_path / "p.png").stat().st_size
     assert np.isfinite(plan.chosen.error)
+
+
+def test_a_budget_no_plan_meets_is_an_error_naming_the_closest(tmp_path, monkeypatch):
+    monkeypatch.setenv("RACC_CACHE_DIR", str(tmp_path))
+    x = torch.randn(2, 3, SIDE, SIDE)
+    with pytest.raises(BudgetError, match=r"budget size=0.01x,threads=1: no plan met it"):
+        racc.compile(_net(), example_inputs=(x,), budget={"size": 0.01, "threads": 1})
+    with pytest.raises(PassConfigError, match="give passes or budget, not both"):
+        racc.compile(_net(), "fold-bn", (x,), budget={"size": 0.5})
