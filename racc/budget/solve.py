@@ -257,18 +257,28 @@ def plan_budget(
         latency.save()
         plan.timings_measured = latency.measured
     if best is None:
-        closest = min(
-            plan.attempts or plan.candidates, key=lambda c: c.measured_seconds or c.seconds
-        )
-        raise BudgetError(
-            f"budget {budget}: no plan met it on this machine; the fastest plan tried ran at "
-            f"{(closest.measured_seconds or closest.seconds) / plan.original_seconds:.2f}x of "
-            f"the original ({closest.pipeline or 'the original'}); loosen the budget or add "
-            "calibration data so that int8 can be planned"
-        )
+        raise BudgetError(f"budget {budget}: no plan met it on this machine; {_closest(plan)}")
     best.chosen = True
     plan.chosen = best
     return plan
+
+
+def _closest(plan: BudgetPlan) -> str:
+    """What came closest to the budget, and what to do."""
+    every = plan.attempts or plan.candidates
+    c = min(every, key=lambda c: (c.measured_bytes or c.bytes, c.measured_seconds or c.seconds))
+    if plan.budget.latency is not None:
+        c = min(every, key=lambda c: c.measured_seconds or c.seconds)
+    how = "measured" if c.measured_seconds is not None else "predicted"
+    seconds, size = c.measured_seconds or c.seconds, c.measured_bytes or c.bytes
+    advice = "loosen the budget" + (
+        "" if c.int8 else ", or give calibration data so int8 is planned"
+    )
+    return (
+        f"the closest plan ({c.pipeline or 'the original'}) {how} at "
+        f"{seconds / plan.original_seconds:.2f}x the original's latency and "
+        f"{size / plan.original_bytes:.2f}x its size; {advice}"
+    )
 
 
 def _at_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
