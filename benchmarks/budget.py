@@ -57,6 +57,7 @@ def zoo_rows(name: str) -> list[str]:
                 )
             except racc.RaccError as e:
                 rows.append(f"| {name} | {batch} | {share}x | not met: {e} |||||||")
+                print(rows[-1], flush=True)
                 continue
             plan = opt.racc_plan
             c = plan.chosen

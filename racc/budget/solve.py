@@ -31,7 +31,8 @@ from racc.timing import interleaved, ort_call, ort_session
 
 TOLERANCE = 0.05  # a plan this close to the latency budget (measured) is taken as it is
 CORRECTIONS = 3
-ROUNDS = 15  # interleaved timing rounds of a plan against the original
+ROUNDS = 15  # interleaved timing rounds of a plan against the original, at least
+TIMED_SECONDS = 2.0  # and at least this long for the original's share of them
 
 
 @dataclass
@@ -309,7 +310,8 @@ def _measure(
     opt = compile_pipeline(model, c.pipeline or "fold-bn", inputs, calibration=calibration)
     path = _export(opt, folder / f"plan{len(plan.attempts)}.onnx", x)
     session = ort_session(path, threads)
-    timing = interleaved([ort_call(original, x), ort_call(session, x)], ROUNDS)
+    rounds = max(ROUNDS, math.ceil(TIMED_SECONDS / plan.original_seconds))  # a fast model's
+    timing = interleaved([ort_call(original, x), ort_call(session, x)], rounds)  # noise evens out
     c.measured_seconds = timing.ratios[1] * plan.original_seconds
     c.measured_bytes = path.stat().st_size
     c.measured_error = _error(model, opt, inputs)
