@@ -199,7 +199,7 @@ def test_a_budget_no_plan_meets_is_an_error_naming_the_closest(tmp_path, monkeyp
     x = torch.randn(2, 3, SIDE, SIDE)
     message = (
         r"budget size=0.01x,threads=1: no plan met it on this machine; the closest plan "
-        r"\(prune-bn{keep=.*}\) predicted at .*x its size; loosen the budget, or give calibration"
+        r"\(prune-bn{keep=.*}\) measured at .*x its size; loosen the budget, or give calibration"
     )
     with pytest.raises(BudgetError, match=message):
         racc.compile(_net(), example_inputs=(x,), budget={"size": 0.01, "threads": 1})

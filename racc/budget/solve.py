@@ -69,6 +69,10 @@ class BudgetPlan:
             return math.inf
         return b.size * self.original_bytes if b.size_relative else b.size
 
+    def overrun(self, c: Candidate) -> float:
+        """How far `c`'s prediction is over the budget: the larger of its two shares."""
+        return max(c.seconds / self.limit_seconds(), c.bytes / self.limit_bytes())
+
     def to_markdown(self) -> str:
         rows = []
         for c in self.shown():
@@ -229,9 +233,8 @@ def plan_budget(
             walks = [c for int8_on in measured for c in planner.path(int8_on, seconds, size)]
             plan.candidates = front(walks + plan.candidates)
             fits = [c for c in walks if c.seconds <= seconds and c.bytes <= size]
-            if not fits:
-                break
-            pick = min(fits, key=lambda c: c.error)
+            # none predicted to fit: the prediction may be pessimistic, so time the one closest
+            pick = min(fits, key=lambda c: c.error) if fits else min(walks, key=plan.overrun)
             if (pick.levels, pick.int8) in tried:
                 break  # the correction leads back to a plan already timed
             tried.add((pick.levels, pick.int8))
