@@ -22,6 +22,7 @@ TABLES = [
     "benchmarks.fuse_5x5",
     "benchmarks.int8",
     "benchmarks.int8_methods",
+    "benchmarks.budget",
     "benchmarks.rac",
     "benchmarks.onnx_in",
     "benchmarks.fuzz",
