@@ -37,6 +37,7 @@ from racc.errors import PassConfigError
 from racc.ir.fx import node_values
 from racc.ir.ops import is_depthwise
 from racc.metrics import flat_outputs
+from racc.nn.quant import affine_qparams, weight_scale
 from racc.passes.base import (
     Exactness,
     Pass,
@@ -272,20 +273,14 @@ def _simulated_error(gm: fx.GraphModule, batches, reference, per_channel: bool) 
 
 def _uint8_input(m: nn.Module, args: tuple) -> tuple:
     x = args[0]
-    low, high = float(x.min().clamp(max=0)), float(x.max().clamp(min=0))
-    if high == low:
-        return args
-    step = (high - low) / 255
-    zero = round(-low / step)
-    q = (torch.round(x / step) + zero).clamp(0, 255)
-    return ((q - zero) * step, *args[1:])
+    scale, zero = affine_qparams(float(x.min()), float(x.max()), "uint8")
+    return (torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, 255), *args[1:])
 
 
 def _int8_weight(m: nn.Module, per_channel: bool) -> torch.Tensor:
-    w = m.weight.detach()
-    peak = w.abs().flatten(1).amax(1) if per_channel else w.abs().max().expand(len(w))
-    step = (peak / _codes(m)).clamp(min=1e-30).view(-1, *[1] * (w.dim() - 1))
-    return (torch.round(w / step).clamp(-_codes(m), _codes(m))) * step
+    w, codes = m.weight.detach(), _codes(m)
+    step = weight_scale(w, per_channel, codes).view(-1, *[1] * (w.dim() - 1))
+    return torch.round(w / step).clamp(-codes, codes) * step
 
 
 def rescale(gm: fx.GraphModule, s: ScaleSet, scale: torch.Tensor) -> None:
