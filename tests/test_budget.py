@@ -104,7 +104,7 @@ def test_one_conv_models_run_in_onnx_runtime_with_the_shape_they_claim(int8):
 def _planner(gm, x, table: dict) -> Planner:
     latency = LatencyModel(threads=1, table=table)
     shapes = conv_shapes(gm, 1)
-    planner = Planner(gm, (x,), shapes, latency, 8, {False: 2e-5, True: 3e-5}, 1e-4)
+    planner = Planner(gm, (x,), shapes, latency, 8, {False: 2e-5, True: 3e-5}, 1e-4, 0)
     assert latency.measured == 0
     return planner
 

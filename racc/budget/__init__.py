@@ -158,10 +158,11 @@ def compile(
             "compile: a budget plans the passes itself; give passes or budget, not both (and "
             "no where=)"
         )
-    plan = plan_budget(model, example_inputs, Budget.parse(budget), calibration, latency, progress)
-    opt = compile_pipeline(model, plan.pipeline, example_inputs, explain, calibration, progress)
-    opt.racc_plan = plan
-    return opt
+    plan = plan_budget(
+        model, example_inputs, Budget.parse(budget), calibration, latency, progress, explain
+    )
+    plan.compiled.racc_plan = plan
+    return plan.compiled
 
 
 compile.__doc__ += "\n" + (compile_pipeline.__doc__ or "")

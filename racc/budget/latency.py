@@ -88,11 +88,10 @@ def conv_shapes(gm: fx.GraphModule, batch: int) -> list[ConvShape]:
         if not isinstance(m, CONVS) or isinstance(m, torch.nn.modules.conv._ConvTransposeNd):
             continue
         x = example_of(node.args[0])
-        y = example_of(node)
-        if x is None or y is None:
-            continue
+        if x is None:
+            continue  # not reached by the example
         size = tuple(x.shape[2:])
-        padding = m.padding if not isinstance(m.padding, str) else _same(m, size, y.shape[2:])
+        padding = m.padding if not isinstance(m.padding, str) else _same(m)
         shapes.append(
             ConvShape(
                 node.target,
@@ -110,10 +109,10 @@ def conv_shapes(gm: fx.GraphModule, batch: int) -> list[ConvShape]:
     return shapes
 
 
-def _same(m, size, out) -> tuple[int, ...]:
-    """A symmetric padding giving the same output size as padding='same' (valid: 0)."""
+def _same(m) -> tuple[int, ...]:
+    """The symmetric padding that stands for padding='same' ('valid': none)."""
     if m.padding == "valid":
-        return tuple(0 for _ in size)
+        return tuple(0 for _ in m.kernel_size)
     return tuple((d * (k - 1)) // 2 for k, d in zip(m.kernel_size, m.dilation, strict=True))
 
 
@@ -152,12 +151,8 @@ class LatencyModel:
         self.machine = machine_key(threads)
         self.entries: dict[str, float] = dict(table or {})
         self.measured = 0  # timings taken here (not found in the table or the cache)
-        if table is None and self.path.is_file():
-            try:
-                stored = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                stored = {}  # a damaged cache is measured again
-            self.entries.update(stored.get(self.machine, {}))
+        if table is None:
+            self.entries.update(_stored(self.path).get(self.machine, {}))
 
     def conv_seconds(self, shape: ConvShape, cin: int, cout: int, int8: bool) -> float:
         """Predicted seconds of `shape` at widths cin -> cout, from its four (depthwise: two)
@@ -186,18 +181,23 @@ class LatencyModel:
     def save(self) -> None:
         """Write this machine's table into the cache file, keeping other machines' tables; the
         file is replaced whole, so a reader never sees half of it."""
-        stored = {}
-        if self.path.is_file():
-            try:
-                stored = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                stored = {}
+        stored = _stored(self.path)
         stored[self.machine] = dict(sorted(self.entries.items()))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(stored, f, indent=0)
         os.replace(tmp, self.path)
+
+
+def _stored(path: Path) -> dict:
+    """The cache file's tables by machine key; none when it is missing or damaged (a damaged
+    cache is measured again)."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 def _low(width: int, groups: int) -> int:

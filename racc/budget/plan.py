@@ -37,7 +37,6 @@ LEVELS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)  # kept share of a group's 
 class Choice:
     """One group's width levels: the channels each keeps and its measured squared error."""
 
-    group: int  # ChannelGroup.index
     writer: str  # a layer writing the group: keep's pattern
     channels: int
     widths: list[int]  # channels kept at each level (rounded), widest first
@@ -62,6 +61,12 @@ class Candidate:
     measured_bytes: int | None = None
     chosen: bool = False
 
+    def actual(self) -> tuple[float, int]:
+        """(seconds, bytes): measured where the plan was timed, else predicted."""
+        seconds = self.measured_seconds if self.measured_seconds is not None else self.seconds
+        size = self.measured_bytes if self.measured_bytes is not None else self.bytes
+        return seconds, size
+
 
 class Planner:
     """The choices of one model and their costs; `path` walks the greedy solver."""
@@ -75,17 +80,17 @@ class Planner:
         round_to: int,
         rest: dict[bool, float],
         int8_error: float | None,
+        other_bytes: int,
     ):
         self.shapes, self.latency, self.rest = shapes, latency, rest
         self.int8_error = int8_error
         self.choices = _choices(gm, inputs, round_to)
-        self.weights = {s.name: s.cin // s.groups * s.cout * math.prod(s.kernel) for s in shapes}
-        self.other_bytes = 0  # set by the caller: parameters outside the convs, as exported
+        self.other_bytes = other_bytes  # what the exported file holds outside the convs' weights
 
     def convs(self, levels: tuple[int, ...]) -> dict[str, tuple[int, int]]:
         """Each conv's (cin, cout) at `levels`."""
-        cut_in = dict.fromkeys(self.weights, 0.0)
-        cut_out = dict.fromkeys(self.weights, 0.0)
+        cut_in = {s.name: 0.0 for s in self.shapes}
+        cut_out = dict(cut_in)
         for c, level in zip(self.choices, levels, strict=True):
             lost = 1 - c.widths[level] / c.channels
             for name, n in c.out_share.items():
@@ -156,7 +161,7 @@ class Planner:
             if c.widths[level] < c.channels
         ]
         parts = [f"prune-bn{{keep={'|'.join(items)}}}"] if items else []
-        return ",".join(parts + (["int8"] if int8 else []))
+        return ",".join(parts + (["int8"] if int8 else [])) or "fold-bn"  # the original's plan
 
 
 def _choices(gm: fx.GraphModule, inputs: tuple, round_to: int) -> list[Choice]:
@@ -191,7 +196,7 @@ def _choices(gm: fx.GraphModule, inputs: tuple, round_to: int) -> list[Choice]:
             with torch.no_grad():
                 diff = flat_outputs(zeroed(*inputs)) - reference
             errors.append(float(diff.square().sum()) / power)
-        choice = Choice(group.index, writers[0], channels, widths, errors)
+        choice = Choice(writers[0], channels, widths, errors)
         units = set(group.units.tolist())
         for axis in analysis.flow.param_axes:
             if axis.owner in convs and axis.param.endswith("weight") and axis.role in ("out", "in"):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from racc.budget.latency import LatencyModel, conv_shapes, preferred_multiple
+from racc.budget.latency import LatencyModel, conv_shapes, preferred_multiple, time_model
 from racc.budget.plan import Candidate, Planner, front
 from racc.compiler import compile as compile_pipeline
 from racc.errors import BudgetError, InputError
@@ -48,6 +48,7 @@ class BudgetPlan:
     candidates: list[Candidate] = field(default_factory=list)  # the predicted Pareto front
     attempts: list[Candidate] = field(default_factory=list)  # compiled and timed, in order
     timings_measured: int = 0  # conv timings taken (not found in the cache)
+    compiled: Any = field(default=None, repr=False)  # the chosen plan's model, as it was timed
 
     @property
     def pipeline(self) -> str:
@@ -70,8 +71,10 @@ class BudgetPlan:
         return b.size * self.original_bytes if b.size_relative else b.size
 
     def overrun(self, c: Candidate) -> float:
-        """How far `c`'s prediction is over the budget: the larger of its two shares."""
-        return max(c.seconds / self.limit_seconds(), c.bytes / self.limit_bytes())
+        """How far `c` is over the budget, as measured or else predicted: the larger of its
+        two shares."""
+        seconds, size = c.actual()
+        return max(seconds / self.limit_seconds(), size / self.limit_bytes())
 
     def to_markdown(self) -> str:
         rows = []
@@ -89,9 +92,7 @@ class BudgetPlan:
                     "MiB measured": f"{c.measured_bytes / 2**20:.2f}" if timed else "-",
                     "rel L2 predicted": f"{c.error:.4f}",
                     "rel L2 measured": f"{c.measured_error:.4f}" if timed else "-",
-                    "pipeline": f"`{c.pipeline or '(original)'}`"
-                    if c.chosen
-                    else _short(c.pipeline),
+                    "pipeline": f"`{c.pipeline}`" if c.chosen else _short(c.pipeline),
                 }
             )
         head = (
@@ -165,12 +166,11 @@ class BudgetPlan:
 
 
 def _short(pipeline: str) -> str:
-    return f"`{pipeline[:60]}...`" if len(pipeline) > 60 else f"`{pipeline or '(original)'}`"
+    return f"`{pipeline[:60]}...`" if len(pipeline) > 60 else f"`{pipeline}`"
 
 
 def _meets(c: Candidate, plan: BudgetPlan) -> bool:
-    seconds = c.measured_seconds if c.measured_seconds is not None else c.seconds
-    size = c.measured_bytes if c.measured_bytes is not None else c.bytes
+    seconds, size = c.actual()
     return seconds <= plan.limit_seconds() * (1 + TOLERANCE) and size <= plan.limit_bytes()
 
 
@@ -181,8 +181,10 @@ def plan_budget(
     calibration=None,
     latency: LatencyModel | None = None,
     progress: bool = False,
+    explain: bool = False,
 ) -> BudgetPlan:
-    """Plan, compile and time: the BudgetPlan whose pipeline meets `budget` as measured here."""
+    """Plan, compile and time: the BudgetPlan whose pipeline meets `budget` as measured here,
+    with the chosen plan's compiled model (`compiled`); `explain` and `progress` as compile's."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(
             f"budget: planning takes a torch model (got {type(model).__name__}); for an ONNX "
@@ -198,15 +200,14 @@ def plan_budget(
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         original = _export(model, folder / "original.onnx", timed)
-        sessions = {False: ort_session(original, budget.threads)}
-        measured = {False: _median(sessions[False], timed)}
+        session = ort_session(original, budget.threads)  # what every plan is timed against
+        measured = {False: time_model(original, budget.threads, timed.numpy())}
         int8_error = None
         if calibration is not None:
             int8 = compile_pipeline(model, "int8", inputs, calibration=calibration)
             int8_error = _error(model, int8, inputs) ** 2
-            measured[True] = _median(
-                ort_session(_export(int8, folder / "int8.onnx", timed), budget.threads), timed
-            )
+            int8_file = _export(int8, folder / "int8.onnx", timed)
+            measured[True] = time_model(int8_file, budget.threads, timed.numpy())
         convs = dict.fromkeys(measured, 0.0)  # the convs' predicted time at full width
         bar = tqdm(shapes, desc="racc budget: timing convs", disable=not progress, leave=False)
         for shape in bar:
@@ -217,9 +218,9 @@ def plan_budget(
         }
         heaviest = max(shapes, key=lambda s: latency.conv_seconds(s, s.cin, s.cout, False))
         round_to = preferred_multiple(latency, heaviest, calibration is not None)
-        planner = Planner(gm, inputs, shapes, latency, round_to, rest, int8_error)
-        full_convs = sum(planner.weights.values()) * 4
-        planner.other_bytes = max(original.stat().st_size - full_convs, 0)
+        conv_bytes = sum(s.cin // s.groups * s.cout * math.prod(s.kernel) for s in shapes) * 4
+        other_bytes = max(original.stat().st_size - conv_bytes, 0)
+        planner = Planner(gm, inputs, shapes, latency, round_to, rest, int8_error, other_bytes)
         plan = BudgetPlan(
             budget,
             latency.machine,
@@ -228,6 +229,20 @@ def plan_budget(
             round_to,
             planner.candidate(tuple(0 for _ in planner.choices), False),
         )
+        rounds = max(ROUNDS, math.ceil(TIMED_SECONDS / plan.original_seconds))  # a fast model's
+        # noise evens out over more rounds
+
+        def measure(c: Candidate):
+            """Compile, export and time `c` against the original, interleaved; the model."""
+            opt = compile_pipeline(model, c.pipeline, inputs, explain, calibration, progress)
+            path = _export(opt, folder / f"plan{len(plan.attempts)}.onnx", timed)
+            plan_call = ort_call(ort_session(path, budget.threads), timed)
+            timing = interleaved([ort_call(session, timed), plan_call], rounds)
+            c.measured_seconds = timing.ratios[1] * plan.original_seconds
+            c.measured_bytes = path.stat().st_size
+            c.measured_error = _error(model, opt, inputs)
+            return opt
+
         seconds, size, best, tried = plan.limit_seconds(), plan.limit_bytes(), None, set()
         for _ in range(CORRECTIONS + 1):
             walks = [c for int8_on in measured for c in planner.path(int8_on, seconds, size)]
@@ -238,20 +253,10 @@ def plan_budget(
             if (pick.levels, pick.int8) in tried:
                 break  # the correction leads back to a plan already timed
             tried.add((pick.levels, pick.int8))
-            _measure(
-                pick,
-                model,
-                inputs,
-                calibration,
-                timed,
-                sessions[False],
-                plan,
-                folder,
-                budget.threads,
-            )
+            opt = measure(pick)
             plan.attempts.append(pick)
             if _meets(pick, plan) and (best is None or pick.measured_error < best.measured_error):
-                best = pick
+                best, plan.compiled = pick, opt  # the model compile gives back: not compiled twice
             # the targets the predictions aim at, moved by how far the measurements missed
             late = pick.measured_seconds / plan.limit_seconds() if budget.latency else 1.0
             over = pick.measured_bytes / plan.limit_bytes() if budget.size else 1.0
@@ -269,19 +274,15 @@ def plan_budget(
 
 def _closest(plan: BudgetPlan) -> str:
     """What came closest to the budget, and what to do."""
-    every = plan.attempts or plan.candidates
-    c = min(every, key=lambda c: (c.measured_bytes or c.bytes, c.measured_seconds or c.seconds))
-    if plan.budget.latency is not None:
-        c = min(every, key=lambda c: c.measured_seconds or c.seconds)
+    c = min(plan.attempts or plan.candidates, key=plan.overrun)
     how = "measured" if c.measured_seconds is not None else "predicted"
-    seconds, size = c.measured_seconds or c.seconds, c.measured_bytes or c.bytes
+    seconds, size = c.actual()
     advice = "loosen the budget" + (
         "" if c.int8 else ", or give calibration data so int8 is planned"
     )
     return (
-        f"the closest plan ({c.pipeline or 'the original'}) {how} at "
-        f"{seconds / plan.original_seconds:.2f}x the original's latency and "
-        f"{size / plan.original_bytes:.2f}x its size; {advice}"
+        f"the closest plan ({c.pipeline}) {how} at {seconds / plan.original_seconds:.2f}x the "
+        f"original's latency and {size / plan.original_bytes:.2f}x its size; {advice}"
     )
 
 
@@ -297,24 +298,6 @@ def _export(model, path: Path, x) -> Path:
     return path
 
 
-def _median(session, x: torch.Tensor) -> float:
-    return interleaved([ort_call(session, x)], ROUNDS).medians[0]
-
-
 def _error(model, opt, inputs) -> float:
     with torch.no_grad(), eval_mode(model):
         return OutputError.between(model(*inputs), opt(*inputs)).rel_l2
-
-
-def _measure(
-    c: Candidate, model, inputs, calibration, x, original, plan: BudgetPlan, folder, threads
-):
-    """Compile, export and time candidate `c` against the original, interleaved."""
-    opt = compile_pipeline(model, c.pipeline or "fold-bn", inputs, calibration=calibration)
-    path = _export(opt, folder / f"plan{len(plan.attempts)}.onnx", x)
-    session = ort_session(path, threads)
-    rounds = max(ROUNDS, math.ceil(TIMED_SECONDS / plan.original_seconds))  # a fast model's
-    timing = interleaved([ort_call(original, x), ort_call(session, x)], rounds)  # noise evens out
-    c.measured_seconds = timing.ratios[1] * plan.original_seconds
-    c.measured_bytes = path.stat().st_size
-    c.measured_error = _error(model, opt, inputs)
