@@ -18,7 +18,17 @@ from torch import nn
 
 import racc
 from racc.budget import Budget, Planner
-from racc.budget.latency import ConvShape, LatencyModel, conv_model, conv_shapes, time_model
+from racc.budget.latency import (
+    PAIR,
+    PAIR_WIDTHS,
+    ConvShape,
+    LatencyModel,
+    conv_model,
+    conv_shapes,
+    pair_model,
+    preferred_multiple,
+    time_model,
+)
 from racc.budget.plan import front
 from racc.data import batches, digits
 from racc.errors import BudgetError, PassConfigError
@@ -101,6 +111,34 @@ def test_one_conv_models_run_in_onnx_runtime_with_the_shape_they_claim(int8):
     assert 0 < time_model(model, threads=1) < 1
 
 
+@pytest.mark.parametrize(
+    ("block", "overhead", "expected"),
+    [(1, 0.0, 1), (8, 0.0, 8), (16, 0.0, 16), (8, 0.3, 8), (16, 2.0, 16)],
+)
+def test_the_preferred_multiple_is_the_block_a_runtime_computes_in(block, overhead, expected):
+    """A runtime that computes whole blocks of `block` channels (a width costs its blocks,
+    plus a fixed overhead, in units of the time of 64 channels): rounding to the block is
+    cheapest per channel kept, however large the overhead."""
+    keys = {w: "pair " + PAIR.key(PAIR.cin, w, False) for w in PAIR_WIDTHS}
+    table = {k: 1e-3 * (overhead + math.ceil(w / block) * block / 64) for w, k in keys.items()}
+    latency = LatencyModel(threads=1, table=table)
+    assert preferred_multiple(latency, batch=1, int8=False) == expected
+    assert latency.measured == 0
+
+
+def test_the_width_probe_chains_two_convs_through_the_width():
+    for int8 in (False, True):
+        model = pair_model(72, 2, int8)
+        onnx.checker.check_model(model, full_check=True)
+        nodes = model.graph.node
+        assert [n.op_type for n in nodes] == ["QLinearConv" if int8 else "Conv"] * 2
+        assert nodes[0].output[0] == nodes[1].input[0]
+        weights = {i.name: list(i.dims) for i in model.graph.initializer}
+        assert weights[nodes[0].input[3 if int8 else 1]] == [72, 64, 3, 3]
+        assert weights[nodes[1].input[3 if int8 else 1]] == [64, 72, 3, 3]
+    assert 0 < time_model(pair_model(72, 1, False), threads=1) < 1
+
+
 def _planner(gm, x, table: dict) -> Planner:
     latency = LatencyModel(threads=1, table=table)
     shapes = conv_shapes(gm, 1)
@@ -139,6 +177,36 @@ def test_the_plan_compiles_to_the_widths_it_predicted(trained):
     assert all(w % 8 == 0 for _, w in widths.values())  # round_to
     points = front(walk)
     assert all(a.error > b.error for a, b in zip(points, points[1:], strict=False))
+
+
+def test_the_prediction_is_fit_to_the_timings_nearest_the_budget(trained):
+    model, x = trained
+    gm = trace(model).gm
+    record_examples(gm, (x,))
+    planner = _planner(gm, x, json.loads(TABLE.read_text())["entries"])
+    full = tuple(0 for _ in planner.choices)
+    plans = {1: full}
+    for share in (0.75, 0.5, 0.3):
+        plans[share] = planner.path(False, share * planner.raw(full, False)[0], math.inf)[-1].levels
+    raw = {share: planner.raw(levels, False)[0] for share, levels in plans.items()}
+    seconds = lambda share: planner.predict(plans[share], False)[0]  # noqa: E731
+    assert seconds(0.5) == raw[0.5]  # no timing yet: the raw sum
+    planner.calibrate(False, [(raw[1], 3e-3)], 3e-3)  # one timing scales
+    assert seconds(0.5) == pytest.approx(3e-3 * raw[0.5] / raw[1])
+    assert planner.predict(full, True)[0] == planner.raw(full, True)[0]  # int8 fit apart
+    # timings at 1, 0.75, 0.5 and 0.3 of the raw prediction, curved: the line goes through the
+    # two that bracket the target, so both are predicted as measured
+    timed = [(raw[1], 3e-3), (raw[0.75], 2.7e-3), (raw[0.5], 2e-3), (raw[0.3], 1e-3)]
+    planner.calibrate(False, timed, 2.2e-3)
+    assert planner.predict(full, False)[0] != pytest.approx(3e-3)
+    for r, m in timed[1:3]:
+        assert planner.fit[False][0] * r + planner.fit[False][1] == pytest.approx(m)
+    planner.calibrate(False, timed, 0.5e-3)  # below all: the two nearest
+    for r, m in timed[2:]:
+        assert planner.fit[False][0] * r + planner.fit[False][1] == pytest.approx(m)
+    falling = [(raw[1], 3e-3), (raw[0.5], 4e-3)]  # timing noise: the nearest scales
+    planner.calibrate(False, falling, 3.9e-3)
+    assert planner.fit[False] == pytest.approx((4e-3 / raw[0.5], 0.0))
 
 
 def _predicted(planner: Planner, opt: nn.Module) -> float:

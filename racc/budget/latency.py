@@ -15,7 +15,9 @@ scales with the channels that remain.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -37,6 +39,7 @@ LOW = 0.25  # the narrow corner of the timed widths, as a share of the conv's ow
 RUNS_SECONDS = 0.05  # each timing runs at least this long (and at least RUNS times)
 RUNS = 5
 CACHE_ENV = "RACC_CACHE_DIR"
+MULTIPLES = (1, 2, 4, 8, 16)  # the channel multiples preferred_multiple weighs
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,12 @@ class ConvShape:
                 self.size, self.kernel, self.stride, self.padding, self.dilation, strict=True
             )
         )
+
+
+# the probe of the widths the runtime likes: two 3x3 convs around a width (pair_model)
+PAIR = ConvShape("pair", 1, 64, 64, (28, 28), (3, 3), (1, 1), (1, 1), (1, 1), 1)
+PAIR_WIDTHS = range(64, 64 + 16 + 1)  # every width of one block of 16 (64: a multiple of all)
+PAIR_SECONDS = 2.0  # the interleaved timing of the widths lasts about this long
 
 
 def conv_shapes(gm: fx.GraphModule, batch: int) -> list[ConvShape]:
@@ -178,6 +187,24 @@ class LatencyModel:
             self.measured += 1
         return self.entries[key]
 
+    def pair_seconds(self, batch: int, int8: bool) -> dict[int, float]:
+        """pair_model's seconds at every width of PAIR_WIDTHS (cached). They are timed
+        interleaved, one run of each width in turn, so that the machine's drift, which is as
+        large as the steps between widths, falls on all of them alike."""
+        shape = dataclasses.replace(PAIR, batch=batch)
+        keys = {w: "pair " + shape.key(PAIR.cin, w, int8) for w in PAIR_WIDTHS}
+        if not all(k in self.entries for k in keys.values()):
+            from racc.timing import interleaved
+
+            calls = [_runner(pair_model(w, batch, int8), self.threads) for w in PAIR_WIDTHS]
+            once = time_model(pair_model(PAIR.cin, batch, int8), self.threads)
+            rounds = max(RUNS * 3, math.ceil(PAIR_SECONDS / (once * len(calls))))
+            timing = interleaved(calls, rounds)
+            for w, ratio in zip(PAIR_WIDTHS, timing.ratios, strict=True):
+                self.entries[keys[w]] = ratio * timing.medians[0]
+            self.measured += len(keys)
+        return {w: self.entries[k] for w, k in keys.items()}
+
     def save(self) -> None:
         """Write this machine's table into the cache file, keeping other machines' tables; the
         file is replaced whole, so a reader never sees half of it."""
@@ -213,6 +240,23 @@ def _line(x0: int, y0: float, x1: int, y1: float, x: int) -> float:
 def conv_model(shape: ConvShape, cin: int, cout: int, int8: bool) -> onnx.ModelProto:
     """A one-conv ONNX model of `shape` at widths cin -> cout: fp32 Conv, or QLinearConv on
     uint8 activations and int8 weights (what racc's int8 files run)."""
+    node, inits = _conv_node(shape, cin, cout, int8, "x", "y", "")
+    x, y = [shape.batch, cin, *shape.size], [shape.batch, cout, *shape.output_size()]
+    return _model([node], inits, int8, x, y)
+
+
+def pair_model(width: int, batch: int, int8: bool) -> onnx.ModelProto:
+    """PAIR's two convs, 64 -> width -> 64 channels: `width` is the output of one and the input
+    of the next, as a group's channels are in a graph."""
+    first, a = _conv_node(PAIR, PAIR.cin, width, int8, "x", "h", "a")
+    second, b = _conv_node(PAIR, width, PAIR.cout, int8, "h", "y", "b")
+    x, y = [batch, PAIR.cin, *PAIR.size], [batch, PAIR.cout, *PAIR.output_size()]
+    return _model([first, second], a + b, int8, x, y)
+
+
+def _conv_node(shape: ConvShape, cin: int, cout: int, int8: bool, x: str, y: str, tag: str):
+    """(node, initializers) of `shape` at widths cin -> cout, reading x and writing y; the
+    initializers' names start with `tag`."""
     groups = cin if shape.depthwise else shape.groups
     g = np.random.default_rng(0)
     w = g.standard_normal((cout, cin // groups, *shape.kernel)).astype(np.float32)
@@ -223,33 +267,32 @@ def conv_model(shape: ConvShape, cin: int, cout: int, int8: bool) -> onnx.ModelP
         pads=list(shape.padding) * 2,
         dilations=list(shape.dilation),
     )
-    x_shape, y_shape = [shape.batch, cin, *shape.size], [shape.batch, cout, *shape.output_size()]
     if not int8:
-        inits = [
-            numpy_helper.from_array(w, "w"),
-            numpy_helper.from_array(np.zeros(cout, np.float32), "b"),
-        ]
-        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)
-        kind = TensorProto.FLOAT
+        inits = {"w": w, "b": np.zeros(cout, np.float32)}
+        inputs = [x, tag + "w", tag + "b"]
+        node = helper.make_node("Conv", inputs, [y], **attrs)
     else:
-        q = np.clip(np.round(w * 20), -127, 127).astype(np.int8)
-        scalars = {"xs": 0.02, "ws": 0.05, "ys": 0.1}
-        inits = [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in scalars.items()]
-        inits += [
-            numpy_helper.from_array(np.array(128, np.uint8), "xz"),
-            numpy_helper.from_array(np.array(0, np.int8), "wz"),
-            numpy_helper.from_array(np.array(128, np.uint8), "yz"),
-            numpy_helper.from_array(q, "w"),
-            numpy_helper.from_array(np.zeros(cout, np.int32), "b"),
-        ]
-        inputs = ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"]
-        node = helper.make_node("QLinearConv", inputs, ["y"], **attrs)
-        kind = TensorProto.UINT8
+        inits = {k: np.array(v, np.float32) for k, v in {"xs": 0.02, "ws": 0.05, "ys": 0.1}.items()}
+        inits |= {
+            "xz": np.array(128, np.uint8),
+            "wz": np.array(0, np.int8),
+            "yz": np.array(128, np.uint8),
+            "w": np.clip(np.round(w * 20), -127, 127).astype(np.int8),
+            "b": np.zeros(cout, np.int32),
+        }
+        names = ["xs", "xz", "w", "ws", "wz", "ys", "yz", "b"]
+        node = helper.make_node("QLinearConv", [x] + [tag + n for n in names], [y], **attrs)
+    return node, [numpy_helper.from_array(v, tag + k) for k, v in inits.items()]
+
+
+def _model(nodes, inits, int8: bool, x: list[int], y: list[int]) -> onnx.ModelProto:
+    """The graph of `nodes` from input "x" to output "y" of those shapes."""
+    kind = TensorProto.UINT8 if int8 else TensorProto.FLOAT
     graph = helper.make_graph(
-        [node],
-        "conv",
-        [helper.make_tensor_value_info("x", kind, x_shape)],
-        [helper.make_tensor_value_info("y", kind, y_shape)],
+        nodes,
+        "convs",
+        [helper.make_tensor_value_info("x", kind, x)],
+        [helper.make_tensor_value_info("y", kind, y)],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -258,6 +301,20 @@ def conv_model(shape: ConvShape, cin: int, cout: int, int8: bool) -> onnx.ModelP
 def time_model(model: onnx.ModelProto | str | os.PathLike, threads: int, x=None) -> float:
     """Median seconds of one ONNX Runtime run of `model` (first input random, or `x`), after a
     warm-up, over at least RUNS runs and RUNS_SECONDS."""
+    run = _runner(model, threads, x)
+    run()
+    times: list[float] = []
+    began = time.perf_counter()
+    while len(times) < RUNS or time.perf_counter() - began < RUNS_SECONDS:
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _runner(model: onnx.ModelProto | str | os.PathLike, threads: int, x=None):
+    """A call running `model` once in its own ONNX Runtime session on a fixed feed (the first
+    input `x` when given, the rest random)."""
     from racc.timing import ort_session
 
     with tempfile.TemporaryDirectory() as folder:
@@ -274,29 +331,23 @@ def time_model(model: onnx.ModelProto | str | os.PathLike, threads: int, x=None)
         dtype = np.uint8 if "uint8" in spec.type else np.float32
         shape = [d if isinstance(d, int) else 1 for d in spec.shape]
         feed[spec.name] = np.random.default_rng(i).integers(0, 255, shape).astype(dtype)
-    session.run(None, feed)
-    times: list[float] = []
-    began = time.perf_counter()
-    while len(times) < RUNS or time.perf_counter() - began < RUNS_SECONDS:
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return lambda: session.run(None, feed)
 
 
-def preferred_multiple(model: LatencyModel, shape: ConvShape, int8: bool) -> int:
-    """The channel multiple the runtime likes for `shape`'s output: the smallest m in 2, 4, 8, 16
-    for which a width one past every multiple of m costs more than 3% over the multiple itself
-    (the kernel computes whole blocks of m channels), timed around half the conv's width; else
-    1."""
-    if shape.depthwise or shape.groups > 1 or shape.cout < 34:
-        return 1
-    base = max(16, shape.cout // 32 * 16)
-    for m in (2, 4, 8, 16):
-        steps = [
-            model.seconds(shape, shape.cin, w + 1, int8) / model.seconds(shape, shape.cin, w, int8)
-            for w in range(base, base + 16 + 1, m)
-        ]
-        if min(steps) > 1.03:
-            return m
-    return 1
+def preferred_multiple(model: LatencyModel, batch: int, int8: bool) -> int:
+    """The channel multiple the runtime likes: of m in 1, 2, 4, 8, 16, the smallest whose
+    rounding costs least per channel kept. Every width w of PAIR_WIDTHS is rounded down to m,
+    and the time of pair_model at the rounded width, less its fixed overhead, over that width is
+    averaged over w; an m within 2% of the least average counts as least. The overhead is where
+    the line through the two widths every block divides (64 and 80) meets width 0. Blocked
+    kernels make a width one past a block cost a whole block, which rounding to the block
+    avoids; pair_model has the width both written and read, so the layout changes a graph pays
+    around an odd width are in its time."""
+    t = model.pair_seconds(batch, int8)
+    lo, hi = min(t), max(t)
+    slope = (t[hi] - t[lo]) / (hi - lo)
+    overhead = min(max(t[lo] - slope * lo, 0.0), 0.9 * t[lo])
+    cost = {
+        m: statistics.mean((t[w // m * m] - overhead) / (w // m * m) for w in t) for m in MULTIPLES
+    }
+    return next(m for m in MULTIPLES if cost[m] <= min(cost.values()) * 1.02)

@@ -9,9 +9,9 @@ choices add as noise powers, so a plan's predicted error is the root of their su
 The solver is greedy over marginal rates, for plain int8 off and on: from the full model, take
 the step (one group one width level narrower) with the least added error per second saved,
 until the prediction meets the budget. Every step is a candidate plan; the front of them is
-the Pareto set the report draws. The chosen plan is compiled and timed in ONNX Runtime; where
-the timing misses the budget, the prediction's target is corrected by the ratio and the plan
-made again (at most CORRECTIONS times).
+the Pareto set the report draws. The chosen plan is compiled and timed in ONNX Runtime; every
+whole-model timing refits the prediction (`calibrate`), and where the timing misses the budget
+the plan is made again (racc.budget.solve).
 """
 
 from __future__ import annotations
@@ -86,6 +86,25 @@ class Planner:
         self.int8_error = int8_error
         self.choices = _choices(gm, inputs, round_to)
         self.other_bytes = other_bytes  # what the exported file holds outside the convs' weights
+        self.fit = {False: (1.0, 0.0), True: (1.0, 0.0)}  # (scale, offset) on the raw sum
+
+    def calibrate(self, int8: bool, points: list[tuple[float, float]], target: float) -> None:
+        """Fit the whole-model prediction to timings near `target` seconds: `points` are (raw
+        predicted, measured) seconds of compiled plans, the original among them. The line goes
+        through the point measured nearest the target and the nearest on its other side (else
+        the next nearest), as a secant does, so the plans chosen next close in on the target
+        however curved the whole range is: the per-op overheads a conv timed alone pays, and
+        what the rest does not scale with, are taken out. One point, or a line that does not
+        rise, scales through the nearest."""
+        near = sorted(points, key=lambda p: abs(p[1] - target))
+        (r0, m0), scale, offset = near[0], near[0][1] / near[0][0], 0.0
+        other = [p for p in near[1:] if (p[1] > target) != (m0 > target)] or near[1:]
+        if other and abs(other[0][0] - r0) > 1e-3 * r0:
+            r1, m1 = other[0]
+            slope = (m1 - m0) / (r1 - r0)
+            if slope > 0:
+                scale, offset = slope, m0 - slope * r0
+        self.fit[int8] = (scale, offset)
 
     def convs(self, levels: tuple[int, ...]) -> dict[str, tuple[int, int]]:
         """Each conv's (cin, cout) at `levels`."""
@@ -107,7 +126,15 @@ class Planner:
         return widths
 
     def predict(self, levels: tuple[int, ...], int8: bool) -> tuple[float, int, float]:
-        """(seconds, bytes, relative output error) predicted for a plan."""
+        """(seconds, bytes, relative output error) predicted for a plan: the raw sum of its
+        convs and rest, through the fit to whole-model timings (`calibrate`)."""
+        raw, size, error = self.raw(levels, int8)
+        scale, offset = self.fit[int8]
+        return max(scale * raw + offset, 0.0), size, error
+
+    def raw(self, levels: tuple[int, ...], int8: bool) -> tuple[float, int, float]:
+        """(seconds, bytes, relative output error) of a plan, the seconds as the sum of its
+        convs timed alone and the rest scaled by its activation volume."""
         widths = self.convs(levels)
         seconds = volume = full = 0.0
         size = self.other_bytes

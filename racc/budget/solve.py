@@ -2,11 +2,12 @@
 
 The original (fp32, and int8 when calibration is given) is exported and timed once; what its
 convs' predicted times do not explain is its `rest`. The planner walks (racc.budget.plan); the
-cheapest plan whose prediction meets the budget is compiled, exported and timed against the
-original side by side. A plan more than TOLERANCE off the latency budget, or over the size
-budget, is made again with the prediction's targets corrected by how far the measurement missed,
-up to CORRECTIONS times; of the attempts that met the budget, the one with the least measured
-output error is kept.
+plan of least predicted error whose prediction meets the budget (or, when none does, the one
+closest to it) is compiled, exported and timed against the original side by side. A plan more
+than TOLERANCE off the latency budget, or over the size budget, is made again with the
+prediction refit to every whole-model timing so far (Planner.calibrate) and the size target
+moved by how far the file missed, up to CORRECTIONS times; of the attempts that met the budget,
+the one with the least measured output error is kept.
 """
 
 from __future__ import annotations
@@ -216,18 +217,21 @@ def plan_budget(
         rest = {
             int8_on: max(seconds - convs[int8_on], 0.0) for int8_on, seconds in measured.items()
         }
-        heaviest = max(shapes, key=lambda s: latency.conv_seconds(s, s.cin, s.cout, False))
-        round_to = preferred_multiple(latency, heaviest, calibration is not None)
+        round_to = max(preferred_multiple(latency, batch, int8_on) for int8_on in measured)
         conv_bytes = sum(s.cin // s.groups * s.cout * math.prod(s.kernel) for s in shapes) * 4
         other_bytes = max(original.stat().st_size - conv_bytes, 0)
         planner = Planner(gm, inputs, shapes, latency, round_to, rest, int8_error, other_bytes)
+        full = tuple(0 for _ in planner.choices)
+        points = {m: [(planner.raw(full, m)[0], s)] for m, s in measured.items()}
+        for int8_on, timed_points in points.items():  # one timing each: it scales
+            planner.calibrate(int8_on, timed_points, measured[int8_on])
         plan = BudgetPlan(
             budget,
             latency.machine,
             measured[False],
             original.stat().st_size,
             round_to,
-            planner.candidate(tuple(0 for _ in planner.choices), False),
+            planner.candidate(full, False),
         )
         rounds = max(ROUNDS, math.ceil(TIMED_SECONDS / plan.original_seconds))  # a fast model's
         # noise evens out over more rounds
@@ -257,12 +261,17 @@ def plan_budget(
             plan.attempts.append(pick)
             if _meets(pick, plan) and (best is None or pick.measured_error < best.measured_error):
                 best, plan.compiled = pick, opt  # the model compile gives back: not compiled twice
-            # the targets the predictions aim at, moved by how far the measurements missed
+            # the prediction refit to the timings of its kind nearest the limit; the size
+            # target moved by how far the file missed it
+            points[pick.int8].append(
+                (planner.raw(pick.levels, pick.int8)[0], pick.measured_seconds)
+            )
+            planner.calibrate(pick.int8, points[pick.int8], seconds)
             late = pick.measured_seconds / plan.limit_seconds() if budget.latency else 1.0
             over = pick.measured_bytes / plan.limit_bytes() if budget.size else 1.0
             if abs(late - 1) <= TOLERANCE and over <= 1:
                 break
-            seconds, size = seconds / late, size / max(over, 1.0)
+            size = size / max(over, 1.0)
         latency.save()
         plan.timings_measured = latency.measured
     if best is None:
