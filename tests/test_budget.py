@@ -29,7 +29,8 @@ from racc.budget.latency import (
     preferred_multiple,
     time_model,
 )
-from racc.budget.plan import front
+from racc.budget.plan import Candidate, front
+from racc.budget.solve import better
 from racc.data import batches, digits
 from racc.errors import BudgetError, PassConfigError
 from racc.ir.fx import record_examples, trace
@@ -207,6 +208,18 @@ def test_the_prediction_is_fit_to_the_timings_nearest_the_budget(trained):
     falling = [(raw[1], 3e-3), (raw[0.5], 4e-3)]  # timing noise: the nearest scales
     planner.calibrate(False, falling, 3.9e-3)
     assert planner.fit[False] == pytest.approx((4e-3 / raw[0.5], 0.0))
+
+
+def test_of_timed_plans_the_truer_wins_and_where_errors_tie_the_one_keeping_more():
+    def timed(error, seconds):
+        c = Candidate((0,), False, seconds, 0, error)
+        c.measured_error, c.measured_seconds = error, seconds
+        return c
+
+    assert better(timed(0.2, 1e-3), timed(0.3, 0.5e-3))
+    assert not better(timed(0.3, 1e-3), timed(0.2, 0.5e-3))
+    assert better(timed(0.999, 1e-3), timed(0.998, 0.6e-3))  # saturated: the slower keeps more
+    assert not better(timed(0.998, 0.6e-3), timed(0.999, 1e-3))
 
 
 def _predicted(planner: Planner, opt: nn.Module) -> float:

@@ -5,9 +5,9 @@ convs' predicted times do not explain is its `rest`. The planner walks (racc.bud
 plan of least predicted error whose prediction meets the budget (or, when none does, the one
 closest to it) is compiled, exported and timed against the original side by side. A plan more
 than TOLERANCE off the latency budget, or over the size budget, is made again with the
-prediction refit to every whole-model timing so far (Planner.calibrate) and the size target
+prediction refit to the whole-model timings nearest the limit (Planner.calibrate), the size target
 moved by how far the file missed, up to CORRECTIONS times; of the attempts that met the budget,
-the one with the least measured output error is kept.
+the best (`better`: the least measured output error) is kept.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from racc.timing import interleaved, ort_call, ort_session
 
 TOLERANCE = 0.05  # a plan this close to the latency budget (measured) is taken as it is
 CORRECTIONS = 3
+SAME_ERROR = 0.02  # measured output errors this close (relative) do not tell two plans apart
 ROUNDS = 15  # interleaved timing rounds of a plan against the original, at least
 TIMED_SECONDS = 2.0  # and at least this long for the original's share of them
 
@@ -259,7 +260,7 @@ def plan_budget(
             tried.add((pick.levels, pick.int8))
             opt = measure(pick)
             plan.attempts.append(pick)
-            if _meets(pick, plan) and (best is None or pick.measured_error < best.measured_error):
+            if _meets(pick, plan) and (best is None or better(pick, best)):
                 best, plan.compiled = pick, opt  # the model compile gives back: not compiled twice
             # the prediction refit to the timings of its kind nearest the limit; the size
             # target moved by how far the file missed it
@@ -279,6 +280,17 @@ def plan_budget(
     best.chosen = True
     plan.chosen = best
     return plan
+
+
+def better(a: Candidate, b: Candidate) -> bool:
+    """Whether timed plan `a` is better than `b`: less measured output error, or where the two
+    are within SAME_ERROR of each other (a net whose outputs any deep cut ruins measures about
+    1 for all of them), the one that keeps more of the model: the slower."""
+    if abs(a.measured_error - b.measured_error) <= SAME_ERROR * max(
+        a.measured_error, b.measured_error
+    ):
+        return a.measured_seconds > b.measured_seconds
+    return a.measured_error < b.measured_error
 
 
 def _closest(plan: BudgetPlan) -> str:
