@@ -1,8 +1,9 @@
 """Compile to a budget: budgets parsed or refused by name, the latency model's fit, one-conv
-models ONNX Runtime runs, the planner on a cached latency table (tests/data/budget_latency.json,
-timed once on an AMD EPYC at 1 thread: no timing happens here), its widths as compiled, its plan
-against a uniform prune-bn at the same predicted latency on a net trained on digits, and a
-budget compiled and timed end to end."""
+and two-conv models ONNX Runtime runs, the channel multiple a blocked runtime gets, the secant
+fit to whole-model timings, which timed plan wins, the planner on a cached latency table
+(tests/data/budget_latency.json, timed once on an AMD EPYC at 1 thread: no timing happens
+there), its widths as compiled, its plan against a uniform prune-bn at the same predicted
+latency on a net trained on digits, and a budget compiled and timed end to end."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ reading, writing and overhead), so four timings per conv shape (cin and cout eac
 and at full width) fix it, and the model predicts any width between them. A depthwise conv's
 channels are its groups: two timings fix a + b*c. What the convs do not explain (pools, sums,
 the quantizers between layers) is the model's measured time less the convs' predicted time; it
-scales with the channels that remain.
+scales with the channels that remain. The channel multiple the runtime likes is probed apart,
+on two chained convs (pair_model, preferred_multiple).
 
     model = LatencyModel(threads=2)
     convs = conv_shapes(gm, batch=1)
