@@ -3,7 +3,7 @@
 1. torchvision's resnet50 and mobilenet_v2 (trained-like BN: gammas log-uniform over two decades
    per channel, so that the BN ranking means something) at 224x224, ONNX Runtime on 2 threads,
    at batch 1 and 8: `racc.compile(model, budget={"latency": b, "batch": n})` for b = 0.5 and 0.3,
-   with int8 plannable (8 random calibration batches). The plan's latency as measured (its
+   with int8 plannable layer by layer (8 random calibration batches). The plan's latency as measured (its
    ONNX file against the original's, interleaved), as predicted, the whole model's prediction
    against its timing, the plan's output error (relative L2 on the planning inputs), its
    pipeline, and the time planning took (conv timings cached per machine: the second budget
@@ -79,6 +79,8 @@ def _short(pipeline: str) -> str:
     if parts[0].startswith("prune-bn{keep="):
         n = parts[0].count(":")
         parts[0] = f"prune-bn{{keep=... {n} groups}}"
+    if parts[-1].startswith("int8{skip="):
+        parts[-1] = f"int8{{skip=... {parts[-1].count('|') + 1} layers}}"
     return ",".join(parts)
 
 

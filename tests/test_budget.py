@@ -30,12 +30,13 @@ from racc.budget.latency import (
     preferred_multiple,
     time_model,
 )
-from racc.budget.plan import Candidate, front
+from racc.budget.plan import Candidate, Int8Layer, front
 from racc.budget.solve import better
 from racc.data import batches, digits
 from racc.errors import BudgetError, PassConfigError
 from racc.ir.fx import record_examples, trace
 from racc.metrics import OutputError
+from racc.passes.int8 import QuantizeInt8
 
 SIDE = 16
 TABLE = Path(__file__).parent / "data" / "budget_latency.json"
@@ -141,10 +142,11 @@ def test_the_width_probe_chains_two_convs_through_the_width():
     assert 0 < time_model(pair_model(72, 1, False), threads=1) < 1
 
 
-def _planner(gm, x, table: dict) -> Planner:
+def _planner(gm, x, table: dict, layers: list[Int8Layer] | None = None) -> Planner:
     latency = LatencyModel(threads=1, table=table)
     shapes = conv_shapes(gm, 1)
-    planner = Planner(gm, (x,), shapes, latency, 8, {False: 2e-5, True: 3e-5}, 1e-4, 0)
+    rest = {False: 2e-5, True: 3e-5}
+    planner = Planner(gm, (x,), shapes, latency, 8, rest, layers or [], 4 * 128 * 10)
     assert latency.measured == 0
     return planner
 
@@ -163,7 +165,7 @@ def test_the_plan_compiles_to_the_widths_it_predicted(trained):
     gm = trace(model).gm
     record_examples(gm, (x,))
     planner = _planner(gm, x, json.loads(TABLE.read_text())["entries"])
-    full = planner.candidate(tuple(0 for _ in planner.choices), False)
+    full = planner.candidate(planner.full(False))
     walk = planner.path(False, 0.6 * full.seconds, math.inf)
     assert walk[-1].seconds <= 0.6 * full.seconds < walk[-2].seconds
     assert all(a.seconds > b.seconds for a, b in zip(walk, walk[1:], strict=False))
@@ -185,22 +187,24 @@ def test_the_prediction_is_fit_to_the_timings_nearest_the_budget(trained):
     model, x = trained
     gm = trace(model).gm
     record_examples(gm, (x,))
-    planner = _planner(gm, x, json.loads(TABLE.read_text())["entries"])
-    full = tuple(0 for _ in planner.choices)
+    layers = [Int8Layer(name, 1e-4, 0) for name in ("0", "3", "6", "9")]
+    planner = _planner(gm, x, json.loads(TABLE.read_text())["entries"], layers)
+    full = planner.full(False)
     plans = {1: full}
     for share in (0.75, 0.5, 0.3):
-        plans[share] = planner.path(False, share * planner.raw(full, False)[0], math.inf)[-1].levels
-    raw = {share: planner.raw(levels, False)[0] for share, levels in plans.items()}
-    seconds = lambda share: planner.predict(plans[share], False)[0]  # noqa: E731
+        plans[share] = planner.path(False, share * planner.raw(full)[0], math.inf)[-1].levels
+    raw = {share: planner.raw(levels)[0] for share, levels in plans.items()}
+    seconds = lambda share: planner.predict(plans[share])[0]  # noqa: E731
     assert seconds(0.5) == raw[0.5]  # no timing yet: the raw sum
     planner.calibrate(False, [(raw[1], 3e-3)], 3e-3)  # one timing scales
     assert seconds(0.5) == pytest.approx(3e-3 * raw[0.5] / raw[1])
-    assert planner.predict(full, True)[0] == planner.raw(full, True)[0]  # int8 fit apart
+    int8 = planner.full(True)
+    assert planner.predict(int8)[0] == planner.raw(int8)[0]  # int8 fit apart
     # timings at 1, 0.75, 0.5 and 0.3 of the raw prediction, curved: the line goes through the
     # two that bracket the target, so both are predicted as measured
     timed = [(raw[1], 3e-3), (raw[0.75], 2.7e-3), (raw[0.5], 2e-3), (raw[0.3], 1e-3)]
     planner.calibrate(False, timed, 2.2e-3)
-    assert planner.predict(full, False)[0] != pytest.approx(3e-3)
+    assert planner.predict(full)[0] != pytest.approx(3e-3)
     for r, m in timed[1:3]:
         assert planner.fit[False][0] * r + planner.fit[False][1] == pytest.approx(m)
     planner.calibrate(False, timed, 0.5e-3)  # below all: the two nearest
@@ -209,6 +213,57 @@ def test_the_prediction_is_fit_to_the_timings_nearest_the_budget(trained):
     falling = [(raw[1], 3e-3), (raw[0.5], 4e-3)]  # timing noise: the nearest scales
     planner.calibrate(False, falling, 3.9e-3)
     assert planner.fit[False] == pytest.approx((4e-3 / raw[0.5], 0.0))
+
+
+def _layer_errors(model, x) -> dict[str, tuple[float, int]]:
+    folded = racc.compile(model, "fold-bn", (x,))
+    return QuantizeInt8(calibration=[x]).layer_errors(folded, (x,))
+
+
+def test_a_layers_int8_error_alone_is_what_compiling_it_alone_gives(trained):
+    model, x = trained
+    alone = _layer_errors(model, x)
+    assert list(alone) == ["0", "3", "6", "9", "14"]  # the four convs and the Linear
+    assert alone["14"][1] == 128 * 10
+    for name in ("3", "14"):
+        others = "|".join(n for n in alone if n != name)
+        opt = racc.compile(model, f"int8{{skip={others}}}", (x,), calibration=[x])
+        assert opt.racc_report.rows[-1].matched == [name]
+        with torch.no_grad():
+            error = OutputError.between(model(x), opt(x)).rel_l2
+        assert 0 < error == pytest.approx(alone[name][0], rel=1e-3)
+
+
+def test_which_layers_run_int8_is_planned_layer_by_layer(trained):
+    model, x = trained
+    gm = trace(model).gm
+    record_examples(gm, (x,))
+    layers = [Int8Layer(n, e**2, w) for n, (e, w) in _layer_errors(model, x).items()]
+    planner = _planner(gm, x, json.loads(TABLE.read_text())["entries"], layers)
+    every = planner.full(True)
+    assert planner.raw(every)[2] == pytest.approx(math.sqrt(sum(u.error for u in layers)))
+    assert planner.pipeline(every) == "int8"
+    limit = 0.6 * planner.candidate(planner.full(False)).seconds
+
+    def plan(seconds: float, size: float = math.inf) -> Candidate:
+        return planner.path(True, seconds, size)[-1]
+
+    chosen = plan(limit)
+    int8 = planner.quantized(chosen.levels)
+    # the first conv (3 -> 32 at 16x16) runs slower int8 than fp32 in this table, and a
+    # Linear is not timed: neither saves time, so both stay fp32
+    assert chosen.seconds <= limit and int8 and not int8 & {"0", "14"}
+    assert chosen.pipeline.endswith(
+        f"int8{{skip={'|'.join(u.name for u in layers if u.name not in int8)}}}"
+    )
+    opt = racc.compile(model, chosen.pipeline, (x,), calibration=[x])
+    assert set(opt.racc_report.rows[-1].matched) == int8
+    # a layer whose int8 ruins the outputs is the last to go int8
+    costly = sorted(int8)[0]
+    next(u for u in layers if u.name == costly).error = 1.0
+    assert costly not in planner.quantized(plan(limit).levels)
+    # under a size budget the Linear's weights count: it goes int8
+    assert "14" in planner.quantized(plan(math.inf, 0.5 * chosen.bytes).levels)
 
 
 def test_of_timed_plans_the_truer_wins_and_where_errors_tie_the_one_keeping_more():

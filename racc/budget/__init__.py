@@ -1,7 +1,7 @@
 """Compile to a budget: `racc.compile(model, budget={"latency": 0.5}, ...)` plans the widths of
-every prunable group and int8 in one optimisation, against latencies measured on this machine in
-ONNX Runtime, compiles the plan, times it, and gives back the plan's pipeline string with the
-model (docs/budget.md).
+every prunable group and which layers run int8, in one optimisation, against latencies measured
+on this machine in ONNX Runtime, compiles the plan, times it, and gives back the plan's pipeline
+string with the model (docs/budget.md).
 
     opt = racc.compile(model, example_inputs=(x,), budget={"latency": "0.5x"}, calibration=b)
     print(opt.racc_plan.to_markdown())     # the candidates, measured, the chosen one marked

@@ -1,14 +1,16 @@
-"""The planner: per-group widths and int8, chosen together against a latency and size budget.
+"""The planner: per-group widths and per-layer int8, chosen together against a latency and size
+budget.
 
 Each choice has a predicted latency (the latency model, racc.budget.latency) and a measured
 accuracy cost: a group pruned to k channels costs the squared relative output error of the
 model with only that group's other channels zeroed (its least important, as prune-bn ranks
-them); int8 costs the squared error of the model quantized alone. Errors of independent
-choices add as noise powers, so a plan's predicted error is the root of their sum.
+them); a layer run int8 costs the squared error of the model with only that layer quantized.
+Errors of independent choices add as noise powers, so a plan's predicted error is the root of
+their sum.
 
-The solver is greedy over marginal rates, for plain int8 off and on: from the full model, take
-the step (one group one width level narrower) with the least added error per second saved,
-until the prediction meets the budget. Every step is a candidate plan; the front of them is
+The solver is greedy over marginal rates, with int8 not allowed and allowed: from the full fp32
+model, take the step (one group one width level narrower, or one layer int8) with the least
+added error per second saved, until the prediction meets the budget. Every step is a candidate plan; the front of them is
 the Pareto set the report draws. The chosen plan is compiled and timed in ONNX Runtime; every
 whole-model timing refits the prediction (`calibrate`), and where the timing misses the budget
 the plan is made again (racc.budget.solve).
@@ -46,12 +48,22 @@ class Choice:
 
 
 @dataclass
-class Candidate:
-    """One plan: a width level per group and int8 or not, with its predictions and (when it
-    was compiled and timed) its measurements."""
+class Int8Layer:
+    """A layer the int8 pass may quantize: its name (what int8's skip= matches), its squared
+    relative output error with only it int8, and its weight count."""
 
-    levels: tuple[int, ...]
-    int8: bool
+    name: str
+    error: float
+    weights: int
+
+
+@dataclass
+class Candidate:
+    """One plan: a width level per group and int8 or not per layer, with its predictions and
+    (when it was compiled and timed) its measurements."""
+
+    levels: tuple[int, ...]  # per group its width level, then per int8 layer 1 if it runs int8
+    int8: bool  # some layer runs int8
     seconds: float  # predicted
     bytes: int  # predicted
     error: float  # predicted relative L2 of the outputs
@@ -60,6 +72,7 @@ class Candidate:
     measured_error: float | None = None
     measured_bytes: int | None = None
     chosen: bool = False
+    weights: str = "fp32"  # the report's word: fp32, int8, or int8 with how many layers fp32
 
     def actual(self) -> tuple[float, int]:
         """(seconds, bytes): measured where the plan was timed, else predicted."""
@@ -79,11 +92,11 @@ class Planner:
         latency: LatencyModel,
         round_to: int,
         rest: dict[bool, float],
-        int8_error: float | None,
+        layers: list[Int8Layer],
         other_bytes: int,
     ):
         self.shapes, self.latency, self.rest = shapes, latency, rest
-        self.int8_error = int8_error
+        self.layers = layers  # what may run int8; none without calibration data
         self.choices = _choices(gm, inputs, round_to)
         self.other_bytes = other_bytes  # what the exported file holds outside the convs' weights
         self.fit = {False: (1.0, 0.0), True: (1.0, 0.0)}  # (scale, offset) on the raw sum
@@ -106,11 +119,20 @@ class Planner:
                 scale, offset = slope, m0 - slope * r0
         self.fit[int8] = (scale, offset)
 
+    def full(self, int8: bool) -> tuple[int, ...]:
+        """The levels of the full widths, every layer int8 or none."""
+        return (0,) * len(self.choices) + (int(int8),) * len(self.layers)
+
+    def quantized(self, levels: tuple[int, ...]) -> set[str]:
+        """The layers that run int8 at `levels`."""
+        flags = levels[len(self.choices) :]
+        return {layer.name for layer, on in zip(self.layers, flags, strict=True) if on}
+
     def convs(self, levels: tuple[int, ...]) -> dict[str, tuple[int, int]]:
         """Each conv's (cin, cout) at `levels`."""
         cut_in = {s.name: 0.0 for s in self.shapes}
         cut_out = dict(cut_in)
-        for c, level in zip(self.choices, levels, strict=True):
+        for c, level in zip(self.choices, levels, strict=False):
             lost = 1 - c.widths[level] / c.channels
             for name, n in c.out_share.items():
                 if name in cut_out:  # a transposed conv is not timed (nor planned around)
@@ -125,49 +147,69 @@ class Planner:
             widths[s.name] = (cin, cout)
         return widths
 
-    def predict(self, levels: tuple[int, ...], int8: bool) -> tuple[float, int, float]:
+    def predict(self, levels: tuple[int, ...]) -> tuple[float, int, float]:
         """(seconds, bytes, relative output error) predicted for a plan: the raw sum of its
-        convs and rest, through the fit to whole-model timings (`calibrate`)."""
-        raw, size, error = self.raw(levels, int8)
-        scale, offset = self.fit[int8]
+        convs and rest, through the fit to whole-model timings (`calibrate`); a plan with some
+        layers int8 through the fp32 and int8 fits mixed by its int8 share."""
+        raw, size, error, share = self._sum(levels)
+        (s0, o0), (s1, o1) = self.fit[False], self.fit[True]
+        scale, offset = s0 + share * (s1 - s0), o0 + share * (o1 - o0)
         return max(scale * raw + offset, 0.0), size, error
 
-    def raw(self, levels: tuple[int, ...], int8: bool) -> tuple[float, int, float]:
+    def raw(self, levels: tuple[int, ...]) -> tuple[float, int, float]:
         """(seconds, bytes, relative output error) of a plan, the seconds as the sum of its
         convs timed alone and the rest scaled by its activation volume."""
-        widths = self.convs(levels)
-        seconds = volume = full = 0.0
-        size = self.other_bytes
+        return self._sum(levels)[:3]
+
+    def _sum(self, levels: tuple[int, ...]) -> tuple[float, int, float, float]:
+        """raw's three, and the share of the convs' output activations that int8 layers
+        write: the rest is the fp32 model's and the int8 model's mixed by it."""
+        widths, int8 = self.convs(levels), self.quantized(levels)
+        seconds = volume = full = quantized = 0.0
+        convs = {s.name for s in self.shapes}
+        size = self.other_bytes - 3 * sum(
+            layer.weights for layer in self.layers if layer.name in int8 - convs
+        )  # a Linear run int8 stores 1 byte per weight, not 4
         for s in self.shapes:
             cin, cout = widths[s.name]
-            seconds += self.latency.conv_seconds(s, cin, cout, int8)
+            on = s.name in int8
+            seconds += self.latency.conv_seconds(s, cin, cout, on)
             pixels = math.prod(s.output_size())
             volume, full = volume + cout * pixels, full + s.cout * pixels
+            quantized += cout * pixels if on else 0.0
             groups = cin if s.depthwise else s.groups
-            size += (cin // groups) * cout * math.prod(s.kernel) * (1 if int8 else 4)
-        seconds += self.rest[int8] * (volume / full if full else 1.0)
-        error = sum(c.errors[level] for c, level in zip(self.choices, levels, strict=True))
-        error += self.int8_error if int8 else 0.0
-        return seconds, int(size), math.sqrt(error)
+            size += (cin // groups) * cout * math.prod(s.kernel) * (1 if on else 4)
+        share = quantized / volume if volume else float(bool(int8))
+        rest = self.rest[False] + share * (self.rest.get(True, 0.0) - self.rest[False])
+        seconds += rest * (volume / full if full else 1.0)
+        error = sum(c.errors[level] for c, level in zip(self.choices, levels, strict=False))
+        error += sum(layer.error for layer in self.layers if layer.name in int8)
+        return seconds, int(size), math.sqrt(error), share
 
-    def candidate(self, levels: tuple[int, ...], int8: bool) -> Candidate:
-        seconds, size, error = self.predict(levels, int8)
-        return Candidate(levels, int8, seconds, size, error, self.pipeline(levels, int8))
+    def candidate(self, levels: tuple[int, ...]) -> Candidate:
+        seconds, size, error = self.predict(levels)
+        int8 = self.quantized(levels)
+        fp32 = len(self.layers) - len(int8)
+        weights = "fp32" if not int8 else "int8" + (f" ({fp32} fp32)" if fp32 else "")
+        pipeline = self.pipeline(levels)
+        return Candidate(levels, bool(int8), seconds, size, error, pipeline, weights=weights)
 
     def path(self, int8: bool, seconds: float, size: float) -> list[Candidate]:
-        """The greedy walk for int8 on or off: full widths first, then one step at a time, the
-        least added error per second (or per byte, while only the size is over) saved, until
-        both limits hold or no step is left. Every plan it passes is returned."""
-        levels = tuple(0 for _ in self.choices)
-        walk = [self.candidate(levels, int8)]
+        """The greedy walk, with int8 allowed or not: full widths in fp32 first, then one step
+        at a time (one group one level narrower, or one layer int8), the least added error per
+        second (or per byte, while only the size is over) saved, until both limits hold or no
+        step is left. Every plan it passes is returned."""
+        levels = self.full(False)
+        top = [len(c.widths) - 1 for c in self.choices] + [int(int8)] * len(self.layers)
+        walk = [self.candidate(levels)]
         while walk[-1].seconds > seconds or walk[-1].bytes > size:
             here = walk[-1]
             best, rate = None, math.inf
-            for i, c in enumerate(self.choices):
-                if levels[i] + 1 >= len(c.widths):
+            for i, level in enumerate(levels):
+                if level >= top[i]:
                     continue
-                step = tuple(v + (k == i) for k, v in enumerate(levels))
-                t, b, e = self.predict(step, int8)
+                step = levels[:i] + (level + 1,) + levels[i + 1 :]
+                t, b, e = self.predict(step)
                 saved = here.seconds - t if here.seconds > seconds else (here.bytes - b) / 1e6
                 if saved <= 0:
                     continue
@@ -177,18 +219,23 @@ class Planner:
             if best is None:
                 break
             levels = best
-            walk.append(self.candidate(levels, int8))
+            walk.append(self.candidate(levels))
         return walk
 
-    def pipeline(self, levels: tuple[int, ...], int8: bool) -> str:
-        """The plan as a pipeline string: prune-bn{keep=...} with the narrowed groups, int8."""
+    def pipeline(self, levels: tuple[int, ...]) -> str:
+        """The plan as a pipeline string: prune-bn{keep=...} with the narrowed groups, then
+        int8, with skip= naming the layers kept fp32 when some are."""
         items = [
             f"{c.writer}:{c.widths[level]}"
-            for c, level in zip(self.choices, levels, strict=True)
+            for c, level in zip(self.choices, levels, strict=False)
             if c.widths[level] < c.channels
         ]
         parts = [f"prune-bn{{keep={'|'.join(items)}}}"] if items else []
-        return ",".join(parts + (["int8"] if int8 else [])) or "fold-bn"  # the original's plan
+        int8 = self.quantized(levels)
+        fp32 = [layer.name for layer in self.layers if layer.name not in int8]
+        if int8:
+            parts.append(f"int8{{skip={'|'.join(fp32)}}}" if fp32 else "int8")
+        return ",".join(parts) or "fold-bn"  # the original's plan
 
 
 def _choices(gm: fx.GraphModule, inputs: tuple, round_to: int) -> list[Choice]:

@@ -22,11 +22,12 @@ import torch
 from tqdm import tqdm
 
 from racc.budget.latency import LatencyModel, conv_shapes, preferred_multiple, time_model
-from racc.budget.plan import Candidate, Planner, front
+from racc.budget.plan import Candidate, Int8Layer, Planner, front
 from racc.compiler import compile as compile_pipeline
 from racc.errors import BudgetError, InputError
 from racc.ir.fx import eval_mode, normalize_inputs, record_examples, trace
 from racc.metrics import OutputError
+from racc.passes.int8 import QuantizeInt8
 from racc.text import markdown_table
 from racc.timing import interleaved, ort_call, ort_session
 
@@ -85,7 +86,7 @@ class BudgetPlan:
             rows.append(
                 {
                     "plan": "**chosen**" if c.chosen else ("timed" if timed else ""),
-                    "weights": "int8" if c.int8 else "fp32",
+                    "weights": c.weights,
                     "latency predicted": f"{c.seconds / self.original_seconds:.2f}x",
                     "latency measured": f"{c.measured_seconds / self.original_seconds:.2f}x"
                     if timed
@@ -204,10 +205,10 @@ def plan_budget(
         original = _export(model, folder / "original.onnx", timed)
         session = ort_session(original, budget.threads)  # what every plan is timed against
         measured = {False: time_model(original, budget.threads, timed.numpy())}
-        int8_error = None
+        layers = []
         if calibration is not None:
             int8 = compile_pipeline(model, "int8", inputs, calibration=calibration)
-            int8_error = _error(model, int8, inputs) ** 2
+            layers = _int8_layers(model, inputs, calibration, _error(model, int8, inputs))
             int8_file = _export(int8, folder / "int8.onnx", timed)
             measured[True] = time_model(int8_file, budget.threads, timed.numpy())
         convs = dict.fromkeys(measured, 0.0)  # the convs' predicted time at full width
@@ -221,9 +222,8 @@ def plan_budget(
         round_to = max(preferred_multiple(latency, batch, int8_on) for int8_on in measured)
         conv_bytes = sum(s.cin // s.groups * s.cout * math.prod(s.kernel) for s in shapes) * 4
         other_bytes = max(original.stat().st_size - conv_bytes, 0)
-        planner = Planner(gm, inputs, shapes, latency, round_to, rest, int8_error, other_bytes)
-        full = tuple(0 for _ in planner.choices)
-        points = {m: [(planner.raw(full, m)[0], s)] for m, s in measured.items()}
+        planner = Planner(gm, inputs, shapes, latency, round_to, rest, layers, other_bytes)
+        points = {m: [(planner.raw(planner.full(m))[0], s)] for m, s in measured.items()}
         for int8_on, timed_points in points.items():  # one timing each: it scales
             planner.calibrate(int8_on, timed_points, measured[int8_on])
         plan = BudgetPlan(
@@ -232,7 +232,7 @@ def plan_budget(
             measured[False],
             original.stat().st_size,
             round_to,
-            planner.candidate(full, False),
+            planner.candidate(planner.full(False)),
         )
         rounds = max(ROUNDS, math.ceil(TIMED_SECONDS / plan.original_seconds))  # a fast model's
         # noise evens out over more rounds
@@ -255,18 +255,16 @@ def plan_budget(
             fits = [c for c in walks if c.seconds <= seconds and c.bytes <= size]
             # none predicted to fit: the prediction may be pessimistic, so time the one closest
             pick = min(fits, key=lambda c: c.error) if fits else min(walks, key=plan.overrun)
-            if (pick.levels, pick.int8) in tried:
+            if pick.levels in tried:
                 break  # the correction leads back to a plan already timed
-            tried.add((pick.levels, pick.int8))
+            tried.add(pick.levels)
             opt = measure(pick)
             plan.attempts.append(pick)
             if _meets(pick, plan) and (best is None or better(pick, best)):
                 best, plan.compiled = pick, opt  # the model compile gives back: not compiled twice
             # the prediction refit to the timings of its kind nearest the limit; the size
             # target moved by how far the file missed it
-            points[pick.int8].append(
-                (planner.raw(pick.levels, pick.int8)[0], pick.measured_seconds)
-            )
+            points[pick.int8].append((planner.raw(pick.levels)[0], pick.measured_seconds))
             planner.calibrate(pick.int8, points[pick.int8], seconds)
             late = pick.measured_seconds / plan.limit_seconds() if budget.latency else 1.0
             over = pick.measured_bytes / plan.limit_bytes() if budget.size else 1.0
@@ -305,6 +303,17 @@ def _closest(plan: BudgetPlan) -> str:
         f"the closest plan ({c.pipeline}) {how} at {seconds / plan.original_seconds:.2f}x the "
         f"original's latency and {size / plan.original_bytes:.2f}x its size; {advice}"
     )
+
+
+def _int8_layers(model, inputs: tuple, calibration, joint: float) -> list[Int8Layer]:
+    """Every layer int8 may run, with its squared output error alone on `inputs`, scaled so
+    that the errors of all of them add up to `joint`, the error of the model int8 whole (what
+    the layers' errors alone miss of how they compound is spread over them)."""
+    folded = compile_pipeline(model, "fold-bn", inputs)
+    alone = QuantizeInt8(calibration=calibration).layer_errors(folded, inputs)
+    total = sum(error**2 for error, _ in alone.values())
+    scale = joint**2 / total if total > 0 else 0.0
+    return [Int8Layer(name, error**2 * scale, n) for name, (error, n) in alone.items()]
 
 
 def _at_batch(x: torch.Tensor, batch: int) -> torch.Tensor:

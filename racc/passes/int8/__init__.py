@@ -210,6 +210,26 @@ class QuantizeInt8(Pass):
             )
         return result
 
+    def layer_errors(self, gm: fx.GraphModule, inputs: tuple) -> dict[str, tuple[float, int]]:
+        """Each layer this pass would quantize in `gm` (BN folded), by the name skip= matches:
+        the relative L2 error of `gm`'s outputs on `inputs` with only that layer int8 (the
+        activation ranges calibrated on this pass's calibration data), and its weight count.
+        What a planner choosing which layers run int8 weighs (racc.budget)."""
+        if self.mode == "static":
+            gm = _without_silu(gm, inputs)
+        batches = calibration_batches(self.calibration, inputs)
+        quantizer = (StaticQuantizer if self.mode == "static" else DynamicQuantizer)(
+            self, gm, batches
+        )
+        errors = {}
+        with torch.no_grad():
+            reference = gm(*inputs)
+            for unit in quantizer.units:
+                error = OutputError.between(reference, quantizer.build([unit])(*inputs)).rel_l2
+                weights = gm.get_submodule(quantizer.nodes[unit].target).weight.numel()
+                errors[quantizer.label(unit)] = (error, weights)
+        return errors
+
     def _target_notes(self) -> list[str]:
         target, cpu = TARGETS[self.target], this_cpu()
         notes = [f"target {target.name}: the file computes the same integers on {target.exact_on}"]
