@@ -105,6 +105,7 @@ class ChainFinder:
     densify: bool = False
     max_kernel: int = 5
     border: str = "exact"
+    where: tuple[str, ...] = ()  # when given, only convs matching one of these may fuse
     calls: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +115,8 @@ class ChainFinder:
         pattern = next((p for p in self.skip if fnmatchcase(node.target, p)), None)
         if pattern:
             return f"'{node.target}' matches skip pattern '{pattern}'"
+        if self.where and not any(fnmatchcase(node.target, p) for p in self.where):
+            return f"'{node.target}' matches no where= pattern"
         if self.calls[node.target] > 1:
             return f"'{node.target}' is called more than once"
         return ""

@@ -16,6 +16,7 @@ from typing import Any
 
 from racc.budget.latency import LatencyModel
 from racc.budget.plan import Candidate, Planner
+from racc.budget.rewrites import KINDS
 from racc.budget.solve import BudgetPlan, plan_budget
 from racc.compiler import compile as compile_pipeline
 from racc.errors import PassConfigError
@@ -47,10 +48,11 @@ class Budget:
     size_relative: bool = True
     batch: int | None = None
     threads: int = 2
+    rewrites: tuple[str, ...] = KINDS  # the rewrites planned besides widths and int8
 
     @classmethod
     def parse(cls, value: Budget | dict | str) -> Budget:
-        """A Budget from a dict ({"latency": 0.5, "size": "5MiB"}) or a string
+        """A Budget from a dict ({"latency": 0.5, "size": "5MiB", "rewrites": "rac"}) or a string
         ("latency=0.5x,size=5MiB"); a bare number is relative. Bad keys or values raise
         PassConfigError naming them."""
         if isinstance(value, Budget):
@@ -67,11 +69,12 @@ class Budget:
             value = items
         if not isinstance(value, dict):
             raise PassConfigError(f"budget: a dict or a string, got {type(value).__name__}")
-        known = {"latency", "size", "batch", "threads", "max_drop"}
+        known = {"latency", "size", "batch", "threads", "rewrites", "max_drop"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise PassConfigError(
-                f"budget: unknown key(s) {', '.join(unknown)}; valid: latency, size, batch, threads"
+                f"budget: unknown key(s) {', '.join(unknown)}; valid: latency, size, batch, "
+                "threads, rewrites"
             )
         if "max_drop" in value:
             raise PassConfigError(
@@ -89,8 +92,15 @@ class Budget:
         for key, n in (("batch", batch), ("threads", threads)):
             if n is not None and (not str(n).isdigit() or int(n) < 1):
                 raise PassConfigError(f"budget: {key} must be a whole number >= 1, got {n!r}")
+        rewrites = _rewrites(value.get("rewrites", KINDS))
         return cls(
-            latency, latency_rel, size, size_rel, int(batch) if batch else None, int(threads)
+            latency,
+            latency_rel,
+            size,
+            size_rel,
+            int(batch) if batch else None,
+            int(threads),
+            rewrites,
         )
 
     def __str__(self) -> str:
@@ -106,7 +116,23 @@ class Budget:
                 f"size={self.size:g}x" if self.size_relative else f"size={self.size / 2**20:g}MiB"
             )
         batch = [f"batch={self.batch}"] if self.batch else []
-        return ",".join(parts + batch + [f"threads={self.threads}"])
+        rewrites = (
+            [] if self.rewrites == KINDS else [f"rewrites={'+'.join(self.rewrites) or 'none'}"]
+        )
+        return ",".join(parts + batch + [f"threads={self.threads}"] + rewrites)
+
+
+def _rewrites(value: Any) -> tuple[str, ...]:
+    """The rewrite kinds of a `rewrites` value: "fuse-5x5+rac", "rac", "none", or a sequence."""
+    items = value.split("+") if isinstance(value, str) else list(value)
+    items = [str(i).strip() for i in items if str(i).strip() not in ("", "none")]
+    wrong = [i for i in items if i not in KINDS]
+    if wrong:
+        raise PassConfigError(
+            f"budget: rewrites={value!r} names {', '.join(wrong)}; give none, or some of "
+            f"{', '.join(KINDS)} joined by + (e.g. rewrites=fuse-5x5+rac)"
+        )
+    return tuple(k for k in KINDS if k in items)
 
 
 def _quantity(key: str, value: Any, units: tuple[str, ...]) -> tuple[float | None, bool]:
@@ -140,7 +166,8 @@ def compile(
 ):
     """Transform a copy of `model` with `passes` (racc.compiler.compile), or, with `budget`,
     with the plan that meets it: `{"latency": 0.5}` (half the original's ONNX Runtime time),
-    `"latency=8ms,size=5MiB"`, with `batch` and `threads` keys for what it is timed at. The
+    `"latency=8ms,size=5MiB"`, with `batch` and `threads` keys for what it is timed at, and
+    `rewrites` for the fusions and RAC stages it may plan ("fuse-5x5+rac", "rac", "none"). The
     plan (racc.budget.solve) is measured on this machine; `.racc_plan` holds it with its
     candidates, and `.racc_plan.pipeline` is the pipeline string it compiled.
 

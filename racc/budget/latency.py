@@ -188,6 +188,16 @@ class LatencyModel:
             self.measured += 1
         return self.entries[key]
 
+    def cast_seconds(self, shape: tuple[int, ...], quantize: bool) -> float:
+        """The measured seconds (cached) of a QuantizeLinear (fp32 to uint8) or a
+        DequantizeLinear (back) of a tensor of `shape`: what a boundary between an fp32 layer
+        and an int8 one adds."""
+        key = f"{'quantize' if quantize else 'dequantize'} {'x'.join(map(str, shape))}"
+        if key not in self.entries:
+            self.entries[key] = time_model(cast_model(shape, quantize), self.threads)
+            self.measured += 1
+        return self.entries[key]
+
     def pair_seconds(self, batch: int, int8: bool) -> dict[int, float]:
         """pair_model's seconds at every width of PAIR_WIDTHS (cached). They are timed
         interleaved, one run of each width in turn, so that the machine's drift, which is as
@@ -253,6 +263,25 @@ def pair_model(width: int, batch: int, int8: bool) -> onnx.ModelProto:
     second, b = _conv_node(PAIR, width, PAIR.cout, int8, "h", "y", "b")
     x, y = [batch, PAIR.cin, *PAIR.size], [batch, PAIR.cout, *PAIR.output_size()]
     return _model([first, second], a + b, int8, x, y)
+
+
+def cast_model(shape: tuple[int, ...], quantize: bool) -> onnx.ModelProto:
+    """QuantizeLinear (fp32 x to uint8 y) or DequantizeLinear (uint8 x to fp32 y) of a tensor of
+    `shape`, per tensor, as racc's int8 files quantize activations."""
+    inits = [
+        numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+        numpy_helper.from_array(np.array(128, np.uint8), "z"),
+    ]
+    op = "QuantizeLinear" if quantize else "DequantizeLinear"
+    kinds = [TensorProto.FLOAT, TensorProto.UINT8][:: 1 if quantize else -1]
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x", "s", "z"], ["y"])],
+        "cast",
+        [helper.make_tensor_value_info("x", kinds[0], list(shape))],
+        [helper.make_tensor_value_info("y", kinds[1], list(shape))],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def _conv_node(shape: ConvShape, cin: int, cout: int, int8: bool, x: str, y: str, tag: str):

@@ -1,60 +1,33 @@
-"""The planner: per-group widths and per-layer int8, chosen together against a latency and size
-budget.
+"""The planner: per-group widths, per-layer int8 and the rewrites (fusions, RAC stages), chosen
+together against a latency and size budget.
 
-Each choice has a predicted latency (the latency model, racc.budget.latency) and a measured
-accuracy cost: a group pruned to k channels costs the squared relative output error of the
-model with only that group's other channels zeroed (its least important, as prune-bn ranks
-them); a layer run int8 costs the squared error of the model with only that layer quantized.
-Errors of independent choices add as noise powers, so a plan's predicted error is the root of
-their sum.
+Each choice (racc.budget.choices) has a predicted latency (the latency model,
+racc.budget.latency) and a measured accuracy cost: a group pruned to k channels costs the squared
+relative output error of the model with only that group's other channels zeroed (its least
+important, as prune-bn ranks them); a layer run int8, or a rewrite, costs the squared error of
+the model with only it applied. Errors of independent choices add as noise powers, so a plan's
+predicted error is the root of their sum. Where an fp32 layer meets an int8 one, a cast runs
+(timed like a conv); a rewrite saves the share of the original's time it measured alone.
 
 The solver is greedy over marginal rates, with int8 not allowed and allowed: from the full fp32
-model, take the step (one group one width level narrower, or one layer int8) with the least
-added error per second saved, until the prediction meets the budget. Every step is a candidate plan; the front of them is
-the Pareto set the report draws. The chosen plan is compiled and timed in ONNX Runtime; every
-whole-model timing refits the prediction (`calibrate`), and where the timing misses the budget
-the plan is made again (racc.budget.solve).
+model, take the step (one group one width level narrower, one layer int8, or one rewrite) with
+the least added error per second saved, until the prediction meets the budget. Every step is a
+candidate plan; the front of them is the Pareto set the report draws. The chosen plan is
+compiled and timed in ONNX Runtime; every whole-model timing refits the prediction
+(`calibrate`), and where the timing misses the budget the plan is made again
+(racc.budget.solve).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
-import torch
 import torch.fx as fx
 
-from racc.analysis import analyze
+from racc.budget.choices import Int8Layer, frozen_groups, group_choices, links
 from racc.budget.latency import ConvShape, LatencyModel
-from racc.ir.ops import CONVS
-from racc.metrics import flat_outputs
-from racc.passes.channels import zero_channels
-from racc.passes.prune_bn import unit_importance
-
-LEVELS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)  # kept share of a group's channels
-
-
-@dataclass
-class Choice:
-    """One group's width levels: the channels each keeps and its measured squared error."""
-
-    writer: str  # a layer writing the group: keep's pattern
-    channels: int
-    widths: list[int]  # channels kept at each level (rounded), widest first
-    errors: list[float]  # squared relative output error at each level
-    out_share: dict[str, float] = field(default_factory=dict)  # conv -> its out channels here
-    in_share: dict[str, float] = field(default_factory=dict)  # conv -> its in channels here
-
-
-@dataclass
-class Int8Layer:
-    """A layer the int8 pass may quantize: its name (what int8's skip= matches), its squared
-    relative output error with only it int8, and its weight count."""
-
-    name: str
-    error: float
-    weights: int
+from racc.budget.rewrites import Rewrite, passes
 
 
 @dataclass
@@ -73,6 +46,7 @@ class Candidate:
     measured_bytes: int | None = None
     chosen: bool = False
     weights: str = "fp32"  # the report's word: fp32, int8, or int8 with how many layers fp32
+    rewrites: tuple[str, ...] = ()  # the names of the rewrites it applies
 
     def actual(self) -> tuple[float, int]:
         """(seconds, bytes): measured where the plan was timed, else predicted."""
@@ -93,13 +67,21 @@ class Planner:
         round_to: int,
         rest: dict[bool, float],
         layers: list[Int8Layer],
-        other_bytes: int,
+        other_bytes: dict[bool, int],
+        rewrites: list[Rewrite] = (),
     ):
         self.shapes, self.latency, self.rest = shapes, latency, rest
         self.layers = layers  # what may run int8; none without calibration data
-        self.choices = _choices(gm, inputs, round_to)
-        self.other_bytes = other_bytes  # what the exported file holds outside the convs' weights
+        self.rewrites = list(rewrites)  # fusions and RAC stages, measured alone
+        self.choices = group_choices(gm, inputs, round_to)
+        # what the exported file holds outside the convs' weights, fp32 and int8 (its Linears
+        # counted fp32): biases, scales, zero points, the Linears, the graph
+        self.other_bytes = other_bytes
         self.fit = {False: (1.0, 0.0), True: (1.0, 0.0)}  # (scale, offset) on the raw sum
+        self.frozen = [frozen_groups(r, self.choices) for r in self.rewrites]
+        batch = shapes[0].batch if shapes else 1
+        self.links = links(gm, {layer.name for layer in layers}, batch)
+        self.full_raw = self._sum(self.full(False))[0]  # what a rewrite's saved share is of
 
     def calibrate(self, int8: bool, points: list[tuple[float, float]], target: float) -> None:
         """Fit the whole-model prediction to timings near `target` seconds: `points` are (raw
@@ -120,13 +102,46 @@ class Planner:
         self.fit[int8] = (scale, offset)
 
     def full(self, int8: bool) -> tuple[int, ...]:
-        """The levels of the full widths, every layer int8 or none."""
-        return (0,) * len(self.choices) + (int(int8),) * len(self.layers)
+        """The levels of the full widths, every layer int8 or none, no rewrite."""
+        return (
+            (0,) * len(self.choices) + (int(int8),) * len(self.layers) + (0,) * len(self.rewrites)
+        )
 
     def quantized(self, levels: tuple[int, ...]) -> set[str]:
         """The layers that run int8 at `levels`."""
-        flags = levels[len(self.choices) :]
+        flags = levels[len(self.choices) : len(self.choices) + len(self.layers)]
         return {layer.name for layer, on in zip(self.layers, flags, strict=True) if on}
+
+    def applied(self, levels: tuple[int, ...]) -> list[int]:
+        """The indices of the rewrites `levels` applies."""
+        flags = levels[len(self.choices) + len(self.layers) :]
+        return [i for i, on in enumerate(flags) if on]
+
+    def step(self, levels: tuple[int, ...], i: int) -> tuple[int, ...] | None:
+        """The levels after step `i` from `levels` (one level more at index i), or None where it
+        may not be taken. A group a rewrite fixes keeps its width, and a conv a rewrite replaces
+        stays fp32. Applying a rewrite gives the groups it fixes back their full width and its
+        convs back fp32 (so that narrowing a group first never shuts a rewrite out), and needs
+        no other rewrite of the same convs."""
+        applied = self.applied(levels)
+        taken = {c for r in applied for c in self.rewrites[r].convs}
+        g, n = len(self.choices), len(self.layers)
+        if i < g and any(i in self.frozen[r] for r in applied):
+            return None
+        if g <= i < g + n and self.layers[i - g].name in taken:
+            return None
+        new = list(levels)
+        new[i] += 1
+        if i >= g + n:
+            convs = self.rewrites[i - g - n].convs
+            if set(convs) & taken:
+                return None
+            for k in self.frozen[i - g - n]:
+                new[k] = 0
+            for k, layer in enumerate(self.layers):
+                if layer.name in convs:
+                    new[g + k] = 0
+        return tuple(new)
 
     def convs(self, levels: tuple[int, ...]) -> dict[str, tuple[int, int]]:
         """Each conv's (cin, cout) at `levels`."""
@@ -167,7 +182,7 @@ class Planner:
         widths, int8 = self.convs(levels), self.quantized(levels)
         seconds = volume = full = quantized = 0.0
         convs = {s.name for s in self.shapes}
-        size = self.other_bytes - 3 * sum(
+        size = -3 * sum(
             layer.weights for layer in self.layers if layer.name in int8 - convs
         )  # a Linear run int8 stores 1 byte per weight, not 4
         for s in self.shapes:
@@ -179,12 +194,42 @@ class Planner:
             quantized += cout * pixels if on else 0.0
             groups = cin if s.depthwise else s.groups
             size += (cin // groups) * cout * math.prod(s.kernel) * (1 if on else 4)
+        seconds += self.casts(int8, widths)
         share = quantized / volume if volume else float(bool(int8))
         rest = self.rest[False] + share * (self.rest.get(True, 0.0) - self.rest[False])
         seconds += rest * (volume / full if full else 1.0)
+        other = self.other_bytes
+        size += other[False] + share * (other.get(True, 0) - other[False])
         error = sum(c.errors[level] for c, level in zip(self.choices, levels, strict=False))
         error += sum(layer.error for layer in self.layers if layer.name in int8)
-        return seconds, int(size), math.sqrt(error), share
+        for r in self.applied(levels):  # what it saves at full widths, scaled by its convs'
+            rewrite, kept = self.rewrites[r], self._kept(self.rewrites[r].convs, widths)
+            seconds -= rewrite.seconds * self.full_raw * kept
+            size -= rewrite.bytes * kept
+            error += rewrite.error
+        return max(seconds, 0.0), int(size), math.sqrt(error), share
+
+    def casts(self, int8: set[str], widths: dict[str, tuple[int, int]]) -> float:
+        """What the casts between fp32 and int8 layers add that a model int8 throughout does
+        not run: a QuantizeLinear before an int8 layer that an fp32 one feeds, a
+        DequantizeLinear after an int8 layer that feeds an fp32 one (each scaled by its
+        tensor's channels kept)."""
+        seconds = 0.0
+        for name in int8:
+            link = self.links[name]
+            cin, cout = widths.get(name, (link.input[1], link.output[1]))
+            if link.producers - int8:
+                seconds += self.latency.cast_seconds(link.input, True) * cin / link.input[1]
+            if link.consumers - int8:
+                seconds += self.latency.cast_seconds(link.output, False) * cout / link.output[1]
+        return seconds
+
+    def _kept(self, convs: tuple[str, ...], widths: dict[str, tuple[int, int]]) -> float:
+        """The share of their full-width fp32 time that `convs` keep at `widths`."""
+        shapes = [s for s in self.shapes if s.name in convs]
+        full = sum(self.latency.conv_seconds(s, s.cin, s.cout, False) for s in shapes)
+        now = sum(self.latency.conv_seconds(s, *widths[s.name], False) for s in shapes)
+        return now / full if full else 1.0
 
     def candidate(self, levels: tuple[int, ...]) -> Candidate:
         seconds, size, error = self.predict(levels)
@@ -192,7 +237,10 @@ class Planner:
         fp32 = len(self.layers) - len(int8)
         weights = "fp32" if not int8 else "int8" + (f" ({fp32} fp32)" if fp32 else "")
         pipeline = self.pipeline(levels)
-        return Candidate(levels, bool(int8), seconds, size, error, pipeline, weights=weights)
+        rewrites = tuple(self.rewrites[r].name for r in self.applied(levels))
+        return Candidate(
+            levels, bool(int8), seconds, size, error, pipeline, weights=weights, rewrites=rewrites
+        )
 
     def path(self, int8: bool, seconds: float, size: float) -> list[Candidate]:
         """The greedy walk, with int8 allowed or not: full widths in fp32 first, then one step
@@ -201,14 +249,15 @@ class Planner:
         step is left. Every plan it passes is returned."""
         levels = self.full(False)
         top = [len(c.widths) - 1 for c in self.choices] + [int(int8)] * len(self.layers)
+        top += [1] * len(self.rewrites)
         walk = [self.candidate(levels)]
         while walk[-1].seconds > seconds or walk[-1].bytes > size:
             here = walk[-1]
             best, rate = None, math.inf
             for i, level in enumerate(levels):
-                if level >= top[i]:
+                step = self.step(levels, i) if level < top[i] else None
+                if step is None:
                     continue
-                step = levels[:i] + (level + 1,) + levels[i + 1 :]
                 t, b, e = self.predict(step)
                 saved = here.seconds - t if here.seconds > seconds else (here.bytes - b) / 1e6
                 if saved <= 0:
@@ -223,67 +272,22 @@ class Planner:
         return walk
 
     def pipeline(self, levels: tuple[int, ...]) -> str:
-        """The plan as a pipeline string: prune-bn{keep=...} with the narrowed groups, then
-        int8, with skip= naming the layers kept fp32 when some are."""
+        """The plan as a pipeline string: prune-bn{keep=...} with the narrowed groups, the
+        rewrites, then int8, with skip= naming the layers kept fp32 when some are."""
         items = [
             f"{c.writer}:{c.widths[level]}"
             for c, level in zip(self.choices, levels, strict=False)
             if c.widths[level] < c.channels
         ]
         parts = [f"prune-bn{{keep={'|'.join(items)}}}"] if items else []
+        applied = [self.rewrites[r] for r in self.applied(levels)]
+        parts += passes(applied)
+        gone = {c for r in applied for c in r.removed}
         int8 = self.quantized(levels)
-        fp32 = [layer.name for layer in self.layers if layer.name not in int8]
+        fp32 = [u.name for u in self.layers if u.name not in int8 and u.name not in gone]
         if int8:
             parts.append(f"int8{{skip={'|'.join(fp32)}}}" if fp32 else "int8")
         return ",".join(parts) or "fold-bn"  # the original's plan
-
-
-def _choices(gm: fx.GraphModule, inputs: tuple, round_to: int) -> list[Choice]:
-    """Every prunable group's width levels and their measured errors."""
-    analysis = analyze(gm, inputs)
-    with torch.no_grad():
-        reference = flat_outputs(gm(*inputs))
-    power = float(reference.square().sum()) or 1.0
-    convs = {s for s in dict(gm.named_modules()) if _is_conv(gm, s)}
-    choices = []
-    for group in analysis.groups:
-        if not group.prunable or group.size < 2:
-            continue
-        writers = [m.owner for m in group.members if m.role == "out" and m.owner in convs]
-        if not writers:
-            continue
-        scores, _ = unit_importance(gm, group, "bn_gamma", "mean")
-        order = np.argsort(scores, kind="stable")
-        per, channels = group.channels_per_index, group.size * group.channels_per_index
-        widths, errors = [], []
-        for share in LEVELS:
-            kept = max(round_to, int(channels * share) // round_to * round_to, per)
-            kept = min(channels, math.ceil(kept / per) * per)
-            if widths and kept >= widths[-1]:
-                continue
-            widths.append(kept)
-            drop = order[: group.size - kept // per]
-            if len(drop) == 0:
-                errors.append(0.0)
-                continue
-            zeroed = zero_channels(gm, {group: drop})
-            with torch.no_grad():
-                diff = flat_outputs(zeroed(*inputs)) - reference
-            errors.append(float(diff.square().sum()) / power)
-        choice = Choice(writers[0], channels, widths, errors)
-        units = set(group.units.tolist())
-        for axis in analysis.flow.param_axes:
-            if axis.owner in convs and axis.param.endswith("weight") and axis.role in ("out", "in"):
-                n = int(np.isin(analysis.components_of(axis.ids), list(units)).sum())
-                share = choice.out_share if axis.role == "out" else choice.in_share
-                if n:
-                    share[axis.owner] = share.get(axis.owner, 0) + n
-        choices.append(choice)
-    return choices
-
-
-def _is_conv(gm: fx.GraphModule, name: str) -> bool:
-    return bool(name) and isinstance(gm.get_submodule(name), CONVS)
 
 
 def front(candidates: list[Candidate]) -> list[Candidate]:

@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from racc.budget.choices import Int8Layer
 from racc.budget.latency import LatencyModel, conv_shapes, preferred_multiple, time_model
-from racc.budget.plan import Candidate, Int8Layer, Planner, front
+from racc.budget.plan import Candidate, Planner, front
+from racc.budget.rewrites import Rewrite, find, passes
 from racc.compiler import compile as compile_pipeline
-from racc.errors import BudgetError, InputError
+from racc.errors import BudgetError, InputError, RaccError
 from racc.ir.fx import eval_mode, normalize_inputs, record_examples, trace
 from racc.metrics import OutputError
 from racc.passes.int8 import QuantizeInt8
@@ -52,6 +54,8 @@ class BudgetPlan:
     attempts: list[Candidate] = field(default_factory=list)  # compiled and timed, in order
     timings_measured: int = 0  # conv timings taken (not found in the cache)
     compiled: Any = field(default=None, repr=False)  # the chosen plan's model, as it was timed
+    rewrites: list[Rewrite] = field(default_factory=list)  # fusions and RAC stages, measured
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # rewrites that failed, why
 
     @property
     def pipeline(self) -> str:
@@ -104,7 +108,25 @@ class BudgetPlan:
             f"widths in multiples of {self.round_to}; {'met' if self.met else 'NOT met'} as "
             f"measured on {self.machine}\n\n"
         )
-        return head + "\n".join(markdown_table(rows))
+        return head + "\n".join(markdown_table(rows)) + self._rewrites_markdown()
+
+    def _rewrites_markdown(self) -> str:
+        """The rewrites the planner weighed, each measured alone, and those it could not."""
+        rows = [
+            {
+                "rewrite": r.name,
+                "rel L2 alone": f"{math.sqrt(r.error):.4f}",
+                "time saved": f"{r.seconds:+.1%}",
+                "KiB saved": f"{r.bytes / 2**10:.1f}",
+                "chosen": "yes" if r.name in self.chosen.rewrites else "",
+            }
+            for r in self.rewrites
+        ]
+        text = "\n\nRewrites, each applied alone and timed against the original:\n\n"
+        text += "\n".join(markdown_table(rows)) if rows else "none found in this model"
+        for name, why in self.left_out:
+            text += f"\n- {name}: left out, {why}"
+        return text + "\n"
 
     def shown(self, most: int = 12) -> list[Candidate]:
         """The plans the table lists, by predicted latency: every one timed, and of the rest of
@@ -221,8 +243,25 @@ def plan_budget(
         }
         round_to = max(preferred_multiple(latency, batch, int8_on) for int8_on in measured)
         conv_bytes = sum(s.cin // s.groups * s.cout * math.prod(s.kernel) for s in shapes) * 4
-        other_bytes = max(original.stat().st_size - conv_bytes, 0)
-        planner = Planner(gm, inputs, shapes, latency, round_to, rest, layers, other_bytes)
+        other_bytes = {False: max(original.stat().st_size - conv_bytes, 0)}
+        if calibration is not None:  # the int8 file, its Linears counted at 4 bytes a weight
+            linears = sum(u.weights for u in layers if u.name not in {s.name for s in shapes})
+            int8_bytes = int8_file.stat().st_size - conv_bytes // 4 + 3 * linears
+            other_bytes[True] = max(int8_bytes, 0)
+        rounds = max(ROUNDS, math.ceil(TIMED_SECONDS / measured[False]))  # a fast model's
+        # noise evens out over more rounds
+
+        def ratio(path: Path) -> float:
+            """The time of the ONNX file at `path` over the original's, interleaved."""
+            call = ort_call(ort_session(path, budget.threads), timed)
+            return interleaved([ort_call(session, timed), call], rounds).ratios[1]
+
+        rewrites, left_out = _rewrites(
+            model, gm, inputs, budget.rewrites, (folder, timed), ratio, progress
+        )
+        planner = Planner(
+            gm, inputs, shapes, latency, round_to, rest, layers, other_bytes, rewrites
+        )
         points = {m: [(planner.raw(planner.full(m))[0], s)] for m, s in measured.items()}
         for int8_on, timed_points in points.items():  # one timing each: it scales
             planner.calibrate(int8_on, timed_points, measured[int8_on])
@@ -233,17 +272,15 @@ def plan_budget(
             original.stat().st_size,
             round_to,
             planner.candidate(planner.full(False)),
+            rewrites=rewrites,
+            left_out=left_out,
         )
-        rounds = max(ROUNDS, math.ceil(TIMED_SECONDS / plan.original_seconds))  # a fast model's
-        # noise evens out over more rounds
 
         def measure(c: Candidate):
             """Compile, export and time `c` against the original, interleaved; the model."""
             opt = compile_pipeline(model, c.pipeline, inputs, explain, calibration, progress)
             path = _export(opt, folder / f"plan{len(plan.attempts)}.onnx", timed)
-            plan_call = ort_call(ort_session(path, budget.threads), timed)
-            timing = interleaved([ort_call(session, timed), plan_call], rounds)
-            c.measured_seconds = timing.ratios[1] * plan.original_seconds
+            c.measured_seconds = ratio(path) * plan.original_seconds
             c.measured_bytes = path.stat().st_size
             c.measured_error = _error(model, opt, inputs)
             return opt
@@ -303,6 +340,26 @@ def _closest(plan: BudgetPlan) -> str:
         f"the closest plan ({c.pipeline}) {how} at {seconds / plan.original_seconds:.2f}x the "
         f"original's latency and {size / plan.original_bytes:.2f}x its size; {advice}"
     )
+
+
+def _rewrites(model, gm, inputs, kinds, where: tuple, ratio, progress: bool):
+    """The rewrites of `kinds` the model allows, each applied alone, exported (`where`: the
+    folder, and the input it is exported at) and timed against the original (`ratio`), with its
+    output error; and those that failed, with why."""
+    (folder, timed), measured, left_out = where, [], []
+    found = find(gm, kinds)
+    for r in tqdm(found, desc="racc budget: rewrites", disable=not progress, leave=False):
+        try:
+            opt = compile_pipeline(model, passes([r])[0], inputs)
+            path = _export(opt, folder / "rewrite.onnx", timed)
+        except RaccError as e:
+            left_out.append((r.name, str(e).splitlines()[0]))
+            continue
+        r.seconds = 1 - ratio(path)
+        r.bytes = (folder / "original.onnx").stat().st_size - path.stat().st_size
+        r.error = _error(model, opt, inputs) ** 2
+        measured.append(r)
+    return measured, left_out
 
 
 def _int8_layers(model, inputs: tuple, calibration, joint: float) -> list[Int8Layer]:

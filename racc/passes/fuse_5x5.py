@@ -83,6 +83,8 @@ class FuseConv3x3PairInto5x5(Pass):
         measure: what the latency policy times: "onnxruntime" or "torch".
         min_speedup: the latency policy fuses when the measured time ratio exceeds this.
         skip: module-name patterns (fnmatch) of convs to leave alone.
+        where: module-name patterns of the convs that may fuse; empty means every conv (a
+            chain fuses only convs that all match).
 
     Example:
         >>> opt = racc.compile(model, "fuse-5x5{policy=cost}", (x,))
@@ -98,6 +100,7 @@ class FuseConv3x3PairInto5x5(Pass):
     measure: Literal["onnxruntime", "torch"] = "onnxruntime"
     min_speedup: float = 1.05
     skip: tuple[str, ...] = ()
+    where: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.max_kernel < 1:
@@ -111,13 +114,14 @@ class FuseConv3x3PairInto5x5(Pass):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         check_patterns(self.name, "skip", self.skip, module_names(gm))
+        check_patterns(self.name, "where", self.where, module_names(gm))
         result = PassResult(gm, modified=False)
         achieved: list[Exactness] = ["exact"]
         with tempfile.TemporaryDirectory() as folder:
             run = _Run(gm, node_values(gm, ctx.example_inputs), Path(folder), result)
             run.finder = ChainFinder(
                 gm, run.spatial, self.skip, self.allow_nonlinear, self.densify,
-                self.max_kernel, self.border,
+                self.max_kernel, self.border, self.where,
             )  # fmt: skip
             done: set[fx.Node] = set()
             for node in list(gm.graph.nodes):
