@@ -141,6 +141,21 @@ def test_chains_grow_greedily_up_to_max_kernel():
         assert (whole(x) - model(x)).abs().max() <= F64
 
 
+def test_where_fuses_only_the_convs_it_names():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Conv2d(3, 3, 3, padding=0) for _ in range(4)]).double().eval()
+    x = torch.randn(1, 3, 20, 20, dtype=torch.float64)
+    opt = racc.compile(model, "fuse-5x5{policy=all,where=1|2}", (x,))
+    kernels = [m.kernel_size for m in opt.modules() if isinstance(m, nn.Conv2d)]
+    assert kernels == [(3, 3), (5, 5), (3, 3)] and opt.racc_report.rows[-1].matched == ["1+2 -> 1"]
+    skipped = {s.node: s.reason for s in opt.racc_report.rows[-1].skipped}
+    assert skipped == {"2+3": "'3' matches no where= pattern"}
+    with torch.no_grad():
+        assert (opt(x) - model(x)).abs().max() <= F64
+    with pytest.raises(PassConfigError, match=r"where pattern 'conv9' matches nothing"):
+        racc.compile(model, "fuse-5x5{where=conv9}", (x,))
+
+
 class _TwoUsers(nn.Module):
     def __init__(self):
         super().__init__()
