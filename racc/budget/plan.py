@@ -35,7 +35,9 @@ class Candidate:
     """One plan: a width level per group and int8 or not per layer, with its predictions and
     (when it was compiled and timed) its measurements."""
 
-    levels: tuple[int, ...]  # per group its width level, then per int8 layer 1 if it runs int8
+    # per group its width level, then per int8 layer 1 if it runs int8, then per rewrite 1 if
+    # the plan applies it
+    levels: tuple[int, ...]
     int8: bool  # some layer runs int8
     seconds: float  # predicted
     bytes: int  # predicted
@@ -68,7 +70,7 @@ class Planner:
         rest: dict[bool, float],
         layers: list[Int8Layer],
         other_bytes: dict[bool, int],
-        rewrites: list[Rewrite] = (),
+        rewrites: tuple[Rewrite, ...] | list[Rewrite] = (),
     ):
         self.shapes, self.latency, self.rest = shapes, latency, rest
         self.layers = layers  # what may run int8; none without calibration data
@@ -244,9 +246,9 @@ class Planner:
 
     def path(self, int8: bool, seconds: float, size: float) -> list[Candidate]:
         """The greedy walk, with int8 allowed or not: full widths in fp32 first, then one step
-        at a time (one group one level narrower, or one layer int8), the least added error per
-        second (or per byte, while only the size is over) saved, until both limits hold or no
-        step is left. Every plan it passes is returned."""
+        at a time (one group one level narrower, one layer int8, or one rewrite), the least
+        added error per second (or per byte, while only the size is over) saved, until both
+        limits hold or no step is left. Every plan it passes is returned."""
         levels = self.full(False)
         top = [len(c.widths) - 1 for c in self.choices] + [int(int8)] * len(self.layers)
         top += [1] * len(self.rewrites)
