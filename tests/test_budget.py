@@ -25,6 +25,7 @@ from racc.budget.latency import (
     PAIR_WIDTHS,
     ConvShape,
     LatencyModel,
+    cast_model,
     conv_model,
     conv_shapes,
     pair_model,
@@ -113,6 +114,27 @@ def test_one_conv_models_run_in_onnx_runtime_with_the_shape_they_claim(int8):
     out = model.graph.output[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in out] == [2, 12, *shape.output_size()] == [2, 12, 5, 4]
     assert 0 < time_model(model, threads=1) < 1
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_a_cast_model_computes_what_a_boundary_between_fp32_and_int8_does(quantize):
+    import onnxruntime as ort
+
+    model = cast_model((2, 8, 4, 3), quantize)
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == [
+        "QuantizeLinear" if quantize else "DequantizeLinear"
+    ]
+    g = np.random.default_rng(0)
+    if quantize:  # scale 0.02, zero point 128
+        x = g.uniform(-3, 3, (2, 8, 4, 3)).astype(np.float32)
+        expected = np.clip(np.round(x / np.float32(0.02)) + 128, 0, 255)
+    else:
+        x = g.integers(0, 256, (2, 8, 4, 3)).astype(np.uint8)
+        expected = (x.astype(np.float32) - 128) * np.float32(0.02)
+    y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert y.dtype == (np.uint8 if quantize else np.float32)
+    np.testing.assert_allclose(y.astype(np.float32), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
