@@ -20,19 +20,19 @@ from torch import nn
 import racc
 from racc.budget import Budget, Planner
 from racc.budget.choices import Int8Layer
-from racc.budget.latency import (
+from racc.budget.latency import LatencyModel, preferred_multiple
+from racc.budget.plan import Candidate, front
+from racc.budget.probes import (
     PAIR,
     PAIR_WIDTHS,
     ConvShape,
-    LatencyModel,
     cast_model,
     conv_model,
     conv_shapes,
     pair_model,
-    preferred_multiple,
     time_model,
+    torch_conv,
 )
-from racc.budget.plan import Candidate, front
 from racc.budget.solve import better
 from racc.data import batches, digits
 from racc.errors import BudgetError, PassConfigError
@@ -69,6 +69,7 @@ def _net() -> nn.Module:
         ("latency=0.3x,batch=8", Budget(latency=0.3, batch=8)),
         ("latency=8ms,size=5MiB", Budget(8e-3, False, 5 * 2**20, False)),
         ({"size": "0.25x", "threads": 1}, Budget(size=0.25, threads=1)),
+        ("latency=0.5,runtime=torch", Budget(latency=0.5, runtime="torch")),
     ],
 )
 def test_budgets_parse(text, expected):
@@ -85,6 +86,7 @@ def test_budgets_parse(text, expected):
         ({"batch": 8}, "give a latency or a size limit"),
         ({"latency": 0.5, "batch": 0}, "batch must be a whole number >= 1"),
         ({"latency": 0.5, "max_drop": 1}, "max_drop needs data and a metric"),
+        ("latency=0.5,runtime=tvm", "runtime='tvm' is not one of onnxruntime, torch"),
     ],
 )
 def test_bad_budgets_are_refused_by_name(text, message):
@@ -114,6 +116,18 @@ def test_one_conv_models_run_in_onnx_runtime_with_the_shape_they_claim(int8):
     out = model.graph.output[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in out] == [2, 12, *shape.output_size()] == [2, 12, 5, 4]
     assert 0 < time_model(model, threads=1) < 1
+
+
+def test_a_torch_latency_model_times_torch_convs_and_no_int8():
+    latency = LatencyModel(threads=1, table={}, runtime="torch")
+    assert "| torch " in latency.machine and latency.machine != LatencyModel(threads=1).machine
+    shape = ConvShape("c", 2, 8, 12, (9, 7), (3, 3), (2, 2), (1, 1), (1, 1), 1)
+    assert 0 < latency.seconds(shape, 8, 12, False) < 1 and latency.measured == 1
+    assert tuple(torch_conv(shape, 8, 12)(torch.randn(2, 8, 9, 7)).shape) == (2, 12, 5, 4)
+    with pytest.raises(PassConfigError, match="torch has no int8 kernels"):
+        latency.seconds(shape, 8, 12, True)
+    with pytest.raises(PassConfigError, match="runtime 'tvm' is not one of"):
+        LatencyModel(runtime="tvm")
 
 
 @pytest.mark.parametrize("quantize", [True, False])
@@ -303,6 +317,25 @@ def test_which_layers_run_int8_is_planned_layer_by_layer(trained):
     assert "14" in planner.quantized(plan(math.inf, 0.5 * chosen.bytes).levels)
 
 
+def test_where_casts_outweigh_one_layers_gain_the_walk_from_int8_finds_the_int8_model(trained):
+    model, x = trained
+    gm = trace(model).gm
+    record_examples(gm, (x,))
+    layers = [Int8Layer(name, 1e-6, 0) for name in ("0", "3", "6", "9")]
+    planner = _planner(gm, x, json.loads(TABLE.read_text())["entries"], layers)
+    planner.latency.cast_seconds = lambda shape, quantize: 1e-3  # casts dearer than any conv
+    every = planner.candidate(planner.full(True))
+    assert every.seconds < planner.candidate(planner.full(False)).seconds
+    up = planner.path(True, every.seconds, math.inf)
+    assert not any(planner.quantized(c.levels) for c in up)  # no single int8 step pays
+    down = planner.path(True, every.seconds, math.inf, from_int8=True)
+    assert down == [every]  # the model int8 throughout meets it as it is
+    deeper = planner.path(True, 0.7 * every.seconds, math.inf, from_int8=True)
+    assert deeper[-1].seconds <= 0.7 * every.seconds
+    # turning one layer back to fp32 would pay a cast: only widths narrow
+    assert all(planner.quantized(c.levels) == {"0", "3", "6", "9"} for c in deeper)
+
+
 def test_of_timed_plans_the_truer_wins_and_where_errors_tie_the_one_keeping_more():
     def timed(error, seconds):
         c = Candidate((0,), False, seconds, 0, error)
@@ -370,6 +403,23 @@ def test_compile_to_a_budget_times_its_plan_and_says_what_it_chose(tmp_path, mon
     assert all(r.error > 0 and r.bytes > 0 and -1 < r.seconds < 1 for r in plan.rewrites)
     assert all(f"| {r.name} |" in plan.to_markdown() for r in plan.rewrites)
     assert np.isfinite(plan.chosen.error)
+
+
+def test_a_budget_in_torch_is_timed_in_torch_and_plans_no_int8(tmp_path, monkeypatch):
+    monkeypatch.setenv("RACC_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = _net()
+    x = torch.randn(4, 3, 32, 32)
+    calibration = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    budget = {"latency": 0.7, "threads": 1, "runtime": "torch", "rewrites": "none"}
+    opt = racc.compile(model, example_inputs=(x,), calibration=calibration, budget=budget)
+    plan = opt.racc_plan
+    assert plan.met and "| torch " in plan.machine and "int8" not in plan.pipeline
+    assert plan.chosen.measured_seconds <= 0.7 * 1.05 * plan.original_seconds
+    assert all(not c.int8 for c in plan.candidates)
+    cache = json.loads((tmp_path / "latency.json").read_text())
+    assert list(cache) == [plan.machine]  # a table of its own: torch timings are not ORT's
+    assert all(k.startswith(("fp32 ", "pair fp32 ")) for k in cache[plan.machine])
 
 
 def test_a_budget_no_plan_meets_is_an_error_naming_the_closest(tmp_path, monkeypatch):

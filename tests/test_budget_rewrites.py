@@ -18,7 +18,8 @@ from torch import nn
 import racc
 from racc.budget import Budget, Planner
 from racc.budget.choices import Int8Layer
-from racc.budget.latency import LatencyModel, conv_shapes
+from racc.budget.latency import LatencyModel
+from racc.budget.probes import conv_shapes
 from racc.budget.rewrites import KINDS, find, passes
 from racc.errors import PassConfigError
 from racc.ir.fx import record_examples, trace

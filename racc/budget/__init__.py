@@ -16,6 +16,7 @@ from typing import Any
 
 from racc.budget.latency import LatencyModel
 from racc.budget.plan import Candidate, Planner
+from racc.budget.probes import RUNTIMES
 from racc.budget.rewrites import KINDS
 from racc.budget.solve import BudgetPlan, plan_budget
 from racc.compiler import compile as compile_pipeline
@@ -49,6 +50,7 @@ class Budget:
     batch: int | None = None
     threads: int = 2
     rewrites: tuple[str, ...] = KINDS  # the rewrites planned besides widths and int8
+    runtime: str = "onnxruntime"  # what the plan is timed in: ONNX Runtime, or torch (CPU)
 
     @classmethod
     def parse(cls, value: Budget | dict | str) -> Budget:
@@ -69,12 +71,12 @@ class Budget:
             value = items
         if not isinstance(value, dict):
             raise PassConfigError(f"budget: a dict or a string, got {type(value).__name__}")
-        known = {"latency", "size", "batch", "threads", "rewrites", "max_drop"}
+        known = {"latency", "size", "batch", "threads", "rewrites", "runtime", "max_drop"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise PassConfigError(
                 f"budget: unknown key(s) {', '.join(unknown)}; valid: latency, size, batch, "
-                "threads, rewrites"
+                "threads, rewrites, runtime"
             )
         if "max_drop" in value:
             raise PassConfigError(
@@ -93,6 +95,13 @@ class Budget:
             if n is not None and (not str(n).isdigit() or int(n) < 1):
                 raise PassConfigError(f"budget: {key} must be a whole number >= 1, got {n!r}")
         rewrites = _rewrites(value.get("rewrites", KINDS))
+        runtime = str(value.get("runtime", "onnxruntime")).strip()
+        if runtime not in RUNTIMES:
+            raise PassConfigError(
+                f"budget: runtime={runtime!r} is not one of {', '.join(RUNTIMES)} (onnxruntime: "
+                "ONNX Runtime on the CPU, as the exported file runs; torch: the torch model on "
+                "the CPU)"
+            )
         return cls(
             latency,
             latency_rel,
@@ -101,6 +110,7 @@ class Budget:
             int(batch) if batch else None,
             int(threads),
             rewrites,
+            runtime,
         )
 
     def __str__(self) -> str:
@@ -119,7 +129,8 @@ class Budget:
         rewrites = (
             [] if self.rewrites == KINDS else [f"rewrites={'+'.join(self.rewrites) or 'none'}"]
         )
-        return ",".join(parts + batch + [f"threads={self.threads}"] + rewrites)
+        runtime = [] if self.runtime == "onnxruntime" else [f"runtime={self.runtime}"]
+        return ",".join(parts + batch + [f"threads={self.threads}"] + rewrites + runtime)
 
 
 def _rewrites(value: Any) -> tuple[str, ...]:
@@ -167,7 +178,8 @@ def compile(
     """Transform a copy of `model` with `passes` (racc.compiler.compile), or, with `budget`,
     with the plan that meets it: `{"latency": 0.5}` (half the original's ONNX Runtime time),
     `"latency=8ms,size=5MiB"`, with `batch` and `threads` keys for what it is timed at, and
-    `rewrites` for the fusions and RAC stages it may plan ("fuse-5x5+rac", "rac", "none"). The
+    `rewrites` for the fusions and RAC stages it may plan ("fuse-5x5+rac", "rac", "none"), and
+    `runtime` for what it is timed in ("onnxruntime", the default, or "torch" on the CPU). The
     plan (racc.budget.solve) is measured on this machine; `.racc_plan` holds it with its
     candidates, and `.racc_plan.pipeline` is the pipeline string it compiled.
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from racc.budget.choices import Int8Layer, frozen_groups, group_choices, links
-from racc.budget.latency import ConvShape, LatencyModel
+from racc.budget.latency import LatencyModel
+from racc.budget.probes import ConvShape
 from racc.budget.rewrites import Rewrite, passes
 
 
@@ -120,8 +121,9 @@ class Planner:
         return [i for i, on in enumerate(flags) if on]
 
     def step(self, levels: tuple[int, ...], i: int) -> tuple[int, ...] | None:
-        """The levels after step `i` from `levels` (one level more at index i), or None where it
-        may not be taken. A group a rewrite fixes keeps its width, and a conv a rewrite replaces
+        """The levels after step `i` from `levels`, or None where it may not be taken: a group one
+        level narrower, a layer turned int8 or back to fp32, a rewrite applied. A group a
+        rewrite fixes keeps its width, and a conv a rewrite replaces
         stays fp32. Applying a rewrite gives the groups it fixes back their full width and its
         convs back fp32 (so that narrowing a group first never shuts a rewrite out), and needs
         no other rewrite of the same convs."""
@@ -133,7 +135,7 @@ class Planner:
         if g <= i < g + n and self.layers[i - g].name in taken:
             return None
         new = list(levels)
-        new[i] += 1
+        new[i] = 1 - new[i] if g <= i < g + n else new[i] + 1
         if i >= g + n:
             convs = self.rewrites[i - g - n].convs
             if set(convs) & taken:
@@ -244,20 +246,32 @@ class Planner:
             levels, bool(int8), seconds, size, error, pipeline, weights=weights, rewrites=rewrites
         )
 
-    def path(self, int8: bool, seconds: float, size: float) -> list[Candidate]:
-        """The greedy walk, with int8 allowed or not: full widths in fp32 first, then one step
-        at a time (one group one level narrower, one layer int8, or one rewrite), the least
-        added error per second (or per byte, while only the size is over) saved, until both
-        limits hold or no step is left. Every plan it passes is returned."""
-        levels = self.full(False)
-        top = [len(c.widths) - 1 for c in self.choices] + [int(int8)] * len(self.layers)
-        top += [1] * len(self.rewrites)
+    def path(
+        self, int8: bool, seconds: float, size: float, from_int8: bool = False
+    ) -> list[Candidate]:
+        """The greedy walk: full widths first, then one step at a time (one group one level
+        narrower, one rewrite, and with `int8` one layer int8), the least added error per
+        second (or per byte, while only the size is over) saved, until both limits hold or no
+        step is left. Every plan it passes is returned. `from_int8` starts from every layer
+        int8 instead, its steps turning a layer back to fp32: where casts make one int8 layer
+        among fp32 ones slower than fp32, no single step toward int8 saves time, yet the model
+        int8 throughout may be the fastest."""
+        levels = self.full(from_int8)
+        g, n = len(self.choices), len(self.layers)
+
+        def movable(i: int, level: int) -> bool:
+            if i < g:
+                return level < len(self.choices[i].widths) - 1
+            if i < g + n:
+                return level == 1 if from_int8 else int8 and level == 0
+            return level == 0
+
         walk = [self.candidate(levels)]
         while walk[-1].seconds > seconds or walk[-1].bytes > size:
             here = walk[-1]
             best, rate = None, math.inf
             for i, level in enumerate(levels):
-                step = self.step(levels, i) if level < top[i] else None
+                step = self.step(levels, i) if movable(i, level) else None
                 if step is None:
                     continue
                 t, b, e = self.predict(step)

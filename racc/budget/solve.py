@@ -22,11 +22,12 @@ import torch
 from tqdm import tqdm
 
 from racc.budget.choices import Int8Layer
-from racc.budget.latency import LatencyModel, conv_shapes, preferred_multiple, time_model
+from racc.budget.latency import LatencyModel, preferred_multiple
 from racc.budget.plan import Candidate, Planner, front
+from racc.budget.probes import conv_shapes, time_call, time_model, torch_runner
 from racc.budget.rewrites import Rewrite, find, passes
 from racc.compiler import compile as compile_pipeline
-from racc.errors import BudgetError, InputError, RaccError
+from racc.errors import BudgetError, InputError, PassConfigError, RaccError
 from racc.ir.fx import eval_mode, normalize_inputs, record_examples, trace
 from racc.metrics import OutputError
 from racc.passes.int8 import QuantizeInt8
@@ -218,17 +219,31 @@ def plan_budget(
     inputs = normalize_inputs(example_inputs)
     batch = budget.batch or inputs[0].shape[0]
     timed = _at_batch(inputs[0], batch)
-    latency = latency or LatencyModel(threads=budget.threads)
+    latency = latency or LatencyModel(threads=budget.threads, runtime=budget.runtime)
+    if latency.runtime != budget.runtime:
+        raise PassConfigError(
+            f"budget: runtime={budget.runtime} but the latency model given times "
+            f"{latency.runtime}; give one of the same runtime, or none"
+        )
+    on_torch = budget.runtime == "torch"
     gm = trace(model, example_inputs=inputs).gm
     record_examples(gm, inputs)
     shapes = conv_shapes(gm, batch)
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         original = _export(model, folder / "original.onnx", timed)
-        session = ort_session(original, budget.threads)  # what every plan is timed against
-        measured = {False: time_model(original, budget.threads, timed.numpy())}
+
+        def call(path: Path, module):
+            """One run of a model as the budget's runtime runs it: its ONNX file at `path` in
+            ONNX Runtime, or the torch `module` in torch."""
+            if on_torch:
+                return torch_runner(module, timed, budget.threads)
+            return ort_call(ort_session(path, budget.threads), timed)
+
+        base = call(original, model)  # what every plan is timed against
+        measured = {False: time_call(base)}
         layers = []
-        if calibration is not None:
+        if calibration is not None and not on_torch:  # torch has no int8 kernels
             int8 = compile_pipeline(model, "int8", inputs, calibration=calibration)
             layers = _int8_layers(model, inputs, calibration, _error(model, int8, inputs))
             int8_file = _export(int8, folder / "int8.onnx", timed)
@@ -244,17 +259,17 @@ def plan_budget(
         round_to = max(preferred_multiple(latency, batch, int8_on) for int8_on in measured)
         conv_bytes = sum(s.cin // s.groups * s.cout * math.prod(s.kernel) for s in shapes) * 4
         other_bytes = {False: max(original.stat().st_size - conv_bytes, 0)}
-        if calibration is not None:  # the int8 file, its Linears counted at 4 bytes a weight
+        if True in measured:  # the int8 file, its Linears counted at 4 bytes a weight
             linears = sum(u.weights for u in layers if u.name not in {s.name for s in shapes})
             int8_bytes = int8_file.stat().st_size - conv_bytes // 4 + 3 * linears
             other_bytes[True] = max(int8_bytes, 0)
         rounds = max(ROUNDS, math.ceil(TIMED_SECONDS / measured[False]))  # a fast model's
         # noise evens out over more rounds
 
-        def ratio(path: Path) -> float:
-            """The time of the ONNX file at `path` over the original's, interleaved."""
-            call = ort_call(ort_session(path, budget.threads), timed)
-            return interleaved([ort_call(session, timed), call], rounds).ratios[1]
+        def ratio(path: Path, module) -> float:
+            """The time of a model (its ONNX file at `path`, or `module`) over the
+            original's, interleaved."""
+            return interleaved([base, call(path, module)], rounds).ratios[1]
 
         rewrites, left_out = _rewrites(
             model, gm, inputs, budget.rewrites, (folder, timed), ratio, progress
@@ -280,14 +295,15 @@ def plan_budget(
             """Compile, export and time `c` against the original, interleaved; the model."""
             opt = compile_pipeline(model, c.pipeline, inputs, explain, calibration, progress)
             path = _export(opt, folder / f"plan{len(plan.attempts)}.onnx", timed)
-            c.measured_seconds = ratio(path) * plan.original_seconds
+            c.measured_seconds = ratio(path, opt) * plan.original_seconds
             c.measured_bytes = path.stat().st_size
             c.measured_error = _error(model, opt, inputs)
             return opt
 
         seconds, size, best, tried = plan.limit_seconds(), plan.limit_bytes(), None, set()
         for _ in range(CORRECTIONS + 1):
-            walks = [c for int8_on in measured for c in planner.path(int8_on, seconds, size)]
+            starts = [(False, False)] + ([(True, False), (True, True)] if True in measured else [])
+            walks = [c for a, b in starts for c in planner.path(a, seconds, size, from_int8=b)]
             plan.candidates = front(walks + plan.candidates)
             fits = [c for c in walks if c.seconds <= seconds and c.bytes <= size]
             # none predicted to fit: the prediction may be pessimistic, so time the one closest
@@ -333,8 +349,9 @@ def _closest(plan: BudgetPlan) -> str:
     c = min(plan.attempts or plan.candidates, key=plan.overrun)
     how = "measured" if c.measured_seconds is not None else "predicted"
     seconds, size = c.actual()
+    int8_possible = c.int8 or plan.budget.runtime == "torch"  # torch: no int8 kernels
     advice = "loosen the budget" + (
-        "" if c.int8 else ", or give calibration data so int8 is planned"
+        "" if int8_possible else ", or give calibration data so int8 is planned"
     )
     return (
         f"the closest plan ({c.pipeline}) {how} at {seconds / plan.original_seconds:.2f}x the "
@@ -355,7 +372,7 @@ def _rewrites(model, gm, inputs, kinds, where: tuple, ratio, progress: bool):
         except RaccError as e:
             left_out.append((r.name, str(e).splitlines()[0]))
             continue
-        r.seconds = 1 - ratio(path)
+        r.seconds = 1 - ratio(path, opt)
         r.bytes = (folder / "original.onnx").stat().st_size - path.stat().st_size
         r.error = _error(model, opt, inputs) ** 2
         measured.append(r)
