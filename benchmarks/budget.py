@@ -3,7 +3,8 @@
 1. torchvision's resnet50 and mobilenet_v2 (trained-like BN: gammas log-uniform over two decades
    per channel, so that the BN ranking means something) at 224x224, ONNX Runtime on 2 threads,
    at batch 1 and 8: `racc.compile(model, budget={"latency": b, "batch": n})` for b = 0.5 and 0.3,
-   with int8 plannable layer by layer (8 random calibration batches). The plan's latency as measured (its
+   with int8 plannable layer by layer (8 random calibration batches), fusions and RAC stages
+   too; and torch on the CPU (2 threads) at batch 1 and 0.5x. The plan's latency as measured (its
    ONNX file against the original's, interleaved), as predicted, the whole model's prediction
    against its timing, the plan's output error (relative L2 on the planning inputs), its
    pipeline, and the time planning took (conv timings cached per machine: the second budget
@@ -32,6 +33,8 @@ from racc.zoo import small_image_net, spread_bn_gammas, torchvision_model, warm_
 SIDE = 224
 BUDGETS = (0.5, 0.3)
 BATCHES = (1, 8)
+# (runtime, batch, budget): ONNX Runtime at both batches and budgets, and torch at one
+RUNS = [("onnxruntime", b, share) for b in BATCHES for share in BUDGETS] + [("torch", 1, 0.5)]
 
 
 def trained_like(name: str) -> torch.nn.Module:
@@ -47,30 +50,28 @@ def zoo_rows(name: str) -> list[str]:
     x = torch.randn(2, 3, SIDE, SIDE, generator=g)
     calibration = [torch.randn(2, 3, SIDE, SIDE, generator=g) for _ in range(8)]
     rows = []
-    for batch in BATCHES:
-        for share in BUDGETS:
-            began = time.perf_counter()
-            budget = {"latency": share, "batch": batch, "threads": 2}
-            try:
-                opt = racc.compile(
-                    model, example_inputs=(x,), calibration=calibration, budget=budget
-                )
-            except racc.RaccError as e:
-                rows.append(f"| {name} | {batch} | {share}x | not met: {e} |||||||")
-                print(rows[-1], flush=True)
-                continue
-            plan = opt.racc_plan
-            c = plan.chosen
-            measured = c.measured_seconds / plan.original_seconds
-            rows.append(
-                f"| {name} | {batch} | {share}x | {measured:.2f}x ({measured / share - 1:+.0%}) | "
-                f"{c.seconds / plan.original_seconds:.2f}x | "
-                f"{c.seconds / c.measured_seconds:.2f} | "
-                f"{plan.original_seconds * 1e3:.1f} ms | {c.measured_error:.3f} | "
-                f"{len(plan.attempts)} | {time.perf_counter() - began:.0f} s | "
-                f"`{_short(c.pipeline)}` |"
-            )
+    for runtime, batch, share in RUNS:
+        began = time.perf_counter()
+        budget = {"latency": share, "batch": batch, "threads": 2, "runtime": runtime}
+        head = f"| {name} | {runtime} | {batch} | {share}x |"
+        try:
+            opt = racc.compile(model, example_inputs=(x,), calibration=calibration, budget=budget)
+        except racc.RaccError as e:
+            rows.append(f"{head} not met: {e} |||||||")
             print(rows[-1], flush=True)
+            continue
+        plan = opt.racc_plan
+        c = plan.chosen
+        measured = c.measured_seconds / plan.original_seconds
+        rows.append(
+            f"{head} {measured:.2f}x ({measured / share - 1:+.0%}) | "
+            f"{c.seconds / plan.original_seconds:.2f}x | "
+            f"{c.seconds / c.measured_seconds:.2f} | "
+            f"{plan.original_seconds * 1e3:.1f} ms | {c.measured_error:.3f} | "
+            f"{len(plan.attempts)} | {time.perf_counter() - began:.0f} s | "
+            f"`{_short(c.pipeline)}` |"
+        )
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -138,7 +139,8 @@ def main() -> None:
     print("### Compile to a budget\n")
     print(
         "Command: `python -m benchmarks.budget`. Latency budgets on torchvision models at "
-        f"{SIDE}x{SIDE} (trained-like BN, int8 plannable), ONNX Runtime on 2 threads: the plan's "
+        f"{SIDE}x{SIDE} (trained-like BN; int8 layer by layer, fusions and RAC stages "
+        "plannable), ONNX Runtime (and torch) on the CPU, 2 threads: the plan's "
         "latency as measured against the original, interleaved (and how far from the budget), "
         "as predicted, the whole-model prediction over the timing, the original's time, the "
         "plan's output error (relative L2), how many plans were compiled and timed, the time "
@@ -146,10 +148,10 @@ def main() -> None:
     )
     print(f"- Machine: {machine()}\n")
     print(
-        "| model | batch | budget | measured | predicted | predicted / measured | original | "
-        "rel L2 | timed | planning | plan |"
+        "| model | runtime | batch | budget | measured | predicted | predicted / measured | "
+        "original | rel L2 | timed | planning | plan |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in models_from_args(["mobilenet_v2", "resnet50"]):
         zoo_rows(name)
     print(
