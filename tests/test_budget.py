@@ -234,23 +234,23 @@ def test_the_prediction_is_fit_to_the_timings_nearest_the_budget(trained):
     raw = {share: planner.raw(levels)[0] for share, levels in plans.items()}
     seconds = lambda share: planner.predict(plans[share])[0]  # noqa: E731
     assert seconds(0.5) == raw[0.5]  # no timing yet: the raw sum
-    planner.calibrate(False, [(raw[1], 3e-3)], 3e-3)  # one timing scales
+    planner.calibrate("fp32", [(raw[1], 3e-3)], 3e-3)  # one timing scales
     assert seconds(0.5) == pytest.approx(3e-3 * raw[0.5] / raw[1])
     int8 = planner.full(True)
     assert planner.predict(int8)[0] == planner.raw(int8)[0]  # int8 fit apart
     # timings at 1, 0.75, 0.5 and 0.3 of the raw prediction, curved: the line goes through the
     # two that bracket the target, so both are predicted as measured
     timed = [(raw[1], 3e-3), (raw[0.75], 2.7e-3), (raw[0.5], 2e-3), (raw[0.3], 1e-3)]
-    planner.calibrate(False, timed, 2.2e-3)
+    planner.calibrate("fp32", timed, 2.2e-3)
     assert planner.predict(full)[0] != pytest.approx(3e-3)
     for r, m in timed[1:3]:
-        assert planner.fit[False][0] * r + planner.fit[False][1] == pytest.approx(m)
-    planner.calibrate(False, timed, 0.5e-3)  # below all: the two nearest
+        assert planner.fit["fp32"][0] * r + planner.fit["fp32"][1] == pytest.approx(m)
+    planner.calibrate("fp32", timed, 0.5e-3)  # below all: the two nearest
     for r, m in timed[2:]:
-        assert planner.fit[False][0] * r + planner.fit[False][1] == pytest.approx(m)
+        assert planner.fit["fp32"][0] * r + planner.fit["fp32"][1] == pytest.approx(m)
     falling = [(raw[1], 3e-3), (raw[0.5], 4e-3)]  # timing noise: the nearest scales
-    planner.calibrate(False, falling, 3.9e-3)
-    assert planner.fit[False] == pytest.approx((4e-3 / raw[0.5], 0.0))
+    planner.calibrate("fp32", falling, 3.9e-3)
+    assert planner.fit["fp32"] == pytest.approx((4e-3 / raw[0.5], 0.0))
 
 
 def _layer_errors(model, x) -> dict[str, tuple[float, int]]:

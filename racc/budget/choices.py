@@ -15,10 +15,12 @@ from torch import nn
 
 from racc.analysis import analyze
 from racc.budget.rewrites import Rewrite
+from racc.compiler import compile as compile_pipeline
 from racc.ir.fx import example_of
 from racc.ir.ops import CONVS
 from racc.metrics import flat_outputs
 from racc.passes.channels import zero_channels
+from racc.passes.int8 import QuantizeInt8
 from racc.passes.prune_bn import unit_importance
 
 LEVELS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)  # kept share of a group's channels
@@ -150,3 +152,14 @@ def frozen_groups(rewrite: Rewrite, choices: list[Choice]) -> set[int]:
 
 def _is_conv(gm: fx.GraphModule, name: str) -> bool:
     return bool(name) and isinstance(gm.get_submodule(name), CONVS)
+
+
+def int8_layers(model, inputs: tuple, calibration, joint: float) -> list[Int8Layer]:
+    """Every layer int8 may run, with its squared output error alone on `inputs`, scaled so
+    that the errors of all of them add up to `joint`, the error of the model int8 whole (what
+    the layers' errors alone miss of how they compound is spread over them)."""
+    folded = compile_pipeline(model, "fold-bn", inputs)
+    alone = QuantizeInt8(calibration=calibration).layer_errors(folded, inputs)
+    total = sum(error**2 for error, _ in alone.values())
+    scale = joint**2 / total if total > 0 else 0.0
+    return [Int8Layer(name, error**2 * scale, n) for name, (error, n) in alone.items()]

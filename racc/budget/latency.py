@@ -135,9 +135,13 @@ class LatencyModel:
         return self.entries[key]
 
     def cast_seconds(self, shape: tuple[int, ...], quantize: bool) -> float:
-        """The measured seconds (cached) of a QuantizeLinear (fp32 to uint8) or a
-        DequantizeLinear (back) of a tensor of `shape`: what a boundary between an fp32 layer
-        and an int8 one adds."""
+        """What a QuantizeLinear (fp32 to uint8) or a DequantizeLinear (back) of a tensor of
+        `shape` adds inside a graph, where a boundary between an fp32 layer and an int8 one
+        puts it: its measured seconds (cached) less those of the same cast of one element,
+        which are the call's own overhead (a graph pays it once, not per op)."""
+        return max(self._cast(shape, quantize) - self._cast((1,), quantize), 0.0)
+
+    def _cast(self, shape: tuple[int, ...], quantize: bool) -> float:
         key = f"{'quantize' if quantize else 'dequantize'} {'x'.join(map(str, shape))}"
         if key not in self.entries:
             self.entries[key] = time_call(ort_runner(cast_model(shape, quantize), self.threads))

@@ -50,6 +50,7 @@ class Candidate:
     chosen: bool = False
     weights: str = "fp32"  # the report's word: fp32, int8, or int8 with how many layers fp32
     rewrites: tuple[str, ...] = ()  # the names of the rewrites it applies
+    kind: str = "fp32"  # fp32, int8 (every layer) or mixed: which fit predicts it
 
     def actual(self) -> tuple[float, int]:
         """(seconds, bytes): measured where the plan was timed, else predicted."""
@@ -80,15 +81,26 @@ class Planner:
         # what the exported file holds outside the convs' weights, fp32 and int8 (its Linears
         # counted fp32): biases, scales, zero points, the Linears, the graph
         self.other_bytes = other_bytes
-        self.fit = {False: (1.0, 0.0), True: (1.0, 0.0)}  # (scale, offset) on the raw sum
+        # (scale, offset) on the raw sum, per kind of plan; "mixed" once one is timed
+        self.fit = {"fp32": (1.0, 0.0), "int8": (1.0, 0.0)}
         self.frozen = [frozen_groups(r, self.choices) for r in self.rewrites]
         batch = shapes[0].batch if shapes else 1
         self.links = links(gm, {layer.name for layer in layers}, batch)
         self.full_raw = self._sum(self.full(False))[0]  # what a rewrite's saved share is of
 
-    def calibrate(self, int8: bool, points: list[tuple[float, float]], target: float) -> None:
-        """Fit the whole-model prediction to timings near `target` seconds: `points` are (raw
-        predicted, measured) seconds of compiled plans, the original among them. The line goes
+    def kind(self, levels: tuple[int, ...]) -> str:
+        """What a plan runs, as its prediction is fit: "fp32", "int8" (every layer a rewrite
+        does not replace), or "mixed"."""
+        int8 = self.quantized(levels)
+        if not int8:
+            return "fp32"
+        taken = {c for r in self.applied(levels) for c in self.rewrites[r].convs}
+        return "int8" if {u.name for u in self.layers} - taken <= int8 else "mixed"
+
+    def calibrate(self, kind: str, points: list[tuple[float, float]], target: float) -> None:
+        """Fit the whole-model prediction of plans of `kind` (fp32, int8, mixed) to timings
+        near `target` seconds: `points` are (raw predicted, measured) seconds of compiled plans
+        of that kind, the original among them where it is of that kind. The line goes
         through the point measured nearest the target and the nearest on its other side (else
         the next nearest), as a secant does, so the plans chosen next close in on the target
         however curved the whole range is: the per-op overheads a conv timed alone pays, and
@@ -102,7 +114,7 @@ class Planner:
             slope = (m1 - m0) / (r1 - r0)
             if slope > 0:
                 scale, offset = slope, m0 - slope * r0
-        self.fit[int8] = (scale, offset)
+        self.fit[kind] = (scale, offset)
 
     def full(self, int8: bool) -> tuple[int, ...]:
         """The levels of the full widths, every layer int8 or none, no rewrite."""
@@ -122,7 +134,7 @@ class Planner:
 
     def step(self, levels: tuple[int, ...], i: int) -> tuple[int, ...] | None:
         """The levels after step `i` from `levels`, or None where it may not be taken: a group one
-        level narrower, a layer turned int8 or back to fp32, a rewrite applied. A group a
+        level narrower, a layer turned int8, a rewrite applied. A group a
         rewrite fixes keeps its width, and a conv a rewrite replaces
         stays fp32. Applying a rewrite gives the groups it fixes back their full width and its
         convs back fp32 (so that narrowing a group first never shuts a rewrite out), and needs
@@ -135,7 +147,7 @@ class Planner:
         if g <= i < g + n and self.layers[i - g].name in taken:
             return None
         new = list(levels)
-        new[i] = 1 - new[i] if g <= i < g + n else new[i] + 1
+        new[i] += 1
         if i >= g + n:
             convs = self.rewrites[i - g - n].convs
             if set(convs) & taken:
@@ -168,11 +180,16 @@ class Planner:
 
     def predict(self, levels: tuple[int, ...]) -> tuple[float, int, float]:
         """(seconds, bytes, relative output error) predicted for a plan: the raw sum of its
-        convs and rest, through the fit to whole-model timings (`calibrate`); a plan with some
-        layers int8 through the fp32 and int8 fits mixed by its int8 share."""
+        convs and rest, through the fit of its kind to whole-model timings (`calibrate`); a
+        mixed plan, until one is timed, through the fp32 and int8 fits mixed by its int8
+        share."""
         raw, size, error, share = self._sum(levels)
-        (s0, o0), (s1, o1) = self.fit[False], self.fit[True]
-        scale, offset = s0 + share * (s1 - s0), o0 + share * (o1 - o0)
+        kind = self.kind(levels)
+        if kind in self.fit:
+            scale, offset = self.fit[kind]
+        else:
+            (s0, o0), (s1, o1) = self.fit["fp32"], self.fit["int8"]
+            scale, offset = s0 + share * (s1 - s0), o0 + share * (o1 - o0)
         return max(scale * raw + offset, 0.0), size, error
 
     def raw(self, levels: tuple[int, ...]) -> tuple[float, int, float]:
@@ -243,7 +260,15 @@ class Planner:
         pipeline = self.pipeline(levels)
         rewrites = tuple(self.rewrites[r].name for r in self.applied(levels))
         return Candidate(
-            levels, bool(int8), seconds, size, error, pipeline, weights=weights, rewrites=rewrites
+            levels,
+            bool(int8),
+            seconds,
+            size,
+            error,
+            pipeline,
+            weights=weights,
+            rewrites=rewrites,
+            kind=self.kind(levels),
         )
 
     def path(
@@ -253,9 +278,11 @@ class Planner:
         narrower, one rewrite, and with `int8` one layer int8), the least added error per
         second (or per byte, while only the size is over) saved, until both limits hold or no
         step is left. Every plan it passes is returned. `from_int8` starts from every layer
-        int8 instead, its steps turning a layer back to fp32: where casts make one int8 layer
-        among fp32 ones slower than fp32, no single step toward int8 saves time, yet the model
-        int8 throughout may be the fastest."""
+        int8 instead, and keeps them int8 (only widths and rewrites step): where casts make one
+        int8 layer among fp32 ones slower than fp32, no single step toward int8 saves time, yet
+        the model int8 throughout may be the fastest; and an fp32 island in an int8 graph costs
+        more than its conv timed alone says (measured: a mobilenet_v2 plan with 14 of 53 layers
+        turned back ran 27% over its prediction), so the walk does not make them for time."""
         levels = self.full(from_int8)
         g, n = len(self.choices), len(self.layers)
 
@@ -263,7 +290,7 @@ class Planner:
             if i < g:
                 return level < len(self.choices[i].widths) - 1
             if i < g + n:
-                return level == 1 if from_int8 else int8 and level == 0
+                return int8 and not from_int8 and level == 0
             return level == 0
 
         walk = [self.candidate(levels)]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from racc.budget.choices import Int8Layer
+from racc.budget.choices import int8_layers
 from racc.budget.latency import LatencyModel, preferred_multiple
 from racc.budget.plan import Candidate, Planner, front
 from racc.budget.probes import conv_shapes, time_call, time_model, torch_runner
@@ -30,7 +30,6 @@ from racc.compiler import compile as compile_pipeline
 from racc.errors import BudgetError, InputError, PassConfigError, RaccError
 from racc.ir.fx import eval_mode, normalize_inputs, record_examples, trace
 from racc.metrics import OutputError
-from racc.passes.int8 import QuantizeInt8
 from racc.text import markdown_table
 from racc.timing import interleaved, ort_call, ort_session
 
@@ -56,6 +55,7 @@ class BudgetPlan:
     timings_measured: int = 0  # conv timings taken (not found in the cache)
     compiled: Any = field(default=None, repr=False)  # the chosen plan's model, as it was timed
     rewrites: list[Rewrite] = field(default_factory=list)  # fusions and RAC stages, measured
+    int8_planned: bool = False  # whether layers could run int8 (calibration data was given)
     left_out: list[tuple[str, str]] = field(default_factory=list)  # rewrites that failed, why
 
     @property
@@ -245,7 +245,7 @@ def plan_budget(
         layers = []
         if calibration is not None and not on_torch:  # torch has no int8 kernels
             int8 = compile_pipeline(model, "int8", inputs, calibration=calibration)
-            layers = _int8_layers(model, inputs, calibration, _error(model, int8, inputs))
+            layers = int8_layers(model, inputs, calibration, _error(model, int8, inputs))
             int8_file = _export(int8, folder / "int8.onnx", timed)
             measured[True] = time_model(int8_file, budget.threads, timed.numpy())
         convs = dict.fromkeys(measured, 0.0)  # the convs' predicted time at full width
@@ -277,9 +277,14 @@ def plan_budget(
         planner = Planner(
             gm, inputs, shapes, latency, round_to, rest, layers, other_bytes, rewrites
         )
-        points = {m: [(planner.raw(planner.full(m))[0], s)] for m, s in measured.items()}
-        for int8_on, timed_points in points.items():  # one timing each: it scales
-            planner.calibrate(int8_on, timed_points, measured[int8_on])
+        points = {  # per kind of plan, (raw, measured) seconds; the originals' first
+            "fp32" if not m else "int8": [(planner.raw(planner.full(m))[0], s)]
+            for m, s in measured.items()
+        }
+        points["mixed"] = []
+        for kind, timed_points in points.items():  # one timing each: it scales
+            if timed_points:
+                planner.calibrate(kind, timed_points, timed_points[0][1])
         plan = BudgetPlan(
             budget,
             latency.machine,
@@ -288,6 +293,7 @@ def plan_budget(
             round_to,
             planner.candidate(planner.full(False)),
             rewrites=rewrites,
+            int8_planned=True in measured,
             left_out=left_out,
         )
 
@@ -301,29 +307,33 @@ def plan_budget(
             return opt
 
         seconds, size, best, tried = plan.limit_seconds(), plan.limit_bytes(), None, set()
+        starts = [(False, False)] + ([(True, False), (True, True)] if True in measured else [])
         for _ in range(CORRECTIONS + 1):
-            starts = [(False, False)] + ([(True, False), (True, True)] if True in measured else [])
             walks = [c for a, b in starts for c in planner.path(a, seconds, size, from_int8=b)]
             plan.candidates = front(walks + plan.candidates)
-            fits = [c for c in walks if c.seconds <= seconds and c.bytes <= size]
-            # none predicted to fit: the prediction may be pessimistic, so time the one closest
-            pick = min(fits, key=lambda c: c.error) if fits else min(walks, key=plan.overrun)
-            if pick.levels in tried:
-                break  # the correction leads back to a plan already timed
-            tried.add(pick.levels)
-            opt = measure(pick)
-            plan.attempts.append(pick)
-            if _meets(pick, plan) and (best is None or better(pick, best)):
-                best, plan.compiled = pick, opt  # the model compile gives back: not compiled twice
-            # the prediction refit to the timings of its kind nearest the limit; the size
-            # target moved by how far the file missed it
-            points[pick.int8].append((planner.raw(pick.levels)[0], pick.measured_seconds))
-            planner.calibrate(pick.int8, points[pick.int8], seconds)
-            late = pick.measured_seconds / plan.limit_seconds() if budget.latency else 1.0
-            over = pick.measured_bytes / plan.limit_bytes() if budget.size else 1.0
-            if abs(late - 1) <= TOLERANCE and over <= 1:
+            picks = [p for p in _picks(walks, seconds, size, plan) if p.levels not in tried]
+            if not picks:
+                break  # the corrections lead back to plans already timed
+            landed, missed = False, 1.0
+            for pick in picks:  # the best of each kind: a fit of one kind says little of another
+                # a pick timed because none was predicted to fit is the walk's far end: landing
+                # it ends nothing, since the refit prediction finds truer plans that fit
+                predicted_fit = pick.seconds <= seconds and pick.bytes <= size
+                tried.add(pick.levels)
+                opt = measure(pick)
+                plan.attempts.append(pick)
+                if _meets(pick, plan) and (best is None or better(pick, best)):
+                    best, plan.compiled = pick, opt  # what compile gives back: not compiled twice
+                # the prediction of its kind refit to the timings nearest the limit
+                points[pick.kind].append((planner.raw(pick.levels)[0], pick.measured_seconds))
+                planner.calibrate(pick.kind, points[pick.kind], seconds)
+                late = pick.measured_seconds / plan.limit_seconds() if budget.latency else 1.0
+                over = pick.measured_bytes / plan.limit_bytes() if budget.size else 1.0
+                landed |= predicted_fit and abs(late - 1) <= TOLERANCE and over <= 1
+                missed = max(missed, over)
+            if landed:
                 break
-            size = size / max(over, 1.0)
+            size = size / missed  # the size target moved by how far the file missed it
         latency.save()
         plan.timings_measured = latency.measured
     if best is None:
@@ -331,6 +341,19 @@ def plan_budget(
     best.chosen = True
     plan.chosen = best
     return plan
+
+
+def _picks(walks: list[Candidate], seconds: float, size: float, plan: BudgetPlan):
+    """Of each kind of plan (fp32, int8, mixed) the walks found, the one to time: the least
+    predicted error of those predicted to meet the limits; when none is, the one closest to
+    them (the prediction may be pessimistic)."""
+    picks = []
+    for kind in ("fp32", "int8", "mixed"):
+        pool = [c for c in walks if c.kind == kind]
+        fits = [c for c in pool if c.seconds <= seconds and c.bytes <= size]
+        if pool:
+            picks.append(min(fits, key=lambda c: c.error) if fits else min(pool, key=plan.overrun))
+    return picks
 
 
 def better(a: Candidate, b: Candidate) -> bool:
@@ -349,9 +372,10 @@ def _closest(plan: BudgetPlan) -> str:
     c = min(plan.attempts or plan.candidates, key=plan.overrun)
     how = "measured" if c.measured_seconds is not None else "predicted"
     seconds, size = c.actual()
-    int8_possible = c.int8 or plan.budget.runtime == "torch"  # torch: no int8 kernels
     advice = "loosen the budget" + (
-        "" if int8_possible else ", or give calibration data so int8 is planned"
+        ""
+        if plan.int8_planned or plan.budget.runtime == "torch"  # torch: no int8 kernels
+        else ", or give calibration data so int8 is planned"
     )
     return (
         f"the closest plan ({c.pipeline}) {how} at {seconds / plan.original_seconds:.2f}x the "
@@ -377,17 +401,6 @@ def _rewrites(model, gm, inputs, kinds, where: tuple, ratio, progress: bool):
         r.error = _error(model, opt, inputs) ** 2
         measured.append(r)
     return measured, left_out
-
-
-def _int8_layers(model, inputs: tuple, calibration, joint: float) -> list[Int8Layer]:
-    """Every layer int8 may run, with its squared output error alone on `inputs`, scaled so
-    that the errors of all of them add up to `joint`, the error of the model int8 whole (what
-    the layers' errors alone miss of how they compound is spread over them)."""
-    folded = compile_pipeline(model, "fold-bn", inputs)
-    alone = QuantizeInt8(calibration=calibration).layer_errors(folded, inputs)
-    total = sum(error**2 for error, _ in alone.values())
-    scale = joint**2 / total if total > 0 else 0.0
-    return [Int8Layer(name, error**2 * scale, n) for name, (error, n) in alone.items()]
 
 
 def _at_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
