@@ -179,7 +179,11 @@ def test_the_width_probe_chains_two_convs_through_the_width():
     assert 0 < time_model(pair_model(72, 1, False), threads=1) < 1
 
 
-def _planner(gm, x, table: dict, layers: list[Int8Layer] | None = None) -> Planner:
+def _planner(model: nn.Module, x, layers: list[Int8Layer] | None = None) -> Planner:
+    """A planner of `model` on the cached table: no timing happens."""
+    gm = trace(model).gm
+    record_examples(gm, (x,))
+    table = json.loads(TABLE.read_text())["entries"]
     latency = LatencyModel(threads=1, table=table)
     shapes = conv_shapes(gm, 1)
     rest = {False: 2e-5, True: 3e-5}
@@ -200,9 +204,7 @@ def trained():
 
 def test_the_plan_compiles_to_the_widths_it_predicted(trained):
     model, x = trained
-    gm = trace(model).gm
-    record_examples(gm, (x,))
-    planner = _planner(gm, x, json.loads(TABLE.read_text())["entries"])
+    planner = _planner(model, x)
     full = planner.candidate(planner.full(False))
     walk = planner.path(False, 0.6 * full.seconds, math.inf)
     assert walk[-1].seconds <= 0.6 * full.seconds < walk[-2].seconds
@@ -223,10 +225,8 @@ def test_the_plan_compiles_to_the_widths_it_predicted(trained):
 
 def test_the_prediction_is_fit_to_the_timings_nearest_the_budget(trained):
     model, x = trained
-    gm = trace(model).gm
-    record_examples(gm, (x,))
     layers = [Int8Layer(name, 1e-4, 0) for name in ("0", "3", "6", "9")]
-    planner = _planner(gm, x, json.loads(TABLE.read_text())["entries"], layers)
+    planner = _planner(model, x, layers)
     full = planner.full(False)
     plans = {1: full}
     for share in (0.75, 0.5, 0.3):
@@ -274,10 +274,8 @@ def test_a_layers_int8_error_alone_is_what_compiling_it_alone_gives(trained):
 
 def test_which_layers_run_int8_is_planned_layer_by_layer(trained):
     model, x = trained
-    gm = trace(model).gm
-    record_examples(gm, (x,))
     layers = [Int8Layer(n, e**2, w) for n, (e, w) in _layer_errors(model, x).items()]
-    planner = _planner(gm, x, json.loads(TABLE.read_text())["entries"], layers)
+    planner = _planner(model, x, layers)
     every = planner.full(True)
     assert planner.raw(every)[2] == pytest.approx(math.sqrt(sum(u.error for u in layers)))
     assert planner.pipeline(every) == "int8"
@@ -319,10 +317,8 @@ def test_which_layers_run_int8_is_planned_layer_by_layer(trained):
 
 def test_where_casts_outweigh_one_layers_gain_the_walk_from_int8_finds_the_int8_model(trained):
     model, x = trained
-    gm = trace(model).gm
-    record_examples(gm, (x,))
     layers = [Int8Layer(name, 1e-6, 0) for name in ("0", "3", "6", "9")]
-    planner = _planner(gm, x, json.loads(TABLE.read_text())["entries"], layers)
+    planner = _planner(model, x, layers)
     planner.latency.cast_seconds = lambda shape, quantize: 1e-3  # casts dearer than any conv
     every = planner.candidate(planner.full(True))
     assert every.seconds < planner.candidate(planner.full(False)).seconds
@@ -360,9 +356,7 @@ def _predicted(planner: Planner, opt: nn.Module) -> float:
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
 def test_at_equal_predicted_latency_the_plan_is_truer_than_a_uniform_prune(trained, ratio):
     model, x = trained
-    gm = trace(model).gm
-    record_examples(gm, (x,))
-    planner = _planner(gm, x, json.loads(TABLE.read_text())["entries"])
+    planner = _planner(model, x)
     planner.rest = {False: 0.0, True: 0.0}  # compare the convs alone
     uniform = racc.compile(model, f"prune-bn{{ratio={ratio},round_to=8}}", (x,))
     limit = _predicted(planner, uniform)
