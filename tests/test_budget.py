@@ -370,15 +370,23 @@ def test_at_equal_predicted_latency_the_plan_is_truer_than_a_uniform_prune(train
     assert ours < theirs, (plan.pipeline, ours, theirs)
 
 
-def test_compile_to_a_budget_times_its_plan_and_says_what_it_chose(tmp_path, monkeypatch):
+def _compiled_to(budget: dict, tmp_path, monkeypatch):
+    """(model, x, the model compiled to `budget`): the seeded net at 32x32, 2 calibration
+    batches, its latency cache in tmp_path."""
     monkeypatch.setenv("RACC_CACHE_DIR", str(tmp_path))
     torch.manual_seed(0)
     model = _net()
     x = torch.randn(4, 3, 32, 32)
     calibration = [torch.randn(4, 3, 32, 32) for _ in range(2)]
-    opt = racc.compile(
-        model, example_inputs=(x,), calibration=calibration, budget={"latency": 0.7, "threads": 1}
+    return (
+        model,
+        x,
+        racc.compile(model, example_inputs=(x,), calibration=calibration, budget=budget),
     )
+
+
+def test_compile_to_a_budget_times_its_plan_and_says_what_it_chose(tmp_path, monkeypatch):
+    model, x, opt = _compiled_to({"latency": 0.7, "threads": 1}, tmp_path, monkeypatch)
     plan = opt.racc_plan
     assert plan.met and plan.chosen.chosen and plan.chosen in plan.attempts
     assert plan.chosen.measured_seconds <= 0.7 * 1.05 * plan.original_seconds
@@ -400,13 +408,8 @@ def test_compile_to_a_budget_times_its_plan_and_says_what_it_chose(tmp_path, mon
 
 
 def test_a_budget_in_torch_is_timed_in_torch_and_plans_no_int8(tmp_path, monkeypatch):
-    monkeypatch.setenv("RACC_CACHE_DIR", str(tmp_path))
-    torch.manual_seed(0)
-    model = _net()
-    x = torch.randn(4, 3, 32, 32)
-    calibration = [torch.randn(4, 3, 32, 32) for _ in range(2)]
     budget = {"latency": 0.7, "threads": 1, "runtime": "torch", "rewrites": "none"}
-    opt = racc.compile(model, example_inputs=(x,), calibration=calibration, budget=budget)
+    _, _, opt = _compiled_to(budget, tmp_path, monkeypatch)
     plan = opt.racc_plan
     assert plan.met and "| torch " in plan.machine and "int8" not in plan.pipeline
     assert plan.chosen.measured_seconds <= 0.7 * 1.05 * plan.original_seconds
