@@ -17,8 +17,9 @@ from typing import Any
 from racc.budget.latency import LatencyModel
 from racc.budget.plan import Candidate, Planner
 from racc.budget.probes import RUNTIMES
+from racc.budget.report import BudgetPlan
 from racc.budget.rewrites import KINDS
-from racc.budget.solve import BudgetPlan, plan_budget
+from racc.budget.solve import plan_budget
 from racc.compiler import compile as compile_pipeline
 from racc.errors import PassConfigError
 

@@ -1,22 +1,20 @@
 """plan_budget: measure the model, walk the planner, compile and time the plan, correct.
 
 The original (fp32, and int8 when calibration is given) is exported and timed once; what its
-convs' predicted times do not explain is its `rest`. The planner walks (racc.budget.plan); the
-plan of least predicted error whose prediction meets the budget (or, when none does, the one
-closest to it) is compiled, exported and timed against the original side by side. A plan more
-than TOLERANCE off the latency budget, or over the size budget, is made again with the
-prediction refit to the whole-model timings nearest the limit (Planner.calibrate), the size target
-moved by how far the file missed, up to CORRECTIONS times; of the attempts that met the budget,
-the best (`better`: the least measured output error) is kept.
+convs' predicted times do not explain is its `rest`. The planner walks (racc.budget.plan); of each
+kind of plan (fp32, int8, mixed) the one of least predicted error whose prediction meets the budget
+(or, when none does, the one closest to it) is compiled, exported and timed against the original
+side by side. Until its pick lands within TOLERANCE of the budget, a kind is planned again with its
+prediction refit to its timings nearest the limit (Planner.calibrate), up to CORRECTIONS times; of
+the attempts that met the budget, the best (`better`: the least measured error) is kept.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -25,179 +23,18 @@ from racc.budget.choices import int8_layers
 from racc.budget.latency import LatencyModel, preferred_multiple
 from racc.budget.plan import Candidate, Planner, front
 from racc.budget.probes import conv_shapes, time_call, time_model, torch_runner
-from racc.budget.rewrites import Rewrite, find, passes
+from racc.budget.report import TOLERANCE, BudgetPlan
+from racc.budget.rewrites import find, passes
 from racc.compiler import compile as compile_pipeline
 from racc.errors import BudgetError, InputError, PassConfigError, RaccError
 from racc.ir.fx import eval_mode, normalize_inputs, record_examples, trace
 from racc.metrics import OutputError
-from racc.text import markdown_table
 from racc.timing import interleaved, ort_call, ort_session
 
-TOLERANCE = 0.05  # a plan this close to the latency budget (measured) is taken as it is
 CORRECTIONS = 3
 SAME_ERROR = 0.02  # measured output errors this close (relative) do not tell two plans apart
 ROUNDS = 15  # interleaved timing rounds of a plan against the original, at least
 TIMED_SECONDS = 2.0  # and at least this long for the original's share of them
-
-
-@dataclass
-class BudgetPlan:
-    """What the planner measured, the candidates it weighed and the plan it chose."""
-
-    budget: Any  # racc.budget.Budget
-    machine: str
-    original_seconds: float
-    original_bytes: int
-    round_to: int
-    chosen: Candidate
-    candidates: list[Candidate] = field(default_factory=list)  # the predicted Pareto front
-    attempts: list[Candidate] = field(default_factory=list)  # compiled and timed, in order
-    timings_measured: int = 0  # conv timings taken (not found in the cache)
-    compiled: Any = field(default=None, repr=False)  # the chosen plan's model, as it was timed
-    rewrites: list[Rewrite] = field(default_factory=list)  # fusions and RAC stages, measured
-    int8_planned: bool = False  # whether layers could run int8 (calibration data was given)
-    left_out: list[tuple[str, str]] = field(default_factory=list)  # rewrites that failed, why
-
-    @property
-    def pipeline(self) -> str:
-        return self.chosen.pipeline
-
-    @property
-    def met(self) -> bool:
-        return _meets(self.chosen, self)
-
-    def limit_seconds(self) -> float:
-        b = self.budget
-        if b.latency is None:
-            return math.inf
-        return b.latency * self.original_seconds if b.latency_relative else b.latency
-
-    def limit_bytes(self) -> float:
-        b = self.budget
-        if b.size is None:
-            return math.inf
-        return b.size * self.original_bytes if b.size_relative else b.size
-
-    def overrun(self, c: Candidate) -> float:
-        """How far `c` is over the budget, as measured or else predicted: the larger of its
-        two shares."""
-        seconds, size = c.actual()
-        return max(seconds / self.limit_seconds(), size / self.limit_bytes())
-
-    def to_markdown(self) -> str:
-        rows = []
-        for c in self.shown():
-            timed = c.measured_seconds is not None
-            rows.append(
-                {
-                    "plan": "**chosen**" if c.chosen else ("timed" if timed else ""),
-                    "weights": c.weights,
-                    "latency predicted": f"{c.seconds / self.original_seconds:.2f}x",
-                    "latency measured": f"{c.measured_seconds / self.original_seconds:.2f}x"
-                    if timed
-                    else "-",
-                    "MiB predicted": f"{c.bytes / 2**20:.2f}",
-                    "MiB measured": f"{c.measured_bytes / 2**20:.2f}" if timed else "-",
-                    "rel L2 predicted": f"{c.error:.4f}",
-                    "rel L2 measured": f"{c.measured_error:.4f}" if timed else "-",
-                    "pipeline": f"`{c.pipeline}`" if c.chosen else _short(c.pipeline),
-                }
-            )
-        head = (
-            f"Budget {self.budget}: {self.limit_seconds() * 1e3:.2f} ms; the original "
-            f"{self.original_seconds * 1e3:.2f} ms, {self.original_bytes / 2**20:.2f} MiB; "
-            f"widths in multiples of {self.round_to}; {'met' if self.met else 'NOT met'} as "
-            f"measured on {self.machine}\n\n"
-        )
-        return head + "\n".join(markdown_table(rows)) + self._rewrites_markdown()
-
-    def _rewrites_markdown(self) -> str:
-        """The rewrites the planner weighed, each measured alone, and those it could not."""
-        rows = [
-            {
-                "rewrite": r.name,
-                "rel L2 alone": f"{math.sqrt(r.error):.4f}",
-                "time saved": f"{r.seconds:+.1%}",
-                "KiB saved": f"{r.bytes / 2**10:.1f}",
-                "chosen": "yes" if r.name in self.chosen.rewrites else "",
-            }
-            for r in self.rewrites
-        ]
-        text = "\n\nRewrites, each applied alone and timed against the original:\n\n"
-        text += "\n".join(markdown_table(rows)) if rows else "none found in this model"
-        for name, why in self.left_out:
-            text += f"\n- {name}: left out, {why}"
-        return text + "\n"
-
-    def shown(self, most: int = 12) -> list[Candidate]:
-        """The plans the table lists, by predicted latency: every one timed, and of the rest of
-        the front as many as fit in `most` rows, evenly spread."""
-        timed = {id(c) for c in self.attempts}
-        rest = [c for c in self.candidates if id(c) not in timed]
-        room = max(most - len(timed), 0)
-        picks = [
-            rest[round(i * (len(rest) - 1) / max(room - 1, 1))] for i in range(min(room, len(rest)))
-        ]
-        every = {id(c): c for c in picks + self.attempts}.values()
-        return sorted(every, key=lambda c: c.seconds)
-
-    def plot(self, path) -> Path:
-        """The candidates' latency (as a share of the original) against output error, the size
-        as the marker's area; measured where timed, the chosen plan marked; written as PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for int8, color in ((False, "tab:blue"), (True, "tab:orange")):
-            pts = [c for c in self.candidates if c.int8 == int8]
-            ax.scatter(
-                [c.seconds / self.original_seconds for c in pts],
-                [c.error for c in pts],
-                s=[20 + 200 * c.bytes / self.original_bytes for c in pts],
-                alpha=0.5,
-                color=color,
-                label=f"{'int8' if int8 else 'fp32'} predicted",
-            )
-        timed = [c for c in self.attempts if c.measured_seconds is not None]
-        ax.scatter(
-            [c.measured_seconds / self.original_seconds for c in timed],
-            [c.measured_error for c in timed],
-            marker="x",
-            color="black",
-            label="measured",
-        )
-        c = self.chosen
-        if c.measured_seconds is not None:
-            ax.scatter(
-                [c.measured_seconds / self.original_seconds],
-                [c.measured_error],
-                s=160,
-                facecolors="none",
-                edgecolors="red",
-                label="chosen",
-            )
-        if self.budget.latency is not None:
-            ax.axvline(self.limit_seconds() / self.original_seconds, color="red", ls="--", lw=1)
-        ax.set_xlabel("latency / original (ONNX Runtime)")
-        ax.set_ylabel("output error (relative L2)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
-
-
-def _short(pipeline: str) -> str:
-    return f"`{pipeline[:60]}...`" if len(pipeline) > 60 else f"`{pipeline}`"
-
-
-def _meets(c: Candidate, plan: BudgetPlan) -> bool:
-    seconds, size = c.actual()
-    return seconds <= plan.limit_seconds() * (1 + TOLERANCE) and size <= plan.limit_bytes()
 
 
 def plan_budget(
@@ -306,34 +143,8 @@ def plan_budget(
             c.measured_error = _error(model, opt, inputs)
             return opt
 
-        seconds, size, best, tried = plan.limit_seconds(), plan.limit_bytes(), None, set()
         starts = [(False, False)] + ([(True, False), (True, True)] if True in measured else [])
-        for _ in range(CORRECTIONS + 1):
-            walks = [c for a, b in starts for c in planner.path(a, seconds, size, from_int8=b)]
-            plan.candidates = front(walks + plan.candidates)
-            picks = [p for p in _picks(walks, seconds, size, plan) if p.levels not in tried]
-            if not picks:
-                break  # the corrections lead back to plans already timed
-            landed, missed = False, 1.0
-            for pick in picks:  # the best of each kind: a fit of one kind says little of another
-                # a pick timed because none was predicted to fit is the walk's far end: landing
-                # it ends nothing, since the refit prediction finds truer plans that fit
-                predicted_fit = pick.seconds <= seconds and pick.bytes <= size
-                tried.add(pick.levels)
-                opt = measure(pick)
-                plan.attempts.append(pick)
-                if _meets(pick, plan) and (best is None or better(pick, best)):
-                    best, plan.compiled = pick, opt  # what compile gives back: not compiled twice
-                # the prediction of its kind refit to the timings nearest the limit
-                points[pick.kind].append((planner.raw(pick.levels)[0], pick.measured_seconds))
-                planner.calibrate(pick.kind, points[pick.kind], seconds)
-                late = pick.measured_seconds / plan.limit_seconds() if budget.latency else 1.0
-                over = pick.measured_bytes / plan.limit_bytes() if budget.size else 1.0
-                landed |= predicted_fit and abs(late - 1) <= TOLERANCE and over <= 1
-                missed = max(missed, over)
-            if landed:
-                break
-            size = size / missed  # the size target moved by how far the file missed it
+        best = correct(planner, plan, points, starts, measure)
         latency.save()
         plan.timings_measured = latency.measured
     if best is None:
@@ -341,6 +152,54 @@ def plan_budget(
     best.chosen = True
     plan.chosen = best
     return plan
+
+
+def correct(
+    planner: Planner,
+    plan: BudgetPlan,
+    points: dict[str, list[tuple[float, float]]],
+    starts: list[tuple[bool, bool]],
+    measure: Callable[[Candidate], object],
+) -> Candidate | None:
+    """The correction loop: walk from each of `starts` (Planner.path's int8 and from_int8), time
+    the pick of each kind of plan (`measure` compiles and times it, filling in its measured
+    seconds, bytes and error, and gives back the model), refit that kind's prediction to its
+    timings (`points`, per kind (raw, measured) seconds, extended here) and walk again, until
+    every kind's pick landed within TOLERANCE of the budget, no new pick is left, or CORRECTIONS
+    rounds are spent. The attempts go to `plan`, with the front of the walks and the best
+    attempt's model (`compiled`); the best attempt that met the budget, if any."""
+    seconds, size, best, tried = plan.limit_seconds(), plan.limit_bytes(), None, set()
+    landed = set()  # the kinds whose pick landed on the budget: their best is known
+    for _ in range(CORRECTIONS + 1):
+        walks = [c for a, b in starts for c in planner.path(a, seconds, size, from_int8=b)]
+        plan.candidates = front(walks + plan.candidates)
+        picks = [
+            p
+            for p in _picks(walks, seconds, size, plan)
+            if p.levels not in tried and p.kind not in landed
+        ]
+        if not picks:
+            break  # every kind landed, or the corrections lead back to plans timed
+        missed = 1.0
+        for pick in picks:  # the best of each kind: a fit of one kind says little of another
+            # a pick timed because none was predicted to fit is the walk's far end: landing
+            # it settles nothing, since the refit prediction finds truer plans that fit
+            predicted_fit = pick.seconds <= seconds and pick.bytes <= size
+            tried.add(pick.levels)
+            opt = measure(pick)
+            plan.attempts.append(pick)
+            if plan.meets(pick) and (best is None or better(pick, best)):
+                best, plan.compiled = pick, opt  # what compile gives back: not compiled twice
+            # the prediction of its kind refit to the timings nearest the limit
+            points[pick.kind].append((planner.raw(pick.levels)[0], pick.measured_seconds))
+            planner.calibrate(pick.kind, points[pick.kind], seconds)
+            late = pick.measured_seconds / seconds if plan.budget.latency else 1.0
+            over = pick.measured_bytes / plan.limit_bytes() if plan.budget.size else 1.0
+            if predicted_fit and abs(late - 1) <= TOLERANCE and over <= 1:
+                landed.add(pick.kind)
+            missed = max(missed, over)
+        size = size / missed  # the size target moved by how far the file missed it
+    return best
 
 
 def _picks(walks: list[Candidate], seconds: float, size: float, plan: BudgetPlan):
