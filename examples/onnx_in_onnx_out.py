@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a reduced run for tests")
     args = parser.parse_args(argv)
     if args.quick:
-        args.epochs = 4
+        args.epochs = 2
     x_train, y_train, x_test, y_test = (
         load_cifar10(args.data_dir) if args.data_dir else load_digits_32()
     )
