@@ -35,7 +35,7 @@ from racc.budget.probes import (
     torch_conv,
 )
 from racc.budget.report import TOLERANCE, BudgetPlan
-from racc.budget.solve import better, correct
+from racc.budget.solve import _closest, better, correct
 from racc.data import batches, digits
 from racc.errors import BudgetError, PassConfigError
 from racc.ir.fx import record_examples, trace
@@ -72,6 +72,8 @@ def _net() -> nn.Module:
         ("latency=8ms,size=5MiB", Budget(8e-3, False, 5 * 2**20, False)),
         ({"size": "0.25x", "threads": 1}, Budget(size=0.25, threads=1)),
         ("latency=0.5,runtime=torch", Budget(latency=0.5, runtime="torch")),
+        ({"latency": 0.5, "max_drop": 1}, Budget(latency=0.5, max_drop=1.0)),
+        ("size=0.5,max_drop=0.25", Budget(size=0.5, max_drop=0.25)),
     ],
 )
 def test_budgets_parse(text, expected):
@@ -87,7 +89,8 @@ def test_budgets_parse(text, expected):
         ("latency", "'latency' is not key=value"),
         ({"batch": 8}, "give a latency or a size limit"),
         ({"latency": 0.5, "batch": 0}, "batch must be a whole number >= 1"),
-        ({"latency": 0.5, "max_drop": 1}, "max_drop needs data and a metric"),
+        ({"latency": 0.5, "max_drop": -1}, "max_drop=-1 must be a number >= 0"),
+        ("latency=0.5,max_drop=one", "max_drop='one' must be a number >= 0"),
         ("latency=0.5,runtime=tvm", "runtime='tvm' is not one of onnxruntime, torch"),
     ],
 )
@@ -344,14 +347,19 @@ def test_of_timed_plans_the_truer_wins_and_where_errors_tie_the_one_keeping_more
     assert not better(timed(0.3, 1e-3), timed(0.2, 0.5e-3))
     assert better(timed(0.999, 1e-3), timed(0.998, 0.6e-3))  # saturated: the slower keeps more
     assert not better(timed(0.998, 0.6e-3), timed(0.999, 1e-3))
+    a, b = timed(0.3, 1e-3), timed(0.2, 1e-3)  # eval_fn's metric, where measured, comes first
+    a.measured_metric, b.measured_metric = 91.0, 90.5
+    assert better(a, b) and not better(b, a)
+    b.measured_metric = 91.0  # a tie in the metric: the output error decides
+    assert better(b, a)
 
 
-def test_a_kind_that_ran_well_under_the_budget_is_planned_again_after_another_landed(trained):
-    """A fake machine: fp32 plans run where they aim; int8 ones (every layer, or mixed) run
-    faster than their raw sum says, the more so the narrower (an affine truth the first fit,
-    a scale through the full int8 model, overestimates). fp32 lands at once; int8 keeps being
-    refit and timed, and its plans, truer than fp32's, close in on the budget."""
-    model, x = trained
+def _fake_machine(model, x, budget: Budget, metric=None):
+    """(planner, plan, run): the correction loop on a fake machine. fp32 plans run where they
+    aim; int8 ones (every layer, or mixed) run faster than their raw sum says, the more so the
+    narrower (an affine truth the first fit, a scale through the full int8 model,
+    overestimates). `metric(c)`, where given, is eval_fn's measure of a plan (the original's
+    is 90); run() corrects and gives back the best plan that met the budget."""
     layers = [Int8Layer(name, 1e-6, 0) for name in ("0", "3", "6", "9")]
     planner = _planner(model, x, layers)
     fp32, int8 = (planner.raw(planner.full(m))[0] for m in (False, True))
@@ -359,15 +367,25 @@ def test_a_kind_that_ran_well_under_the_budget_is_planned_again_after_another_la
     for kind in ("fp32", "int8"):
         planner.calibrate(kind, points[kind], points[kind][0][1])
     full = planner.candidate(planner.full(False))
-    plan = BudgetPlan(Budget(latency=0.6), "fake", fp32, full.bytes, 8, full)
+    plan = BudgetPlan(budget, "fake", fp32, full.bytes, 8, full)
+    plan.baseline_metric = None if metric is None else 90.0
     limit = plan.limit_seconds()
 
     def measure(c: Candidate) -> None:
         raw = planner.raw(c.levels)[0]
         c.measured_seconds = 0.99 * limit if c.kind == "fp32" else 1.5 * raw - 0.5 * int8
         c.measured_bytes, c.measured_error = c.bytes, c.error
+        c.measured_metric = None if metric is None else metric(c)
 
-    best = correct(planner, plan, points, [(False, False), (True, False), (True, True)], measure)
+    starts = [(False, False), (True, False), (True, True)]
+    return planner, plan, lambda: correct(planner, plan, points, starts, measure)
+
+
+def test_a_kind_that_ran_well_under_the_budget_is_planned_again_after_another_landed(trained):
+    """fp32 lands at once; int8 keeps being refit and timed, and its plans, truer than fp32's,
+    close in on the budget."""
+    _, plan, run = _fake_machine(*trained, Budget(latency=0.6))
+    best, limit = run(), plan.limit_seconds()
     kinds = [c.kind for c in plan.attempts]
     assert kinds.count("fp32") == 1  # landed: its best is known
     for kind in ("int8", "mixed"):  # timed well under the budget at first, then again
@@ -375,6 +393,22 @@ def test_a_kind_that_ran_well_under_the_budget_is_planned_again_after_another_la
         assert len(timed) >= 2 and timed[0].measured_seconds < (1 - TOLERANCE) * limit, kind
     assert best.kind != "fp32" and abs(best.measured_seconds / limit - 1) <= TOLERANCE
     assert plan.meets(best) and best.measured_error < plan.attempts[0].measured_error
+
+
+def test_eval_fns_metric_ranks_the_timed_plans_and_max_drop_refuses_what_costs_more(trained):
+    # the metric favours fp32 plans (an int8 model this metric dislikes), against their error
+    metric = lambda c: 89.0 if c.kind == "fp32" else 80.0  # noqa: E731
+    _, plan, run = _fake_machine(*trained, Budget(latency=0.6), metric)
+    best = run()
+    assert best.kind == "fp32" and any(
+        c.measured_error < best.measured_error for c in plan.attempts
+    )
+    _, plan, run = _fake_machine(*trained, Budget(latency=0.6, max_drop=5), lambda c: 80.0)
+    assert run() is None and plan.attempts and not any(plan.meets(c) for c in plan.attempts)
+    assert all(plan.within_limits(c) for c in plan.attempts if c.kind == "fp32")
+    message = _closest(plan)
+    assert "drop the metric by more than max_drop=5; the least, 10.00, is " in message
+    assert "racc.compress(model, that pipeline" in message
 
 
 def _predicted(planner: Planner, opt: nn.Module) -> float:
@@ -465,3 +499,7 @@ def test_a_budget_no_plan_meets_is_an_error_naming_the_closest(tmp_path, monkeyp
         )
     with pytest.raises(PassConfigError, match="give passes or budget, not both"):
         racc.compile(_net(), "fold-bn", (x,), budget={"size": 0.5})
+    with pytest.raises(PassConfigError, match="max_drop=1 needs eval_fn, the metric"):
+        racc.compile(_net(), example_inputs=(x,), budget={"size": 0.5, "max_drop": 1})
+    with pytest.raises(PassConfigError, match="eval_fn ranks the plans of a budget; .*compress"):
+        racc.compile(_net(), "fold-bn", (x,), eval_fn=lambda m: 1.0)

@@ -21,6 +21,7 @@ from racc.backends import qdq
 from racc.backends.qdq import ort_optimized_ops
 from racc.cli import main
 from racc.cpu import classify, this_cpu
+from racc.data import accuracy, image_folder
 from racc.errors import ExportError
 from racc.models import load_model
 from racc.timing import ort_session
@@ -240,6 +241,8 @@ def test_calibration_data_from_a_file(capsys, tmp_path):
         (["compile", "torchvision:resnet18", "--budget", "latency=3x", "-o", "x.onnx"], "latency='3x' must be > 0 (and a share at most 1x)"),
         (["compile", "torchvision:resnet18", "--budget", "speed=0.5", "-o", "x.onnx"], "unknown key(s) speed"),
         (["compile", "torchvision:resnet18", "--budget", "latency=0.5", "--where", "layer1", "-o", "x.onnx"], "option --where does not go with --budget"),
+        (["compile", "torchvision:resnet18", "--budget", "latency=0.5", "--epochs", "2", "-o", "x.onnx"], "option --epochs does not go with --budget"),
+        (["compile", "torchvision:resnet18", "--budget", "latency=0.5,max_drop=1", "-o", "x.onnx"], "max_drop=1 is a drop of top-1 accuracy on --data's val images: give --data DIR"),
     ],
 )  # fmt: skip
 def test_errors_are_one_line_and_exit_non_zero(capsys, tmp_path, argv, message):
@@ -582,6 +585,26 @@ def test_compile_recovers_on_an_image_folder(capsys, digit_folder, tmp_path):
     )
     assert code == 0, err
     assert "contract met" in stdout and (tmp_path / "c.compress.json").exists()
+
+
+def test_a_budget_with_data_ranks_its_plans_by_top1_on_its_val(
+    capsys, digit_folder, tmp_path, monkeypatch
+):
+    root = digit_folder
+    monkeypatch.setenv("RACC_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["compile", f"{root}/net.py:build", "--weights", str(root / "w.pt"), "--budget",
+            "size=0.5x,threads=1,rewrites=none", "--data", str(root / "data"), "--max-drop", "30",
+            "--input-shape", "1,3,16,16", "-o", str(tmp_path / "small.onnx")]  # fmt: skip
+    code, stdout, err = run(capsys, *args)
+    assert code == 0, err
+    assert "max_drop=30" in stdout and "| metric |" in stdout
+    original = float(re.search(r", metric ([\d.]+);", stdout).group(1))
+    chosen = next(line for line in stdout.splitlines() if line.startswith("| **chosen**"))
+    metric = float(chosen.split("|")[-3])  # the column before the pipeline
+    model = load_model(f"{root}/net.py:build", 16, weights=str(root / "w.pt")).module
+    val = image_folder(root / "data" / "val", side=16, batch=64)
+    assert original == pytest.approx(accuracy(model, val), abs=0.01) and original > 90
+    assert original - 30 <= metric  # within max_drop, as measured on the val images
 
 
 @pytest.mark.parametrize(

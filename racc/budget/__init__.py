@@ -11,6 +11,7 @@ string with the model (docs/budget.md).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ class Budget:
     threads: int = 2
     rewrites: tuple[str, ...] = KINDS  # the rewrites planned besides widths and int8
     runtime: str = "onnxruntime"  # what the plan is timed in: ONNX Runtime, or torch (CPU)
+    max_drop: float | None = None  # the largest drop of eval_fn's metric a plan may cost
 
     @classmethod
     def parse(cls, value: Budget | dict | str) -> Budget:
@@ -77,13 +79,7 @@ class Budget:
         if unknown:
             raise PassConfigError(
                 f"budget: unknown key(s) {', '.join(unknown)}; valid: latency, size, batch, "
-                "threads, rewrites, runtime"
-            )
-        if "max_drop" in value:
-            raise PassConfigError(
-                "budget: max_drop needs data and a metric to hold a plan to; compile to a "
-                "latency or size budget, then run racc.compress(model, opt.racc_plan.pipeline, "
-                "..., eval_data=..., max_drop=...) on the plan"
+                "threads, rewrites, runtime, max_drop"
             )
         if "latency" not in value and "size" not in value:
             raise PassConfigError("budget: give a latency or a size limit, e.g. latency=0.5x")
@@ -103,6 +99,17 @@ class Budget:
                 "ONNX Runtime on the CPU, as the exported file runs; torch: the torch model on "
                 "the CPU)"
             )
+        max_drop = value.get("max_drop")
+        if max_drop is not None:
+            try:
+                max_drop = float(max_drop)
+            except ValueError:
+                max_drop = -1.0
+            if not max_drop >= 0:  # NaN too
+                raise PassConfigError(
+                    f"budget: max_drop={value['max_drop']!r} must be a number >= 0, in the "
+                    "units of eval_fn's metric (1: one point of accuracy)"
+                )
         return cls(
             latency,
             latency_rel,
@@ -112,6 +119,7 @@ class Budget:
             int(threads),
             rewrites,
             runtime,
+            max_drop,
         )
 
     def __str__(self) -> str:
@@ -131,7 +139,8 @@ class Budget:
             [] if self.rewrites == KINDS else [f"rewrites={'+'.join(self.rewrites) or 'none'}"]
         )
         runtime = [] if self.runtime == "onnxruntime" else [f"runtime={self.runtime}"]
-        return ",".join(parts + batch + [f"threads={self.threads}"] + rewrites + runtime)
+        drop = [] if self.max_drop is None else [f"max_drop={self.max_drop:g}"]
+        return ",".join(parts + batch + [f"threads={self.threads}"] + rewrites + runtime + drop)
 
 
 def _rewrites(value: Any) -> tuple[str, ...]:
@@ -175,6 +184,7 @@ def compile(
     where: str | None = None,
     budget: Budget | dict | str | None = None,
     latency: LatencyModel | None = None,
+    eval_fn: Callable[[Any], float] | None = None,
 ):
     """Transform a copy of `model` with `passes` (racc.compiler.compile), or, with `budget`,
     with the plan that meets it: `{"latency": 0.5}` (half the original's ONNX Runtime time),
@@ -184,12 +194,21 @@ def compile(
     plan (racc.budget.solve) is measured on this machine; `.racc_plan` holds it with its
     candidates, and `.racc_plan.pipeline` is the pipeline string it compiled.
 
+    `eval_fn` (a model -> its metric, higher is better: accuracy, mAP) ranks the timed plans
+    by that metric instead of their output error; a budget's `max_drop` (which needs it) refuses
+    a plan whose metric drops more than that below the original's.
+
     `latency` is the latency model to use (racc.budget.latency.LatencyModel: its table and
     thread count); by default this machine's cached table at the budget's threads.
     """
     if budget is None:
         if passes is None:
             raise PassConfigError("compile: give passes (a pipeline string) or a budget")
+        if eval_fn is not None:
+            raise PassConfigError(
+                "compile: eval_fn ranks the plans of a budget; to hold a pipeline to a metric, "
+                "use racc.compress(model, passes, ..., eval_fn=..., max_drop=...)"
+            )
         return compile_pipeline(
             model, passes, example_inputs, explain, calibration, progress, where
         )
@@ -198,8 +217,14 @@ def compile(
             "compile: a budget plans the passes itself; give passes or budget, not both (and "
             "no where=)"
         )
+    budget = Budget.parse(budget)
+    if budget.max_drop is not None and eval_fn is None:
+        raise PassConfigError(
+            f"budget: max_drop={budget.max_drop:g} needs eval_fn, the metric a plan's drop is "
+            "measured in (e.g. eval_fn=lambda m: racc.data.accuracy(m, val_batches))"
+        )
     plan = plan_budget(
-        model, example_inputs, Budget.parse(budget), calibration, latency, progress, explain
+        model, example_inputs, budget, calibration, latency, progress, explain, eval_fn
     )
     plan.compiled.racc_plan = plan
     return plan.compiled

@@ -47,6 +47,7 @@ class Candidate:
     measured_seconds: float | None = None
     measured_error: float | None = None
     measured_bytes: int | None = None
+    measured_metric: float | None = None  # eval_fn of the compiled plan, when given
     chosen: bool = False
     weights: str = "fp32"  # the report's word: fp32, int8, or int8 with how many layers fp32
     rewrites: tuple[str, ...] = ()  # the names of the rewrites it applies

@@ -33,6 +33,7 @@ class BudgetPlan:
     rewrites: list[Rewrite] = field(default_factory=list)  # fusions and RAC stages, measured
     int8_planned: bool = False  # whether layers could run int8 (calibration data was given)
     left_out: list[tuple[str, str]] = field(default_factory=list)  # rewrites that failed, why
+    baseline_metric: float | None = None  # eval_fn of the original, when eval_fn was given
 
     @property
     def pipeline(self) -> str:
@@ -43,10 +44,22 @@ class BudgetPlan:
         return self.meets(self.chosen)
 
     def meets(self, c: Candidate) -> bool:
-        """Whether `c` (as measured, else predicted) is within the budget: its size under the
-        limit, its latency at most TOLERANCE over it."""
+        """Whether `c` (as measured, else predicted) is within the budget: within its limits,
+        and where the budget has a max_drop and `c` was evaluated, its metric within it."""
+        drop, most = self.drop(c), self.budget.max_drop
+        return self.within_limits(c) and (drop is None or most is None or drop <= most + 1e-9)
+
+    def within_limits(self, c: Candidate) -> bool:
+        """Whether `c` (as measured, else predicted) has its size under the limit and its
+        latency at most TOLERANCE over it."""
         seconds, size = c.actual()
         return seconds <= self.limit_seconds() * (1 + TOLERANCE) and size <= self.limit_bytes()
+
+    def drop(self, c: Candidate) -> float | None:
+        """How far `c`'s metric (eval_fn) fell below the original's; None where not measured."""
+        if self.baseline_metric is None or c.measured_metric is None:
+            return None
+        return self.baseline_metric - c.measured_metric
 
     def limit_seconds(self) -> float:
         b = self.budget
@@ -83,13 +96,19 @@ class BudgetPlan:
                     "MiB measured": f"{c.measured_bytes / 2**20:.2f}" if timed else "-",
                     "rel L2 predicted": f"{c.error:.4f}",
                     "rel L2 measured": f"{c.measured_error:.4f}" if timed else "-",
+                    **(
+                        {"metric": "-" if c.measured_metric is None else f"{c.measured_metric:.2f}"}
+                        if self.baseline_metric is not None
+                        else {}
+                    ),
                     "pipeline": f"`{text}`",
                 }
             )
         head = (
             f"Budget {self.budget}: {self.limit_seconds() * 1e3:.2f} ms; the original "
-            f"{self.original_seconds * 1e3:.2f} ms, {self.original_bytes / 2**20:.2f} MiB; "
-            f"widths in multiples of {self.round_to}; {'met' if self.met else 'NOT met'} as "
+            f"{self.original_seconds * 1e3:.2f} ms, {self.original_bytes / 2**20:.2f} MiB"
+            + ("" if self.baseline_metric is None else f", metric {self.baseline_metric:.2f}")
+            + f"; widths in multiples of {self.round_to}; {'met' if self.met else 'NOT met'} as "
             f"measured on {self.machine}\n\n"
         )
         return head + "\n".join(markdown_table(rows)) + self._rewrites_markdown()

@@ -45,9 +45,11 @@ def plan_budget(
     latency: LatencyModel | None = None,
     progress: bool = False,
     explain: bool = False,
+    eval_fn=None,
 ) -> BudgetPlan:
     """Plan, compile and time: the BudgetPlan whose pipeline meets `budget` as measured here,
-    with the chosen plan's compiled model (`compiled`); `explain` and `progress` as compile's."""
+    with the chosen plan's compiled model (`compiled`); `explain` and `progress` as compile's;
+    `eval_fn`, where given, is measured on every timed plan and ranks them (`better`)."""
     if not isinstance(model, torch.nn.Module):
         raise InputError(
             f"budget: planning takes a torch model (got {type(model).__name__}); for an ONNX "
@@ -132,6 +134,7 @@ def plan_budget(
             rewrites=rewrites,
             int8_planned=True in measured,
             left_out=left_out,
+            baseline_metric=None if eval_fn is None else float(eval_fn(model)),
         )
 
         def measure(c: Candidate):
@@ -141,6 +144,7 @@ def plan_budget(
             c.measured_seconds = ratio(path, opt) * plan.original_seconds
             c.measured_bytes = path.stat().st_size
             c.measured_error = _error(model, opt, inputs)
+            c.measured_metric = None if eval_fn is None else float(eval_fn(opt))
             return opt
 
         starts = [(False, False)] + ([(True, False), (True, True)] if True in measured else [])
@@ -216,9 +220,15 @@ def _picks(walks: list[Candidate], seconds: float, size: float, plan: BudgetPlan
 
 
 def better(a: Candidate, b: Candidate) -> bool:
-    """Whether timed plan `a` is better than `b`: less measured output error, or where the two
-    are within SAME_ERROR of each other (a net whose outputs any deep cut ruins measures about
-    1 for all of them), the one that keeps more of the model: the slower."""
+    """Whether timed plan `a` is better than `b`: the higher metric (eval_fn) where both were
+    evaluated and they differ; else less measured output error, or where the two are within
+    SAME_ERROR of each other (a net whose outputs any deep cut ruins measures about 1 for all
+    of them), the one that keeps more of the model: the slower."""
+    if (
+        None not in (a.measured_metric, b.measured_metric)
+        and a.measured_metric != b.measured_metric
+    ):
+        return a.measured_metric > b.measured_metric
     if abs(a.measured_error - b.measured_error) <= SAME_ERROR * max(
         a.measured_error, b.measured_error
     ):
@@ -228,6 +238,15 @@ def better(a: Candidate, b: Candidate) -> bool:
 
 def _closest(plan: BudgetPlan) -> str:
     """What came closest to the budget, and what to do."""
+    within = [c for c in plan.attempts if plan.within_limits(c)]
+    if within:  # fast and small enough, but each dropped the metric by more than max_drop
+        c = max(within, key=lambda c: c.measured_metric)
+        return (
+            f"the plans within its limits drop the metric by more than max_drop="
+            f"{plan.budget.max_drop:g}; the least, {plan.drop(c):.2f}, is {c.pipeline}: recover "
+            "it with racc.compress(model, that pipeline, ..., data=..., max_drop=...), or "
+            "loosen the latency or size"
+        )
     c = min(plan.attempts or plan.candidates, key=plan.overrun)
     how = "measured" if c.measured_seconds is not None else "predicted"
     seconds, size = c.actual()

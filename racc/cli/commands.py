@@ -95,17 +95,18 @@ def cmd_compile(args: argparse.Namespace) -> None:
     if args.budget is not None:
         from racc.budget import Budget
 
-        Budget.parse(args.budget)  # a bad budget fails before the model loads
-        for value, option in (
-            (args.data, "--data"),
-            (args.where, "--where"),
-            (args.max_drop, "--max-drop"),
-        ):
+        budget = Budget.parse(args.budget)  # a bad budget fails before the model loads
+        for value, option in ((args.where, "--where"), (args.epochs, "--epochs")):
             if value is not None:
                 raise PassConfigError(
                     f"option {option} does not go with --budget: compile to the budget, then "
                     "run the pipeline it prints with -p"
                 )
+        if budget.max_drop is not None and args.data is None:
+            raise PassConfigError(
+                f"--budget max_drop={budget.max_drop:g} is a drop of top-1 accuracy on --data's "
+                "val images: give --data DIR"
+            )
     # a bad pipeline fails before the model loads; a budget may plan int8, so it calibrates
     calibrates = args.budget is not None or _needs_calibration(args.pipeline)
     model = _load(args)
@@ -128,15 +129,17 @@ def cmd_compile(args: argparse.Namespace) -> None:
                 f"int8 calibrates on {len(calibration)} random batches; give --calib-data or "
                 "--data for real ones"
             )
-    if args.data:
-        opt = recovery.compile_and_recover(args, model.module, x, calibration, _say)
-    elif args.budget is not None:
+    if args.budget is not None:
+        budget, eval_fn = recovery.ranked(args, shape, _say) if args.data else (args.budget, None)
         opt = racc.compile(
-            model.source(), None, (x,), args.explain, calibration, True, budget=args.budget
-        )
+            model.source(), None, (x,), args.explain, calibration, True, budget=budget,
+            eval_fn=eval_fn,
+        )  # fmt: skip
         print(opt.racc_plan.to_markdown() + f'\n\nthe plan: -p "{opt.racc_plan.pipeline}"\n')
         if args.plots:
             print(f"wrote {opt.racc_plan.plot(Path(args.plots) / 'budget.png')}")
+    elif args.data:
+        opt = recovery.compile_and_recover(args, model.module, x, calibration, _say)
     else:
         opt = racc.compile(
             model.source(),

@@ -63,14 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         metavar="DIR",
         help="recover on images: one folder per class (DIR/train and DIR/val, or DIR); after "
-        "the pipeline, BN statistics are re-estimated and the model distilled from the original",
+        "the pipeline, BN statistics are re-estimated and the model distilled from the original; "
+        "with --budget, the plans are ranked by top-1 on its val instead (no recovery)",
     )
     p.add_argument("--epochs", type=int, help="epochs of recovery on --data (default 1)")
     p.add_argument(
         "--max-drop",
         type=float,
         help="the accuracy contract: run the pipeline with racc.compress, backing off what "
-        "costs more top-1 points on --data's val than this",
+        "costs more top-1 points on --data's val than this; with --budget, its max_drop",
     )
     p.add_argument(
         "--where",

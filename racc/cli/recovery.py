@@ -55,6 +55,24 @@ def calibration(args: argparse.Namespace, shape: tuple[int, ...]) -> list[torch.
     return [inputs_of(b) for b in first_batches(loader, args.calib)]
 
 
+def ranked(args: argparse.Namespace, shape: tuple[int, ...], say):
+    """--budget with --data: (the budget, with --max-drop as its max_drop, and the metric that
+    ranks its plans: top-1 accuracy in percent on --data's evaluation folder)."""
+    import dataclasses
+
+    from racc.budget import Budget
+    from racc.data import accuracy, image_folder
+
+    train_dir, val_dir = folders(args)
+    if train_dir == val_dir:
+        say(f"--data {args.data} has no train/ and val/: plans are ranked on training images")
+    budget = Budget.parse(args.budget)
+    if args.max_drop is not None:
+        budget = dataclasses.replace(budget, max_drop=args.max_drop)
+    val = image_folder(val_dir, side=shape[-1], batch=64)
+    return budget, lambda model: accuracy(model, val)
+
+
 def compile_and_recover(args, model: nn.Module, x: torch.Tensor, calib, say) -> nn.Module:
     """compile, then recalibrate_bn and recover --epochs on --data (distilled from the model);
     with --max-drop, racc.compress instead. Prints the accuracy on the evaluation folder."""
