@@ -45,3 +45,5 @@ def test_every_readme_snippet_runs_as_written(tmp_path, monkeypatch):
         assert name in written, name
     assert namespace["y"].shape == (1, 1000)
     assert namespace["result"].racc_report.rows[-1].widths_changed
+    ranked = namespace["planned"].racc_plan  # eval_fn measured the original and every timed plan
+    assert ranked.baseline_metric > 50 and all(c.measured_metric >= 0 for c in ranked.attempts)

@@ -6,7 +6,8 @@ kind of plan (fp32, int8, mixed) the one of least predicted error whose predicti
 (or, when none does, the one closest to it) is compiled, exported and timed against the original
 side by side. Until its pick lands within TOLERANCE of the budget, a kind is planned again with its
 prediction refit to its timings nearest the limit (Planner.calibrate), up to CORRECTIONS times; of
-the attempts that met the budget, the best (`better`: the least measured error) is kept.
+the attempts that met the budget, the best (`better`: eval_fn's metric where given, else the
+least measured error) is kept.
 """
 
 from __future__ import annotations
