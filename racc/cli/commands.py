@@ -130,11 +130,19 @@ def cmd_compile(args: argparse.Namespace) -> None:
                 "--data for real ones"
             )
     if args.budget is not None:
-        budget, eval_fn = recovery.ranked(args, shape, _say) if args.data else (args.budget, None)
+        budget, eval_fn, settle = (
+            recovery.ranked(args, shape, _say) if args.data else (args.budget, None, None)
+        )
         opt = racc.compile(
             model.source(), None, (x,), args.explain, calibration, True, budget=budget,
             eval_fn=eval_fn,
         )  # fmt: skip
+        if settle is not None:  # the plan written is the one its metric measured
+            settle(opt)
+            _say(
+                f"BN statistics re-estimated on {recovery.SETTLE} batches of --data's "
+                "training images, as the metric measured the plans"
+            )
         print(opt.racc_plan.to_markdown() + f'\n\nthe plan: -p "{opt.racc_plan.pipeline}"\n')
         if args.plots:
             print(f"wrote {opt.racc_plan.plot(Path(args.plots) / 'budget.png')}")
