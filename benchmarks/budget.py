@@ -38,8 +38,8 @@ SIDE = 224
 BUDGETS = (0.5, 0.3)
 BATCHES = (1, 8)
 # (runtime, batch, budget): ONNX Runtime at both batches and budgets, and torch at one
-RECOVERY = 3  # epochs of recovery on digits, from the original as the teacher
 RUNS = [("onnxruntime", b, share) for b in BATCHES for share in BUDGETS] + [("torch", 1, 0.5)]
+RECOVERY = 3  # epochs of recovery on digits, from the original as the teacher
 
 
 def trained_like(name: str) -> torch.nn.Module:
@@ -110,11 +110,10 @@ def uniform_rows() -> list[str]:
     nets, (x, y, x_test, y_test) = digits_nets()
     test = batches(x_test, y_test, 256)
     seen = batches(x[-300:], y[-300:], 300)  # what eval_fn ranks plans on: training images
+    unlabelled = batches(x, None, 64)  # BN statistics are re-estimated on 10 of these
 
     def top1(m):  # a pruned net is near chance until its BN statistics are re-estimated
-        m = copy.deepcopy(m)
-        racc.recalibrate_bn(m, batches(x, None, 64), batches=10)
-        return accuracy(m, seen)
+        return accuracy(racc.recalibrate_bn(copy.deepcopy(m), unlabelled, batches=10), seen)
 
     rows = []
     for name, model in nets.items():
@@ -140,11 +139,11 @@ def uniform_rows() -> list[str]:
                     ("plan", plan),
                     ("plan, eval_fn", ranked),
                 ):
-                    racc.recalibrate_bn(opt, batches(x, None, 64), batches=10)
+                    racc.recalibrate_bn(opt, unlabelled, batches=10)
                     with torch.no_grad():
                         error = OutputError.between(reference, opt(x_test)).rel_l2
                     before = accuracy(opt, test)
-                    train = batches(x, y, 64, shuffle=True)
+                    train = batches(x, y, 64, shuffle=True)  # the same seeded order every row
                     racc.recover(opt, model, train, epochs=RECOVERY, lr=0.01, progress=False)
                     if opt is uniform:
                         timed = share
