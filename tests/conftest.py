@@ -86,8 +86,10 @@ def trained_like(model: nn.Module, side: int) -> nn.Module:
 
 def assert_close(actual, expected, rtol: float, atol: float, what: str = "outputs") -> None:
     """Compare shape, then dtype, then values: |a - e| <= atol + rtol * max|e|, saying which failed."""
-    actual = actual if isinstance(actual, torch.Tensor) else torch.as_tensor(actual)
-    expected = expected if isinstance(expected, torch.Tensor) else torch.as_tensor(expected)
+    actual = (actual if isinstance(actual, torch.Tensor) else torch.as_tensor(actual)).detach()
+    expected = (
+        expected if isinstance(expected, torch.Tensor) else torch.as_tensor(expected)
+    ).detach()
     assert actual.shape == expected.shape, (
         f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     )
