@@ -4,18 +4,19 @@
    per channel, so that the BN ranking means something) at 224x224, ONNX Runtime on 2 threads,
    at batch 1 and 8: `racc.compile(model, budget={"latency": b, "batch": n})` for b = 0.5 and 0.3,
    with int8 plannable layer by layer (8 random calibration batches), fusions and RAC stages
-   too; and torch on the CPU (2 threads) at batch 1 and 0.5x. The plan's latency as measured (its
+   too; and torch on the CPU (2 threads) at batch 1 and 0.5x, and on the GPU where torch sees
+   one (`device=cuda`). The plan's latency as measured (its
    ONNX file against the original's, interleaved), as predicted, the whole model's prediction
    against its timing, the plan's output error (relative L2 on the planning inputs), its
    pipeline, and the time planning took (conv timings cached per machine: the second budget
-   of a model reuses the first's).
+   of a model reuses the first's). `--only zoo` runs this part alone.
 2. Nets trained here on digits (a MobileNetV2-style net at width 0.5, and a CIFAR ResNet-18) at
    32x32: a uniform `prune-bn{ratio=r,round_to=8}` timed in ONNX Runtime, then a plan compiled
    to that measured latency (fp32 only, as the uniform prune is), and one whose timed plans
    `eval_fn` ranks by top-1 on 300 training images (on a copy with its BN statistics re-estimated
    on 10 training batches): output error on the test set and test accuracy, both after
    re-estimating BN statistics on 10 training batches; then test accuracy after 3 epochs of
-   recovery with the original as the teacher.
+   recovery with the original as the teacher. `--only digits` runs this part alone.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 import racc
-from benchmarks.common import machine, models_from_args
+from benchmarks.common import machine, models_from_args, parts_from_args
 from racc.data import accuracy, batches, digits
 from racc.metrics import OutputError
 from racc.timing import interleaved, ort_call, ort_session
@@ -37,8 +38,11 @@ from racc.zoo import small_image_net, spread_bn_gammas, torchvision_model, warm_
 SIDE = 224
 BUDGETS = (0.5, 0.3)
 BATCHES = (1, 8)
-# (runtime, batch, budget): ONNX Runtime at both batches and budgets, and torch at one
-RUNS = [("onnxruntime", b, share) for b in BATCHES for share in BUDGETS] + [("torch", 1, 0.5)]
+# (runtime, device, batch, budget): ONNX Runtime at both batches and budgets, and torch at one,
+# on the CPU and, where torch sees one, on the GPU
+RUNS = [("onnxruntime", "cpu", b, share) for b in BATCHES for share in BUDGETS] + [
+    ("torch", device, 1, 0.5) for device in ("cpu", "cuda")[: 1 + torch.cuda.is_available()]
+]
 RECOVERY = 3  # epochs of recovery on digits, from the original as the teacher
 
 
@@ -55,9 +59,12 @@ def zoo_rows(name: str) -> list[str]:
     x = torch.randn(2, 3, SIDE, SIDE, generator=g)
     calibration = [torch.randn(2, 3, SIDE, SIDE, generator=g) for _ in range(8)]
     rows = []
-    for runtime, batch, share in RUNS:
+    for runtime, device, batch, share in RUNS:
         began = time.perf_counter()
         budget = {"latency": share, "batch": batch, "threads": 2, "runtime": runtime}
+        if device != "cpu":
+            budget["device"] = device
+            runtime = f"{runtime} ({torch.cuda.get_device_name(0)})"
         head = f"| {name} | {runtime} | {batch} | {share}x |"
         try:
             opt = racc.compile(model, example_inputs=(x,), calibration=calibration, budget=budget)
@@ -160,10 +167,19 @@ def uniform_rows() -> list[str]:
 
 
 def main() -> None:
+    parts = parts_from_args(("zoo", "digits"))
     print("### Compile to a budget\n")
+    if "zoo" in parts:
+        zoo_table()
+    if "digits" in parts:
+        digits_table()
+
+
+def zoo_table() -> None:
     print(
-        "Command: `python -m benchmarks.budget`. Latency budgets on torchvision models at "
-        f"{SIDE}x{SIDE} (trained-like BN; int8 layer by layer, fusions and RAC stages "
+        "Command: `python -m benchmarks.budget` (this part alone: `--only zoo`). Latency "
+        f"budgets on torchvision models at {SIDE}x{SIDE} (trained-like BN; int8 layer by "
+        "layer, fusions and RAC stages "
         "plannable), ONNX Runtime (and torch) on the CPU, 2 threads: the plan's "
         "latency as measured against the original, interleaved (and how far from the budget), "
         "as predicted, the whole-model prediction over the timing, the original's time, the "
@@ -178,9 +194,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in models_from_args(["mobilenet_v2", "resnet50"]):
         zoo_rows(name)
+    print()
+
+
+def digits_table() -> None:
     print(
-        "\nAt the latency a uniform prune measures, the plan against it on nets trained on "
-        "digits (32x32, batch 1, fp32), the second plan's timed candidates ranked by `eval_fn` "
+        "At the latency a uniform prune measures, the plan against it on nets trained on "
+        "digits (32x32, batch 1, fp32; this part alone: `--only digits`), the second plan's "
+        "timed candidates ranked by `eval_fn` "
         "(top-1 on 300 training images, BN statistics re-estimated on a copy first): output "
         "error on the 360 test images and test accuracy, both after BN statistics are "
         "re-estimated on 10 training batches; then "

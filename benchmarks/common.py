@@ -25,6 +25,7 @@ __all__ = [
     "ort_call",
     "ort_file_session",
     "ort_session",
+    "parts_from_args",
     "rounds_from_args",
     "torchvision_model",
 ]
@@ -33,11 +34,27 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(2)
 
 
-def is_quick() -> bool:
-    """Whether the table runs with --quick: fewer rounds, and its first model only."""
+def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer rounds, the first model")
-    return parser.parse_args().quick
+    parser.add_argument("--only", help="one part of a table that has parts (e.g. zoo, digits)")
+    return parser.parse_args()
+
+
+def is_quick() -> bool:
+    """Whether the table runs with --quick: fewer rounds, and its first model only."""
+    return _args().quick
+
+
+def parts_from_args(parts: tuple[str, ...]) -> tuple[str, ...]:
+    """The parts of a table to run: all, or the one --only names (a name not among them exits
+    with the names it could be)."""
+    only = _args().only
+    if only is None:
+        return parts
+    if only not in parts:
+        raise SystemExit(f"--only {only}: this table's parts are {', '.join(parts)}")
+    return (only,)
 
 
 def rounds_from_args(quick: int, full: int) -> int:

@@ -72,6 +72,7 @@ def _net() -> nn.Module:
         ("latency=8ms,size=5MiB", Budget(8e-3, False, 5 * 2**20, False)),
         ({"size": "0.25x", "threads": 1}, Budget(size=0.25, threads=1)),
         ("latency=0.5,runtime=torch", Budget(latency=0.5, runtime="torch")),
+        ("latency=0.5,runtime=torch,device=cpu", Budget(latency=0.5, runtime="torch")),
         ({"latency": 0.5, "max_drop": 1}, Budget(latency=0.5, max_drop=1.0)),
         ("size=0.5,max_drop=0.25", Budget(size=0.5, max_drop=0.25)),
     ],
@@ -92,11 +93,24 @@ def test_budgets_parse(text, expected):
         ({"latency": 0.5, "max_drop": -1}, "max_drop=-1 must be a number >= 0"),
         ("latency=0.5,max_drop=one", "max_drop='one' must be a number >= 0"),
         ("latency=0.5,runtime=tvm", "runtime='tvm' is not one of onnxruntime, torch"),
+        ("latency=0.5,runtime=torch,device=tpu", "device='tpu' is not cpu, cuda or cuda:N"),
+        ("latency=0.5,device=cuda", "device=cuda with runtime=onnxruntime: ONNX Runtime is timed"),
+        # no machine racc runs on has 100 GPUs: refused by count wherever the test runs
+        (
+            "latency=0.5,runtime=torch,device=cuda:99",
+            r"device=cuda:99, but torch sees \d+ CUDA GPU\(s\) on this machine",
+        ),
     ],
 )
 def test_bad_budgets_are_refused_by_name(text, message):
     with pytest.raises(PassConfigError, match=message):
         Budget.parse(text)
+
+
+def test_a_budget_names_its_device_only_off_the_cpu():
+    assert str(Budget(latency=0.5, runtime="torch")) == "latency=0.5x,threads=2,runtime=torch"
+    gpu = Budget(latency=0.5, runtime="torch", device="cuda:0")
+    assert str(gpu) == "latency=0.5x,threads=2,runtime=torch,device=cuda:0"
 
 
 def test_the_latency_fit_is_exact_for_a_bilinear_cost_and_linear_for_depthwise():
@@ -133,6 +147,16 @@ def test_a_torch_latency_model_times_torch_convs_and_no_int8():
         latency.seconds(shape, 8, 12, True)
     with pytest.raises(PassConfigError, match="runtime 'tvm' is not one of"):
         LatencyModel(runtime="tvm")
+    with pytest.raises(PassConfigError, match="device=cuda:99, but torch sees"):
+        LatencyModel(runtime="torch", device="cuda:99")
+    x = torch.randn(1, 3, SIDE, SIDE)
+    with pytest.raises(PassConfigError, match="but the latency model given times onnxruntime on"):
+        racc.compile(
+            _net(),
+            example_inputs=(x,),
+            budget="latency=0.5,runtime=torch",
+            latency=LatencyModel(threads=2, table={}),
+        )
 
 
 @pytest.mark.parametrize("quantize", [True, False])
@@ -484,6 +508,31 @@ def test_a_budget_in_torch_is_timed_in_torch_and_plans_no_int8(tmp_path, monkeyp
     cache = json.loads((tmp_path / "latency.json").read_text())
     assert list(cache) == [plan.machine]  # a table of its own: torch timings are not ORT's
     assert all(k.startswith(("fp32 ", "pair fp32 ")) for k in cache[plan.machine])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU here")
+def test_a_budget_on_the_gpu_is_timed_there_and_gives_back_a_cpu_model(tmp_path, monkeypatch):
+    budget = {
+        "latency": 0.7,
+        "threads": 1,
+        "runtime": "torch",
+        "device": "cuda",
+        "rewrites": "none",
+    }
+    model, x, opt = _compiled_to(budget, tmp_path, monkeypatch)
+    plan = opt.racc_plan
+    assert plan.met and plan.machine.endswith(
+        f"| {torch.cuda.get_device_name(0)} (cuda {torch.version.cuda})"
+    )
+    assert plan.chosen.measured_seconds <= 0.7 * 1.05 * plan.original_seconds
+    cache = json.loads((tmp_path / "latency.json").read_text())
+    assert list(cache) == [plan.machine]  # not the CPU's table
+    # the copies ran on the GPU: the model given and the model given back stay on the CPU
+    assert {p.device.type for p in [*model.parameters(), *opt.parameters()]} == {"cpu"}
+    with torch.no_grad():
+        assert OutputError.between(model(x), opt(x)).rel_l2 == pytest.approx(
+            plan.chosen.measured_error, abs=1e-4
+        )
 
 
 def test_a_budget_no_plan_meets_is_an_error_naming_the_closest(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from typing import Any
 
 from racc.budget.latency import LatencyModel
 from racc.budget.plan import Candidate, Planner
-from racc.budget.probes import RUNTIMES
+from racc.budget.probes import RUNTIMES, torch_device
 from racc.budget.report import BudgetPlan
 from racc.budget.rewrites import KINDS
 from racc.budget.solve import plan_budget
@@ -52,8 +52,9 @@ class Budget:
     batch: int | None = None
     threads: int = 2
     rewrites: tuple[str, ...] = KINDS  # the rewrites planned besides widths and int8
-    runtime: str = "onnxruntime"  # what the plan is timed in: ONNX Runtime, or torch (CPU)
+    runtime: str = "onnxruntime"  # what the plan is timed in: ONNX Runtime, or torch
     max_drop: float | None = None  # the largest drop of eval_fn's metric a plan may cost
+    device: str = "cpu"  # where torch runs it: cpu, or a CUDA GPU (cuda, cuda:N)
 
     @classmethod
     def parse(cls, value: Budget | dict | str) -> Budget:
@@ -74,12 +75,11 @@ class Budget:
             value = items
         if not isinstance(value, dict):
             raise PassConfigError(f"budget: a dict or a string, got {type(value).__name__}")
-        known = {"latency", "size", "batch", "threads", "rewrites", "runtime", "max_drop"}
-        unknown = sorted(set(value) - known)
+        known = ("latency", "size", "batch", "threads", "rewrites", "runtime", "device", "max_drop")
+        unknown = sorted(set(value) - set(known))
         if unknown:
             raise PassConfigError(
-                f"budget: unknown key(s) {', '.join(unknown)}; valid: latency, size, batch, "
-                "threads, rewrites, runtime, max_drop"
+                f"budget: unknown key(s) {', '.join(unknown)}; valid: {', '.join(known)}"
             )
         if "latency" not in value and "size" not in value:
             raise PassConfigError("budget: give a latency or a size limit, e.g. latency=0.5x")
@@ -96,9 +96,10 @@ class Budget:
         if runtime not in RUNTIMES:
             raise PassConfigError(
                 f"budget: runtime={runtime!r} is not one of {', '.join(RUNTIMES)} (onnxruntime: "
-                "ONNX Runtime on the CPU, as the exported file runs; torch: the torch model on "
-                "the CPU)"
+                "ONNX Runtime on the CPU, as the exported file runs; torch: the torch model, "
+                "on the CPU or, with device=cuda, a GPU)"
             )
+        device = str(torch_device(value.get("device", "cpu"), runtime))
         max_drop = value.get("max_drop")
         if max_drop is not None:
             try:
@@ -120,6 +121,7 @@ class Budget:
             rewrites,
             runtime,
             max_drop,
+            device,
         )
 
     def __str__(self) -> str:
@@ -139,8 +141,11 @@ class Budget:
             [] if self.rewrites == KINDS else [f"rewrites={'+'.join(self.rewrites) or 'none'}"]
         )
         runtime = [] if self.runtime == "onnxruntime" else [f"runtime={self.runtime}"]
+        device = [] if self.device == "cpu" else [f"device={self.device}"]
         drop = [] if self.max_drop is None else [f"max_drop={self.max_drop:g}"]
-        return ",".join(parts + batch + [f"threads={self.threads}"] + rewrites + runtime + drop)
+        return ",".join(
+            parts + batch + [f"threads={self.threads}"] + rewrites + runtime + device + drop
+        )
 
 
 def _rewrites(value: Any) -> tuple[str, ...]:
@@ -190,7 +195,8 @@ def compile(
     with the plan that meets it: `{"latency": 0.5}` (half the original's ONNX Runtime time),
     `"latency=8ms,size=5MiB"`, with `batch` and `threads` keys for what it is timed at, and
     `rewrites` for the fusions and RAC stages it may plan ("fuse-5x5+rac", "rac", "none"), and
-    `runtime` for what it is timed in ("onnxruntime", the default, or "torch" on the CPU). The
+    `runtime` for what it is timed in ("onnxruntime", the default, or "torch"; with "torch",
+    `device` "cuda" times it on this machine's GPU). The
     plan (racc.budget.solve) is measured on this machine; `.racc_plan` holds it with its
     candidates, and `.racc_plan.pipeline` is the pipeline string it compiled.
 

@@ -1,6 +1,6 @@
 """A latency model of the target, measured: every conv of a model timed alone in ONNX Runtime (fp32
-Conv, int8 QLinearConv) or in torch on the CPU (fp32), at the user's thread count and batch,
-cached per machine and runtime (the probes that time them: racc.budget.probes).
+Conv, int8 QLinearConv) or in torch on the CPU or a CUDA GPU (fp32), at the user's thread count
+and batch, cached per machine, runtime and device (the probes that time them: racc.budget.probes).
 
 A conv's time is close to a + b*cin + c*cout + d*cin*cout (its MACs are the last term, the rest is
 reading, writing and overhead), so four timings per conv shape (cin and cout each at a quarter
@@ -36,10 +36,12 @@ from racc.budget.probes import (
     ConvShape,
     cast_model,
     conv_model,
+    device_name,
     ort_runner,
     pair_model,
     time_call,
     torch_conv,
+    torch_device,
     torch_pair,
     torch_runner,
 )
@@ -51,16 +53,17 @@ CACHE_ENV = "RACC_CACHE_DIR"
 MULTIPLES = (1, 2, 4, 8, 16)  # the channel multiples preferred_multiple weighs
 
 
-def machine_key(threads: int, runtime: str = "onnxruntime") -> str:
+def machine_key(threads: int, runtime: str = "onnxruntime", device: str = "cpu") -> str:
     """What makes timings comparable: the CPU, its int8 kernel, the runtime and its version,
-    threads."""
+    threads, and the GPU where torch runs on one (the CPU still launches its kernels)."""
     import onnxruntime
 
     cpu = this_cpu()
     version = onnxruntime.__version__ if runtime == "onnxruntime" else torch.__version__
+    gpu = device_name(torch_device(device, runtime))
     return (
         f"{cpu.model} | {cpu.kernel} | {os.cpu_count()} cores | {runtime} {version} | "
-        f"{threads} threads"
+        f"{threads} threads" + ("" if gpu == "cpu" else f" | {gpu}")
     )
 
 
@@ -81,7 +84,9 @@ class LatencyModel:
         table: entries to use as they are ({key: seconds}), e.g. a table shipped with a test;
             anything missing from it is measured here.
         runtime: "onnxruntime" (fp32 Conv and int8 QLinearConv in ONNX Runtime on the CPU) or
-            "torch" (fp32 convs in torch on the CPU; torch has no int8 kernels to time).
+            "torch" (fp32 convs in torch; torch has no int8 kernels to time).
+        device: where torch runs: "cpu", or "cuda" / "cuda:N", a GPU torch sees here (each
+            call waits for the GPU to finish). ONNX Runtime is timed on the CPU only.
     """
 
     def __init__(
@@ -90,14 +95,16 @@ class LatencyModel:
         path: Path | None = None,
         table: dict | None = None,
         runtime: str = "onnxruntime",
+        device: str = "cpu",
     ):
         if runtime not in RUNTIMES:
             raise PassConfigError(
                 f"latency model: runtime {runtime!r} is not one of {', '.join(RUNTIMES)}"
             )
         self.threads, self.runtime = threads, runtime
+        self.device = torch_device(device, runtime)
         self.path = Path(path) if path else cache_path()
-        self.machine = machine_key(threads, runtime)
+        self.machine = machine_key(threads, runtime, device)
         self.entries: dict[str, float] = dict(table or {})
         self.measured = 0  # timings taken here (not found in the table or the cache)
         if table is None:
@@ -127,7 +134,7 @@ class LatencyModel:
         if key not in self.entries:
             if self.runtime == "torch":
                 x = torch.randn(shape.batch, cin, *shape.size)
-                run = torch_runner(torch_conv(shape, cin, cout), x, self.threads)
+                run = torch_runner(torch_conv(shape, cin, cout), x, self.threads, self.device)
             else:
                 run = ort_runner(conv_model(shape, cin, cout, int8), self.threads)
             self.entries[key] = time_call(run)
@@ -168,7 +175,7 @@ class LatencyModel:
 
     def _pair_call(self, width: int, batch: int, int8: bool):
         if self.runtime == "torch":
-            return torch_runner(*torch_pair(width, batch), self.threads)
+            return torch_runner(*torch_pair(width, batch), self.threads, self.device)
         return ort_runner(pair_model(width, batch, int8), self.threads)
 
     def save(self) -> None:

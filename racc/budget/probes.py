@@ -1,13 +1,15 @@
 """What the latency model times: the conv calls of a model (ConvShape, conv_shapes), and the
 small models that time them, in ONNX Runtime (one conv, two chained convs, a cast between fp32 and
-int8) or in torch on the CPU, with the timer they share (time_call: the median of a warmed-up
-run, over at least RUNS runs and RUNS_SECONDS).
+int8) or in torch on the CPU or a CUDA GPU, with the timer they share (time_call: the median of a
+warmed-up run, over at least RUNS runs and RUNS_SECONDS).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -21,12 +23,14 @@ import torch.fx as fx
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from racc.errors import PassConfigError
 from racc.ir.fx import eval_mode, example_of
 from racc.ir.ops import CONVS
 
 RUNS_SECONDS = 0.05  # each timing runs at least this long (and at least RUNS times)
 RUNS = 5
 RUNTIMES = ("onnxruntime", "torch")  # what a latency model can time
+_DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")  # where torch can be timed
 
 
 @dataclass(frozen=True)
@@ -236,14 +240,54 @@ def torch_pair(width: int, batch: int) -> tuple[nn.Module, torch.Tensor]:
     return pair.eval(), torch.randn(batch, PAIR.cin, *PAIR.size)
 
 
-def torch_runner(module: nn.Module, x: torch.Tensor, threads: int):
-    """A call running `module` on `x` in torch on the CPU, in eval mode, without autograd, on
-    `threads` intra-op threads (the module's mode and the process's thread count are restored
-    after each call)."""
+def torch_device(name: str, runtime: str = "torch") -> torch.device:
+    """The device `runtime` is timed on: "cpu", or "cuda" / "cuda:N" (torch only) where torch
+    sees that GPU on this machine; else PassConfigError naming the device and what to give."""
+    name = str(name).strip()
+    if not _DEVICE.match(name):
+        raise PassConfigError(f"budget: device={name!r} is not cpu, cuda or cuda:N (e.g. cuda:0)")
+    device = torch.device(name)
+    if device.type == "cpu":
+        return device
+    if runtime != "torch":
+        raise PassConfigError(
+            f"budget: device={name} with runtime={runtime}: ONNX Runtime is timed on the CPU "
+            "only; give runtime=torch to time the torch model on the GPU"
+        )
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (device.index or 0) >= count:
+        raise PassConfigError(
+            f"budget: device={name}, but torch sees {count} CUDA GPU(s) on this machine "
+            f"(torch {torch.__version__}); a GPU budget is planned on the machine whose GPU "
+            "will run the model: plan there, or give device=cpu"
+        )
+    return torch.device(
+        "cuda", torch.cuda.current_device() if device.index is None else device.index
+    )
+
+
+def device_name(device: torch.device) -> str:
+    """What identifies `device`'s timings: the GPU's name and CUDA version, or "cpu"."""
+    if device.type == "cpu":
+        return "cpu"
+    return f"{torch.cuda.get_device_name(device)} (cuda {torch.version.cuda})"
+
+
+def torch_runner(module: nn.Module, x: torch.Tensor, threads: int, device=None):
+    """A call running `module` on `x` in torch, in eval mode, without autograd, on `threads`
+    intra-op threads (the module's mode and the process's thread count are restored after each
+    call). On a GPU `device`, a copy of `module` and `x` run there and the call waits for the
+    GPU to finish, so that a timer around it measures the GPU's work, not its launch."""
+    device = torch.device(device or "cpu")
+    if device.type != "cpu":
+        module, x = copy.deepcopy(module).to(device), x.to(device)
 
     def run():
         with torch.inference_mode(), _threads(threads), eval_mode(module):
-            return module(x)
+            out = module(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
 
     return run
 

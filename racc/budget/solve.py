@@ -59,11 +59,12 @@ def plan_budget(
     inputs = normalize_inputs(example_inputs)
     batch = budget.batch or inputs[0].shape[0]
     timed = _at_batch(inputs[0], batch)
-    latency = latency or LatencyModel(threads=budget.threads, runtime=budget.runtime)
-    if latency.runtime != budget.runtime:
+    latency = latency or LatencyModel(budget.threads, runtime=budget.runtime, device=budget.device)
+    if (latency.runtime, str(latency.device)) != (budget.runtime, budget.device):
         raise PassConfigError(
-            f"budget: runtime={budget.runtime} but the latency model given times "
-            f"{latency.runtime}; give one of the same runtime, or none"
+            f"budget: runtime={budget.runtime},device={budget.device} but the latency model "
+            f"given times {latency.runtime} on {latency.device}; give one that times the "
+            "same, or none"
         )
     on_torch = budget.runtime == "torch"
     gm = trace(model, example_inputs=inputs).gm
@@ -77,7 +78,7 @@ def plan_budget(
             """One run of a model as the budget's runtime runs it: its ONNX file at `path` in
             ONNX Runtime, or the torch `module` in torch."""
             if on_torch:
-                return torch_runner(module, timed, budget.threads)
+                return torch_runner(module, timed, budget.threads, budget.device)
             return ort_call(ort_session(path, budget.threads), timed)
 
         base = call(original, model)  # what every plan is timed against
