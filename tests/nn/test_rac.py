@@ -154,7 +154,7 @@ def test_rac_stage_trains_on_generated_data():
         bank = model[1].a.bank
         assert bank.row.grad.abs().sum() > 0 and bank.col.grad.abs().sum() > 0
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0]
 
 
