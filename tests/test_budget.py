@@ -332,11 +332,27 @@ def test_which_layers_run_int8_is_planned_layer_by_layer(trained):
     ]
     widths = planner.convs(every)
     cast = planner.latency.cast_seconds
-    assert planner.casts({"3"}, widths) == pytest.approx(
-        cast((1, 32, 16, 16), True) + cast((1, 64, 8, 8), False)
-    )
-    assert planner.casts({u.name for u in layers}, widths) == 0
-    # a layer whose int8 ruins the outputs is the last to go int8
+    seconds, count = planner.casts({"3"}, widths)
+    assert count == 2
+    assert seconds == pytest.approx(cast((1, 32, 16, 16), True) + cast((1, 64, 8, 8), False))
+    assert planner.casts({u.name for u in layers}, widths) == (0, 0)
+    # what a cast costs besides its timing is fit to a timed plan of every other layer int8
+    islands = planner.islands()
+    assert planner.quantized(islands) == {"0", "6", "14"}
+    assert planner.casts({"0", "6", "14"}, widths)[1] == 4  # 0 out, 6 in and out, 14 in
+    unpriced = planner.predict(islands)[0]
+    planner.calibrate_islands(islands, unpriced + 0.005)
+    assert planner.fit == {"fp32": (1.0, 0.0), "int8": (1.0, 0.0)}  # not refit: raw is seconds
+    assert planner.island == pytest.approx(0.005 / 4)
+    assert planner.predict(islands)[0] == pytest.approx(unpriced + 0.005)
+    # each cast a plan has costs that much more: one int8 layer among fp32 ones pays two
+    lone = planner.full(False)[:-5] + (0, 1, 0, 0, 0)
+    assert planner.quantized(lone) == {"3"}
+    priced, island = planner.raw(lone)[0], planner.island
+    planner.island = 0.0
+    assert priced - planner.raw(lone)[0] == pytest.approx(2 * island)
+    planner.calibrate_islands(islands, 0.5 * unpriced)  # a plan faster than predicted
+    assert planner.island == 0  # casts never save time
     costly = sorted(int8 - {"14"})[0]  # a conv
     next(u for u in layers if u.name == costly).error = 1.0
     assert costly not in planner.quantized(plan(limit).levels)
@@ -496,6 +512,9 @@ def test_compile_to_a_budget_times_its_plan_and_says_what_it_chose(tmp_path, mon
     assert all(r.error > 0 and r.bytes > 0 and -1 < r.seconds < 1 for r in plan.rewrites)
     assert all(f"| {r.name} |" in plan.to_markdown() for r in plan.rewrites)
     assert np.isfinite(plan.chosen.error)
+    # what a cast costs besides its timing was timed on the model (every other layer int8)
+    assert plan.int8_planned and 0 <= plan.island_seconds < plan.original_seconds
+    assert f"costs {plan.island_seconds * 1e3:.2f} ms besides" in plan.to_markdown()
 
 
 def test_a_budget_in_torch_is_timed_in_torch_and_plans_no_int8(tmp_path, monkeypatch):

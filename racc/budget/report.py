@@ -32,6 +32,7 @@ class BudgetPlan:
     compiled: Any = field(default=None, repr=False)  # the chosen plan's model, as it was timed
     rewrites: list[Rewrite] = field(default_factory=list)  # fusions and RAC stages, measured
     int8_planned: bool = False  # whether layers could run int8 (calibration data was given)
+    island_seconds: float = 0.0  # what a cast between fp32 and int8 costs besides its timing
     left_out: list[tuple[str, str]] = field(default_factory=list)  # rewrites that failed, why
     baseline_metric: float | None = None  # eval_fn of the original, when eval_fn was given
 
@@ -108,7 +109,14 @@ class BudgetPlan:
             f"Budget {self.budget}: {self.limit_seconds() * 1e3:.2f} ms; the original "
             f"{self.original_seconds * 1e3:.2f} ms, {self.original_bytes / 2**20:.2f} MiB"
             + ("" if self.baseline_metric is None else f", metric {self.baseline_metric:.2f}")
-            + f"; widths in multiples of {self.round_to}; {'met' if self.met else 'NOT met'} as "
+            + f"; widths in multiples of {self.round_to}"
+            + (
+                f"; each cast between fp32 and int8 layers costs {self.island_seconds * 1e3:.2f} "
+                "ms besides its own timing"
+                if self.int8_planned
+                else ""
+            )
+            + f"; {'met' if self.met else 'NOT met'} as "
             f"measured on {self.machine}\n\n"
         )
         return head + "\n".join(markdown_table(rows)) + self._rewrites_markdown()
