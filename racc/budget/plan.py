@@ -273,7 +273,7 @@ class Planner:
         layer feeds runs in fp32, its other inputs dequantized. How much of that a cast costs
         depends on the model's ops and the runtime's kernels, so it is timed on the model, and
         taken as one amount per cast, which predicted random resnet50 plans at batch 8 with 1 to
-        35 layers fp32 within 10% where the casts' timings alone were up to 24% short (and
+        35 layers fp32 within 10% on an AVX2 CPU (not yet measured on VNNI) where the casts' timings alone were up to 24% short (and
         predicted them better than the casts' timings scaled by one factor)."""
         self.island = 0.0
         count = self.casts(self.quantized(levels), self.convs(levels))[1]
