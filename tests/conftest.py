@@ -79,6 +79,17 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+@pytest.fixture(autouse=True)
+def _short_plan_timings(monkeypatch):
+    """A budget times each plan against the original for at least TIMED_SECONDS (2 s), which on
+    the tests' nets of 16-32 pixels is thousands of interleaved rounds. The tests check what the
+    planner does with its timings, whose precision the budget benchmark measures at full length;
+    a fifth of a second each keeps the suite within its time."""
+    from racc.budget import solve
+
+    monkeypatch.setattr(solve, "TIMED_SECONDS", 0.2)
+
+
 def trained_like(model: nn.Module, side: int) -> nn.Module:
     """`model` with BN scales spread over decades and BN statistics warmed up, eval mode."""
     return warm_up_bn(spread_bn_gammas(model), side)
