@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from racc.errors import InputError
+from racc.nn.quant import cached_integers
 
 Batch = Any  # a tensor of inputs, or an (inputs, targets) pair, as DataLoaders give them
 
@@ -110,11 +111,12 @@ def accuracy(model: torch.nn.Module, data, limit: int | None = None) -> float:
     was = model.training
     model.eval()
     right = seen = 0
-    for k, (x, y) in enumerate(data):
-        if limit is not None and k >= limit:
-            break
-        right += int((model(x).argmax(1) == y).sum())
-        seen += len(y)
+    with torch.no_grad(), cached_integers():  # an int8 model's integers derived once
+        for k, (x, y) in enumerate(data):
+            if limit is not None and k >= limit:
+                break
+            right += int((model(x).argmax(1) == y).sum())
+            seen += len(y)
     model.train(was)
     if not seen:
         raise InputError(

@@ -2,7 +2,7 @@
 
 from racc.nn.border import BorderExactConv
 from racc.nn.ort_int8 import OrtInt8Interpreter, QuantizedGraphModule
-from racc.nn.quant import DynamicQuantLinear, FakeQuant, QuantizedLayer
+from racc.nn.quant import DynamicQuantLinear, FakeQuant, QuantizedLayer, cached_integers
 from racc.nn.rac import RacBank, RacConv2d
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "QuantizedLayer",
     "RacBank",
     "RacConv2d",
+    "cached_integers",
 ]

@@ -15,9 +15,18 @@ arithmetic instead (racc.nn.ort_int8), which rounds where the kernels round.
   from its own range (DynamicQuantizeLinear + MatMulInteger in ONNX). For inference.
 
 `racc.export_onnx` lowers these to QDQ with int8 weight and int32 bias initializers.
+
+Within `cached_integers()`, each QuantizedLayer derives its integers once and reuses them, for
+running one model over many batches (as torch.nn.utils.parametrize.cached does for
+parametrizations).
 """
 
 from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +138,21 @@ class QuantizedLayer(nn.Module):
         return b + (torch.round(b / step) * step - b).detach()  # straight-through for QAT
 
     def integers(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """The int8 weight and int32 bias the file stores (as float64), and the weight scale."""
+        """The int8 weight and int32 bias the file stores (as float64), and the weight scale;
+        within `cached_integers()`, derived once while the tensors they come from are unchanged
+        (the same storage and version: an in-place change through `.data` is not seen)."""
+        cache = _CACHED.get()
+        if cache is None:
+            return self._integers()
+        tensors = (self.layer.weight, self.layer.bias, self.input_scale)
+        stamp = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+        stamp += (self.per_channel, self.weight_max)
+        hit = cache.get(self)
+        if hit is None or hit[0] != stamp:
+            hit = cache[self] = (stamp, self._integers())
+        return hit[1]
+
+    def _integers(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         scale = self.weight_scale().detach()
         shaped = scale.reshape(-1, *([1] * (self.layer.weight.dim() - 1)))
         weight = torch.round(self.quantized_weight().detach() / shaped).double()
@@ -149,6 +172,25 @@ class QuantizedLayer(nn.Module):
     def extra_repr(self) -> str:
         per = "per channel" if self.per_channel else "per tensor"
         return f"int8 weights within +-{self.weight_max}, {per}"
+
+
+_CACHED: ContextVar[weakref.WeakKeyDictionary | None] = ContextVar("racc_integers", default=None)
+
+
+@contextlib.contextmanager
+def cached_integers() -> Iterator[None]:
+    """Within it, each QuantizedLayer's integers (what an int8 model computes with in eval mode)
+    are derived at its first forward and reused by the next: for one model run over many batches
+    while nothing changes its weights. A weight changed in place through `.data` within it goes
+    unseen; one trained, loaded or replaced is seen. Nested, the outermost cache holds."""
+    if _CACHED.get() is not None:
+        yield
+        return
+    token = _CACHED.set(weakref.WeakKeyDictionary())
+    try:
+        yield
+    finally:
+        _CACHED.reset(token)
 
 
 class _DynamicLinear(torch.autograd.Function):

@@ -17,7 +17,7 @@ from racc.backends.onnx import QDQ_STEPS, output_step
 from racc.backends.qdq import ort_optimized_ops
 from racc.errors import BudgetError, InputError, PassConfigError
 from racc.metrics import OutputError
-from racc.nn import DynamicQuantLinear, FakeQuant, QuantizedLayer
+from racc.nn import DynamicQuantLinear, FakeQuant, QuantizedLayer, cached_integers
 from racc.nn.ort_int8 import QuantizedGraphModule
 from racc.passes import QuantizeInt8
 from racc.zoo import warm_up_bn
@@ -102,6 +102,35 @@ def test_eval_mode_computes_what_the_integer_kernels_compute(tmp_path):
             float_graph_apart += float((opt.fake_quant_forward(batch) - got).abs().max())
     # the float fake-quant graph rounds elsewhere: it is close, not the same
     assert 0 < float_graph_apart / 3 <= QDQ_STEPS * output_step(got)
+
+
+def test_cached_integers_derives_each_layers_integers_once_and_sees_a_weight_change(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 20, 20)
+    opt = racc.compile(_EveryKernel().eval(), "int8", (x,), calibration=_batches(20))
+    batches = _batches(20, count=3, seed=7)
+    with torch.no_grad():
+        plain = [opt(b) for b in batches]
+    derived = []
+    derive = QuantizedLayer._integers
+
+    def spy(layer):
+        derived.append(layer)
+        return derive(layer)
+
+    monkeypatch.setattr(QuantizedLayer, "_integers", spy)
+    layers = [m for m in opt.modules() if isinstance(m, QuantizedLayer)]
+    with torch.no_grad(), cached_integers():
+        cached = [opt(b) for b in batches]
+        assert len(derived) == len(layers) == 4  # 3 convs and the linear: once each, not per batch
+        conv = layers[0].layer
+        conv.weight.mul_(-1)  # an in-place change (an optimizer's step) bumps its version
+        changed = opt(batches[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached, strict=True))  # bit for bit
+    assert derived.count(layers[0]) == 2 and len(derived) == 5  # only the changed one again
+    with torch.no_grad():
+        assert torch.equal(changed, opt(batches[0])) and not torch.equal(changed, plain[0])
+    assert len(derived) == 5 + 4  # outside the scope nothing is kept: every layer, every call
 
 
 def test_saved_and_copied_int8_models_still_compute_the_integer_kernels(tmp_path):

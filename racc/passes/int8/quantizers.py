@@ -23,6 +23,7 @@ from racc.nn.quant import (
     FakeQuant,
     QuantizedLayer,
     affine_qparams,
+    cached_integers,
 )
 from racc.passes.base import Skip, label
 from racc.passes.int8.adaround import learned_rounding
@@ -91,11 +92,14 @@ class Quantizer:
     def label(self, name: str) -> str:
         return label(self.nodes[name])
 
+    def outputs(self, model: nn.Module) -> list:
+        """`model`'s outputs on the calibration batches, its int8 layers' integers derived once."""
+        with torch.no_grad(), cached_integers():
+            return [model(*b) for b in self.batches]
+
     def output_error(self, model: nn.Module) -> OutputError:
         """Outputs of `model` against the float model's on the calibration batches."""
-        with torch.no_grad():
-            outputs = [model(*b) for b in self.batches]
-        return OutputError.between(self.reference, outputs)
+        return OutputError.between(self.reference, self.outputs(model))
 
     def within_budget(self, budget: float | None) -> tuple[list[str], dict[str, str]]:
         """All units, minus the most sensitive ones until the output error is within budget;
@@ -122,9 +126,7 @@ class Quantizer:
             return {u: base - float(self.options.eval_fn(self.build([u]))) for u in units}
         cost = {}
         for u in units:
-            model = self.build([u])
-            with torch.no_grad():
-                outputs = [model(*b) for b in self.batches]
+            outputs = self.outputs(self.build([u]))
             if how == "kl":
                 cost[u] = kl_divergence(self.reference, outputs)
             else:
