@@ -139,18 +139,22 @@ class QuantizedLayer(nn.Module):
 
     def integers(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The int8 weight and int32 bias the file stores (as float64), and the weight scale;
-        within `cached_integers()`, derived once while the tensors they come from are unchanged
-        (the same storage and version: an in-place change through `.data` is not seen)."""
+        within `cached_integers()`, derived once while the tensors they come from are the same
+        objects on the same storage at the same version (an in-place change through `.data` is
+        not seen)."""
         cache = _CACHED.get()
         if cache is None:
             return self._integers()
-        tensors = (self.layer.weight, self.layer.bias, self.input_scale)
-        stamp = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
-        stamp += (self.per_channel, self.weight_max)
-        hit = cache.get(self)
-        if hit is None or hit[0] != stamp:
-            hit = cache[self] = (stamp, self._integers())
-        return hit[1]
+        sources = (self.layer.weight, self.layer.bias, self.input_scale)
+        stamp = [None if t is None else (t.data_ptr(), t._version) for t in sources]
+        stamp += [self.per_channel, self.weight_max]
+        hit = cache.get(self)  # (sources, stamp, integers); holding the sources keeps them alive,
+        # so a tensor put in their place cannot reuse their storage and pass for them
+        if not (
+            hit and all(a is b for a, b in zip(hit[0], sources, strict=True)) and hit[1] == stamp
+        ):
+            hit = cache[self] = (sources, stamp, self._integers())
+        return hit[2]
 
     def _integers(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         scale = self.weight_scale().detach()
