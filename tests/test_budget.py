@@ -332,25 +332,33 @@ def test_which_layers_run_int8_is_planned_layer_by_layer(trained):
     ]
     widths = planner.convs(every)
     cast = planner.latency.cast_seconds
-    seconds, count = planner.casts({"3"}, widths)
-    assert count == 2
+    seconds, values = planner.casts({"3"}, widths)
+    assert values == 32 * 16 * 16 + 64 * 8 * 8  # the input quantized, the output dequantized
     assert seconds == pytest.approx(cast((1, 32, 16, 16), True) + cast((1, 64, 8, 8), False))
     assert planner.casts({u.name for u in layers}, widths) == (0, 0)
     # what a cast costs besides its timing is fit to a timed plan of every other layer int8
     islands = planner.islands()
     assert planner.quantized(islands) == {"0", "6", "14"}
-    assert planner.casts({"0", "6", "14"}, widths)[1] == 4  # 0 out, 6 in and out, 14 in
+    cast_values = planner.casts({"0", "6", "14"}, widths)[1]  # 0 out, 6 in and out, 14 in
+    assert cast_values == 32 * 16 * 16 + 2 * 64 * 8 * 8 + 128
     unpriced = planner.predict(islands)[0]
     planner.calibrate_islands(islands, unpriced + 0.005)
     assert planner.fit == {"fp32": (1.0, 0.0), "int8": (1.0, 0.0)}  # not refit: raw is seconds
-    assert planner.island == pytest.approx(0.005 / 4)
+    assert planner.island == pytest.approx(0.005 / cast_values)
     assert planner.predict(islands)[0] == pytest.approx(unpriced + 0.005)
-    # each cast a plan has costs that much more: one int8 layer among fp32 ones pays two
+    # a plan pays it per value it casts: one int8 layer among fp32 ones pays for two tensors,
+    # and a narrower plan for the channels it keeps of them
     lone = planner.full(False)[:-5] + (0, 1, 0, 0, 0)
     assert planner.quantized(lone) == {"3"}
-    priced, island = planner.raw(lone)[0], planner.island
-    planner.island = 0.0
-    assert priced - planner.raw(lone)[0] == pytest.approx(2 * island)
+    narrow = (1,) * len(planner.choices) + lone[len(planner.choices) :]
+    kept = planner.casts({"3"}, planner.convs(narrow))[1]
+    assert 0 < kept < values
+    island = planner.island
+    for levels, cast in ((lone, values), (narrow, kept)):
+        planner.island = island
+        priced = planner.raw(levels)[0]
+        planner.island = 0.0
+        assert priced - planner.raw(levels)[0] == pytest.approx(island * cast)
     planner.calibrate_islands(islands, 0.5 * unpriced)  # a plan faster than predicted
     assert planner.island == 0  # casts never save time
     # a layer whose int8 ruins the outputs is the last to go int8
@@ -525,7 +533,7 @@ def test_compile_to_a_budget_times_its_plan_and_says_what_it_chose(tmp_path, mon
     [(planner, levels, measured)] = priced
     assert levels == planner.islands() and 0 < measured < 10 * plan.original_seconds
     assert plan.int8_planned and plan.island_seconds == planner.island >= 0
-    assert f"costs {plan.island_seconds * 1e3:.2f} ms besides" in plan.to_markdown()
+    assert f"costs {plan.island_seconds * 1e9:.2f} ns besides" in plan.to_markdown()
 
 
 def test_a_budget_in_torch_is_timed_in_torch_and_plans_no_int8(tmp_path, monkeypatch):

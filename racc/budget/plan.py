@@ -8,7 +8,8 @@ important, as prune-bn ranks them); a layer run int8, or a rewrite, costs the sq
 the model with only it applied. Errors of independent choices add as noise powers, so a plan's
 predicted error is the root of their sum. Where an fp32 layer meets an int8 one, a cast runs
 (timed like a conv), and the layout changes and unfused ops around it cost a measured amount per
-cast (`calibrate_islands`); a rewrite saves the share of the original's time it measured alone.
+value cast (`calibrate_islands`); a rewrite saves the share of the original's time it measured
+alone.
 
 The solver is greedy over marginal rates, with int8 not allowed and allowed: from the full fp32
 model, take the step (one group one width level narrower, one layer int8, or one rewrite) with
@@ -85,7 +86,7 @@ class Planner:
         self.other_bytes = other_bytes
         # (scale, offset) on the raw sum, per kind of plan; "mixed" once one is timed
         self.fit = {"fp32": (1.0, 0.0), "int8": (1.0, 0.0)}
-        # seconds each cast between an fp32 layer and an int8 one costs besides its own timing
+        # seconds per value cast between an fp32 layer and an int8 one, besides the cast's timing
         self.island = 0.0
         self.frozen = [frozen_groups(r, self.choices) for r in self.rewrites]
         batch = shapes[0].batch if shapes else 1
@@ -222,8 +223,8 @@ class Planner:
             quantized += cout * pixels if on else 0.0
             groups = cin if s.depthwise else s.groups
             size += (cin // groups) * cout * math.prod(s.kernel) * (1 if on else 4)
-        cast_seconds, count = self.casts(int8, widths)
-        seconds += cast_seconds + count * self.island
+        cast_seconds, cast_values = self.casts(int8, widths)
+        seconds += cast_seconds + cast_values * self.island
         share = quantized / volume if volume else float(bool(int8))
         rest = self.rest[False] + share * (self.rest.get(True, 0.0) - self.rest[False])
         seconds += rest * (volume / full if full else 1.0)
@@ -238,22 +239,24 @@ class Planner:
             error += rewrite.error
         return max(seconds, 0.0), int(size), math.sqrt(error), share
 
-    def casts(self, int8: set[str], widths: dict[str, tuple[int, int]]) -> tuple[float, int]:
+    def casts(self, int8: set[str], widths: dict[str, tuple[int, int]]) -> tuple[float, float]:
         """The casts between fp32 and int8 layers that a model int8 throughout does not run (a
         QuantizeLinear before an int8 layer that an fp32 one feeds, a DequantizeLinear after
-        an int8 layer that feeds an fp32 one): their timed seconds, each scaled by its
-        tensor's channels kept, and how many there are."""
-        seconds, count = 0.0, 0
+        an int8 layer that feeds an fp32 one): their timed seconds and the values they cast,
+        each scaled by its tensor's channels kept."""
+        seconds = values = 0.0
         for name in int8:
             link = self.links[name]
             cin, cout = widths.get(name, (link.input[1], link.output[1]))
-            if link.producers - int8:
-                seconds += self.latency.cast_seconds(link.input, True) * cin / link.input[1]
-                count += 1
-            if link.consumers - int8:
-                seconds += self.latency.cast_seconds(link.output, False) * cout / link.output[1]
-                count += 1
-        return seconds, count
+            for shape, kept, quantize, other in (
+                (link.input, cin, True, link.producers),
+                (link.output, cout, False, link.consumers),
+            ):
+                if other - int8:
+                    share = kept / shape[1]
+                    seconds += self.latency.cast_seconds(shape, quantize) * share
+                    values += math.prod(shape) * share
+        return seconds, values
 
     def islands(self) -> tuple[int, ...]:
         """The levels of the plan that times what an fp32 layer among int8 ones costs: full
@@ -265,23 +268,23 @@ class Planner:
         return tuple(levels)
 
     def calibrate_islands(self, levels: tuple[int, ...], measured: float) -> None:
-        """Set `island`, what each cast costs besides its own timing, from `measured`, the
-        seconds of the plan at `levels` (`islands`): what its prediction without it misses,
-        over its casts. Inside an int8 graph an fp32 layer is not only a QuantizeLinear and a
-        DequantizeLinear: ONNX Runtime runs its int8 convs channels-last and its fp32 convs in
-        channel blocks, so each cast brings layout changes, and an add or concat that an fp32
-        layer feeds runs in fp32, its other inputs dequantized. How much of that a cast costs
-        depends on the model's ops and the runtime's kernels, so it is timed on the model, and
-        taken as one amount per cast, which predicted random resnet50 plans at batch 8 with 1 to
-        35 layers fp32 within 10% on an AVX2 CPU (not yet measured on VNNI) where the casts' timings alone were up to 24% short (and
-        predicted them better than the casts' timings scaled by one factor)."""
+        """Set `island`, what each value cast costs besides the casts' timings, from `measured`,
+        the seconds of the plan at `levels` (`islands`): what its prediction without it misses,
+        over the values its casts cast. Inside an int8 graph an fp32 layer is not only a
+        QuantizeLinear and a DequantizeLinear: ONNX Runtime runs its int8 convs channels-last
+        and its fp32 convs in channel blocks, so each cast brings layout changes of the same
+        tensor, and an add or concat that an fp32 layer feeds runs in fp32, its other inputs
+        dequantized. How much of that there is depends on the model's ops and the runtime's
+        kernels, so it is timed on the model; like the cast's own work it grows with the
+        tensor, so a plan pays it by the values it casts, at the channels it keeps. (One amount
+        per cast overcharged random plans at 0.3x of their widths by up to 27%, on AVX2.)"""
         self.island = 0.0
-        count = self.casts(self.quantized(levels), self.convs(levels))[1]
-        if not count:
+        values = self.casts(self.quantized(levels), self.convs(levels))[1]
+        if not values:
             return
         raw, _, _, share = self._sum(levels)
         scale, offset = self._line(self.kind(levels), share)
-        self.island = max(((measured - offset) / scale - raw) / count, 0.0)
+        self.island = max(((measured - offset) / scale - raw) / values, 0.0)
 
     def _kept(self, convs: tuple[str, ...], widths: dict[str, tuple[int, int]]) -> float:
         """The share of their full-width fp32 time that `convs` keep at `widths`."""

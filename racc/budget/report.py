@@ -32,7 +32,7 @@ class BudgetPlan:
     compiled: Any = field(default=None, repr=False)  # the chosen plan's model, as it was timed
     rewrites: list[Rewrite] = field(default_factory=list)  # fusions and RAC stages, measured
     int8_planned: bool = False  # whether layers could run int8 (calibration data was given)
-    island_seconds: float = 0.0  # what a cast between fp32 and int8 costs besides its timing
+    island_seconds: float = 0.0  # per value a cast between fp32 and int8 casts, besides its timing
     left_out: list[tuple[str, str]] = field(default_factory=list)  # rewrites that failed, why
     baseline_metric: float | None = None  # eval_fn of the original, when eval_fn was given
 
@@ -111,8 +111,8 @@ class BudgetPlan:
             + ("" if self.baseline_metric is None else f", metric {self.baseline_metric:.2f}")
             + f"; widths in multiples of {self.round_to}"
             + (
-                f"; each cast between fp32 and int8 layers costs {self.island_seconds * 1e3:.2f} "
-                "ms besides its own timing"
+                "; each value cast between fp32 and int8 layers costs "
+                f"{self.island_seconds * 1e9:.2f} ns besides the cast's own timing"
                 if self.int8_planned
                 else ""
             )
