@@ -10,7 +10,14 @@
    against its timing, the plan's output error (relative L2 on the planning inputs), its
    pipeline, and the time planning took (conv timings cached per machine: the second budget
    of a model reuses the first's). `--only zoo` runs this part alone.
-2. Nets trained here on digits (a MobileNetV2-style net at width 0.5, and a CIFAR ResNet-18) at
+2. What a cast between fp32 and int8 layers costs: random mixed plans of the same two models
+   at batch 8, predicted by the planner a 0.5x (resnet50) or 0.3x (mobilenet_v2) budget builds,
+   before any plan corrects it, against their timing. Half are at full width and half at the
+   widths of the fp32 plan for that budget; half keep a few layers int8, half a few fp32. The
+   cast's price is timed once on the model (every other layer int8) and charged per value cast,
+   as the planner does; one amount per cast, from the same timing, and no price are shown
+   against it. `--only casts` runs this part alone.
+3. Nets trained here on digits (a MobileNetV2-style net at width 0.5, and a CIFAR ResNet-18) at
    32x32: a uniform `prune-bn{ratio=r,round_to=8}` timed in ONNX Runtime, then a plan compiled
    to that measured latency (fp32 only, as the uniform prune is), and one whose timed plans
    `eval_fn` ranks by top-1 on 300 training images (on a copy with its BN statistics re-estimated
@@ -21,16 +28,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
+import random
 import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 import racc
+import racc.budget.solve as solve
 from benchmarks.common import machine, models_from_args, parts_from_args
 from racc.data import accuracy, batches, digits
 from racc.metrics import OutputError
@@ -91,6 +103,101 @@ def zoo_rows(name: str) -> list[str]:
         if abs(measured / share - 1) > 0.1:  # a miss: every plan timed, to tell why
             print(f"{head} missed by more than 10%:\n{plan.to_markdown()}", file=sys.stderr)
     return rows
+
+
+CAST_PLANS = 16  # random mixed plans per model
+CAST_BUDGETS = {"mobilenet_v2": 0.3, "resnet50": 0.5}
+
+
+class _Checked(Exception):
+    """Stops plan_budget once the random plans are timed: no plan is chosen."""
+
+
+def cast_rows(name: str, batch: int = 8) -> dict:
+    """Per pricing (per value, per cast, none), the predicted over measured seconds of
+    CAST_PLANS random mixed plans, and under "price" the price per value; each plan's row goes
+    to stderr."""
+    model = trained_like(name)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, SIDE, SIDE, generator=g)
+    calibration = [torch.randn(2, 3, SIDE, SIDE, generator=g) for _ in range(8)]
+    ratios = {"per value": [], "per cast": [], "none": []}
+
+    def check(planner, plan, points, starts, measure):  # in place of solve.correct
+        rng, first, n = random.Random(0), len(planner.choices), len(planner.layers)
+        narrow = planner.path(False, plan.limit_seconds(), math.inf)[-1].levels
+        islands = planner.islands()
+        per_value = planner.island
+        values = planner.casts(planner.quantized(islands), planner.convs(islands))[1]
+        per_cast = per_value * values / _count(planner, islands)
+        for i in range(CAST_PLANS):
+            levels = list(narrow if i % 2 else planner.full(False))
+            picked, mostly_int8 = rng.sample(range(n), rng.choice((1, 2, 4, 8))), i % 4 >= 2
+            for j in range(n):
+                levels[first + j] = int((j in picked) != mostly_int8)
+            c = planner.candidate(tuple(levels))
+            measure(c)
+            cast_values = planner.casts(planner.quantized(c.levels), planner.convs(c.levels))[1]
+            count = _count(planner, c.levels)
+            # each pricing as what it charges this plan per value cast
+            pricings = {"per value": per_value, "per cast": per_cast * count / cast_values}
+            for how, island in (pricings | {"none": 0.0}).items():
+                planner.island = island
+                ratios[how].append(planner.predict(c.levels)[0] / c.measured_seconds)
+            planner.island = per_value
+            fp32 = len(picked) if mostly_int8 else n - len(picked)
+            print(
+                f"{name} {'narrow' if i % 2 else 'full'}, {fp32} layers fp32, {count} casts: "
+                f"measured {c.measured_seconds / plan.original_seconds:.3f}x; predicted over "
+                "measured " + ", ".join(f"{how} {r[-1]:.2f}" for how, r in ratios.items()),
+                file=sys.stderr,
+                flush=True,
+            )
+        ratios["price"] = per_value
+        raise _Checked
+
+    budget = {"latency": CAST_BUDGETS[name], "batch": batch, "threads": 2}
+    with mock.patch.object(solve, "correct", check), contextlib.suppress(_Checked):
+        racc.compile(model, example_inputs=(x,), calibration=calibration, budget=budget)
+    return ratios
+
+
+def _count(planner, levels) -> int:
+    """How many casts the plan at `levels` runs."""
+    int8 = planner.quantized(levels)
+    links = [planner.links[name] for name in int8]
+    return sum(bool(u.producers - int8) + bool(u.consumers - int8) for u in links)
+
+
+def casts_table() -> None:
+    print(
+        "What a cast between fp32 and int8 layers costs (`--only casts`): "
+        f"{CAST_PLANS} random mixed plans per model at batch 8 (half at full width, half at "
+        "the widths of the fp32 plan for the budget named; half with 1, 2, 4 or 8 layers "
+        "int8, half with as many fp32), each predicted before any plan corrects the "
+        "prediction and then timed against the original; the prediction over the timing, "
+        "with the cast's price per value (as planned), one amount per cast from the same "
+        "timing, and none.\n"
+    )
+    print(f"- Machine: {machine()}\n")
+    print(
+        "| model | budget | price per value | pricing | worst predicted / measured | mean error "
+        "| within 10% |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name in models_from_args(list(CAST_BUDGETS)):
+        ratios = cast_rows(name)
+        price = ratios.pop("price")
+        for how, r in ratios.items():
+            errors = [abs(v - 1) for v in r]
+            worst = max(r, key=lambda v: abs(v - 1))
+            print(
+                f"| {name} | {CAST_BUDGETS[name]}x | {price * 1e9:.2f} ns | {how} | "
+                f"{worst:.2f} | {sum(errors) / len(errors):.1%} | "
+                f"{sum(e <= 0.1 for e in errors)} of {len(r)} |",
+                flush=True,
+            )
+    print()
 
 
 def _short(pipeline: str) -> str:
@@ -173,10 +280,12 @@ def uniform_rows() -> list[str]:
 
 
 def main() -> None:
-    parts = parts_from_args(("zoo", "digits"))
+    parts = parts_from_args(("zoo", "casts", "digits"))
     print("### Compile to a budget\n")
     if "zoo" in parts:
         zoo_table()
+    if "casts" in parts:
+        casts_table()
     if "digits" in parts:
         digits_table()
 
