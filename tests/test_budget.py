@@ -354,11 +354,11 @@ def test_which_layers_run_int8_is_planned_layer_by_layer(trained):
     kept = planner.casts({"3"}, planner.convs(narrow))[1]
     assert 0 < kept < values
     island = planner.island
-    for levels, cast in ((lone, values), (narrow, kept)):
+    for levels, charged in ((lone, values), (narrow, kept)):
         planner.island = island
         priced = planner.raw(levels)[0]
         planner.island = 0.0
-        assert priced - planner.raw(levels)[0] == pytest.approx(island * cast)
+        assert priced - planner.raw(levels)[0] == pytest.approx(island * charged)
     planner.calibrate_islands(islands, 0.5 * unpriced)  # a plan faster than predicted
     assert planner.island == 0  # casts never save time
     # a layer whose int8 ruins the outputs is the last to go int8
